@@ -1,0 +1,81 @@
+"""ClickHouse DDL for shadowlens, version 1. Every statement is idempotent (IF NOT EXISTS).
+
+Why these engines:
+- ``request_diffs`` is a ReplacingMergeTree ordered by (model, candidate, request_id): a message
+  redelivered by Kafka (at-least-once) writes the same key again and collapses on merge; queries
+  that count use ``FINAL`` so a not-yet-merged duplicate never counts twice.
+- ``window_stats`` is keyed by (model, candidate, window_start) the same way, so re-emitting a
+  window after a restart replaces it.
+- ``verdicts`` keeps history (plain MergeTree); the latest per pair is ``argMax(..., updated_at)``.
+"""
+
+from __future__ import annotations
+
+DDL_VERSION = 1
+
+TABLES = ("request_diffs", "window_stats", "verdicts")
+
+
+def ddl_statements(database: str) -> list[str]:
+    db = _ident(database)
+    return [
+        f"CREATE DATABASE IF NOT EXISTS {db}",
+        f"""CREATE TABLE IF NOT EXISTS {db}.request_diffs (
+    model LowCardinality(String),
+    candidate LowCardinality(String),
+    request_id String,
+    baseline_version LowCardinality(String),
+    sent_at DateTime64(3, 'UTC'),
+    scored_at DateTime64(3, 'UTC'),
+    baseline_label Int32,
+    candidate_label Int32,
+    label_flip UInt8,
+    confidence_delta Float64,
+    l1_distance Float64,
+    baseline_latency_ms Float64,
+    candidate_latency_ms Float64,
+    error String,
+    label Nullable(Float64),
+    attributes Map(String, String),
+    metrics Map(String, Float64)
+) ENGINE = ReplacingMergeTree(scored_at)
+ORDER BY (model, candidate, request_id)""",
+        f"""CREATE TABLE IF NOT EXISTS {db}.window_stats (
+    model LowCardinality(String),
+    candidate LowCardinality(String),
+    window_start DateTime64(3, 'UTC'),
+    window_end DateTime64(3, 'UTC'),
+    requests UInt64,
+    errors UInt64,
+    label_flips UInt64,
+    flip_rate Nullable(Float64),
+    mean_abs_confidence_delta Nullable(Float64),
+    baseline_latency_p50_ms Nullable(Float64),
+    baseline_latency_p95_ms Nullable(Float64),
+    baseline_latency_p99_ms Nullable(Float64),
+    candidate_latency_p50_ms Nullable(Float64),
+    candidate_latency_p95_ms Nullable(Float64),
+    candidate_latency_p99_ms Nullable(Float64),
+    duplicates_dropped UInt64,
+    state String,
+    updated_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree(updated_at)
+ORDER BY (model, candidate, window_start)""",
+        f"""CREATE TABLE IF NOT EXISTS {db}.verdicts (
+    model LowCardinality(String),
+    candidate LowCardinality(String),
+    verdict LowCardinality(String),
+    samples UInt64,
+    window_start DateTime64(3, 'UTC'),
+    window_end DateTime64(3, 'UTC'),
+    updated_at DateTime64(3, 'UTC'),
+    body String
+) ENGINE = MergeTree
+ORDER BY (model, candidate, updated_at)""",
+    ]
+
+
+def _ident(name: str) -> str:
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"database: {name!r} must be letters, digits and underscores")
+    return name
