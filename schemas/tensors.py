@@ -97,6 +97,14 @@ class Tensor(BaseModel):
         arr = np.asarray(array, dtype=dtype)
         return cls.model_validate(_array_fields(arr))
 
+    def __eq__(self, other: object) -> bool:
+        # The decoded array is a cache of ``data``; equality is the wire form's.
+        if not isinstance(other, Tensor):
+            return NotImplemented
+        return (self.dtype, self.shape, self.data) == (other.dtype, other.shape, other.data)
+
+    __hash__ = None  # type: ignore[assignment]
+
     def to_array(self) -> np.ndarray:
         """The decoded array (read-only view; copy before writing to it)."""
         assert self._array is not None
