@@ -1,0 +1,132 @@
+"""Calibration harness: many simulated shadow runs, judged at every window, fully vectorised.
+
+Each run streams ``requests`` requests; after every ``window`` requests the cumulative statistics are
+judged with the same bounds and the same decision rule as ``scorers.judge`` (the judge's sufficient
+statistics are sums, so a run is just cumulative sums of simulated per-request values). Simulated:
+
+* label flips ~ Bernoulli(flip_rate),
+* |confidence delta| ~ Beta with mean ``abs_delta_mean`` (concentration ``abs_delta_concentration``),
+* candidate errors ~ Bernoulli(error_rate),
+* optionally a noise run (baseline vs baseline) of ``noise_requests`` with its own flip rate and
+  |delta| mean, drawn once per run.
+
+Metrics that are not simulated (latency ratio, paired accuracy) are taken as passing, so the alpha
+split (Bonferroni over the policy's metrics) is exactly the production one. Data-quality checks and
+slices are not simulated. Rerun with other settings:
+
+    python -c "from scorers.simulate import simulate; print(simulate(flip_rate=0.03).describe())"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from scorers.judge import ABS_DELTA, ERROR, FLIP, JudgePolicy
+from scorers.sequential import log_evalue_above, log_evalue_below, lower_bound, upper_bound
+
+
+@dataclass
+class SimulationResult:
+    looks: np.ndarray  # (L,) cumulative requests at each look
+    verdicts: np.ndarray  # (R, L) "promote" / "hold" / "rollback" at each look
+    first_decision: np.ndarray  # (R,) first non-hold verdict, "hold" if none
+    decided_at: np.ndarray  # (R,) requests at the first non-hold verdict, -1 if none
+
+    @property
+    def runs(self) -> int:
+        return int(self.verdicts.shape[0])
+
+    @property
+    def ever_rollback_rate(self) -> float:
+        """Share of runs rolled back at *any* look (stricter than acting on the first decision)."""
+        return float((self.verdicts == "rollback").any(axis=1).mean())
+
+    @property
+    def ever_promote_rate(self) -> float:
+        return float((self.verdicts == "promote").any(axis=1).mean())
+
+    def first_rate(self, verdict: str, within: int | None = None) -> float:
+        hit = self.first_decision == verdict
+        if within is not None:
+            hit &= (self.decided_at >= 0) & (self.decided_at <= within)
+        return float(hit.mean())
+
+    def describe(self) -> str:
+        dec = self.decided_at[self.decided_at >= 0]
+        med = int(np.median(dec)) if dec.size else None
+        return (f"{self.runs} runs: first promote {self.first_rate('promote'):.2%}, first rollback "
+                f"{self.first_rate('rollback'):.2%}, undecided {self.first_rate('hold'):.2%}; ever rollback "
+                f"{self.ever_rollback_rate:.2%}, ever promote {self.ever_promote_rate:.2%}; median requests to "
+                f"decide {med}")
+
+
+def _bounded_metric(n, s, margin, a_r, a_p, noise_n=0, noise_s=None):
+    """(fail, pass) boolean arrays; direct e-value tests when there is no noise run (equivalent to
+    comparing the bisected bounds with the margin, by monotonicity, and much cheaper)."""
+    if noise_n:
+        lo = lower_bound(n, s, a_r / 2) - upper_bound(noise_n, noise_s, a_r / 2)
+        hi = upper_bound(n, s, a_p / 2) - lower_bound(noise_n, noise_s, a_p / 2)
+        return lo > margin, hi < margin
+    fail = log_evalue_above(n, s, margin) >= np.log(1 / a_r)
+    ok = log_evalue_below(n, s, margin) >= np.log(1 / a_p)
+    return fail, ok
+
+
+def simulate(*, runs: int = 1000, requests: int = 5000, window: int = 250, flip_rate: float = 0.0,
+             abs_delta_mean: float = 0.0, abs_delta_concentration: float = 20.0, error_rate: float = 0.0,
+             noise_requests: int = 0, noise_flip_rate: float = 0.0, noise_abs_delta_mean: float = 0.0,
+             policy: JudgePolicy | None = None, seed: int = 0) -> SimulationResult:
+    policy = policy or JudgePolicy()
+    rng = np.random.default_rng(seed)
+    looks = np.arange(window, requests + 1, window)
+    margins = policy.margins()
+    gating, critical = set(policy.gating_metrics()), set(policy.critical)
+    a_r, a_p = policy.rollback_alpha(), policy.promote_alpha()
+
+    def cum_at_looks(x: np.ndarray) -> np.ndarray:
+        return np.cumsum(x, axis=1, dtype=np.float64)[:, looks - 1]
+
+    def beta_draws(mean: float, size) -> np.ndarray:
+        if mean <= 0:
+            return np.zeros(size)
+        k = abs_delta_concentration
+        return rng.beta(mean * k, (1 - mean) * k, size)
+
+    err = rng.random((runs, requests)) < error_rate
+    errors = cum_at_looks(err)
+    n_req = np.broadcast_to(looks, (runs, looks.size)).astype(np.float64)
+    scored = n_req - errors  # errored requests are not scored, exactly as in the accumulator
+    flips = cum_at_looks((rng.random((runs, requests)) < flip_rate) & ~err)
+    deltas = cum_at_looks(np.where(err, 0.0, beta_draws(abs_delta_mean, (runs, requests))))
+    noise_flips = noise_deltas = None
+    if noise_requests:
+        noise_flips = (rng.random((runs, noise_requests)) < noise_flip_rate).sum(axis=1)[:, None].astype(float)
+        noise_deltas = beta_draws(noise_abs_delta_mean, (runs, noise_requests)).sum(axis=1)[:, None]
+
+    fail = {}
+    passed = {}
+    if ERROR in margins:
+        fail[ERROR], passed[ERROR] = _bounded_metric(n_req, errors, margins[ERROR], a_r, a_p)
+    if FLIP in margins:
+        fail[FLIP], passed[FLIP] = _bounded_metric(scored, flips, margins[FLIP], a_r, a_p, noise_requests,
+                                                   noise_flips)
+    if ABS_DELTA in margins:
+        fail[ABS_DELTA], passed[ABS_DELTA] = _bounded_metric(scored, deltas, margins[ABS_DELTA], a_r, a_p,
+                                                             noise_requests, noise_deltas)
+    shape = n_req.shape
+    no = np.zeros(shape, dtype=bool)
+    yes = np.ones(shape, dtype=bool)
+    any_critical = np.any([fail.get(m, no) for m in critical], axis=0) if critical else no
+    any_gating = np.any([fail.get(m, no) for m in gating], axis=0) if gating else no
+    all_pass = np.all([passed.get(m, yes) for m in gating], axis=0) if gating else no
+    enough = scored >= policy.min_samples
+    verdicts = np.where(any_critical | any_gating, "rollback",
+                        np.where(all_pass & enough, "promote", "hold")).astype(object)
+    decided = verdicts != "hold"
+    first_idx = np.where(decided.any(axis=1), decided.argmax(axis=1), -1)
+    first = np.where(first_idx >= 0, verdicts[np.arange(runs), np.maximum(first_idx, 0)], "hold")
+    decided_at = np.where(first_idx >= 0, looks[np.maximum(first_idx, 0)], -1)
+    return SimulationResult(looks=looks, verdicts=verdicts, first_decision=first.astype(object),
+                            decided_at=decided_at)
