@@ -1,0 +1,29 @@
+"""shadowlens mirror SDK: production services mirror requests, outputs and latency to Kafka.
+
+    from mirror import MirrorClient
+    mirror = MirrorClient(bootstrap_servers="kafka:9092", sample_rates={"digits": 0.1})
+    mirror.publish(request_id, "digits", "v3", {"x": x}, {"probs": probs}, latency_ms,
+                   {"country": "de"}, sample_key=user_id)
+
+Depends only on ``schemas/`` and third-party libraries.
+"""
+
+from mirror.client import AsyncMirrorClient, MirrorClient
+from mirror.config import DEFAULT_TOPIC, MirrorConfig
+from mirror.errors import MirrorError
+from mirror.metrics import MirrorStats
+from mirror.sampling import Sampler, sample_position
+from mirror.validation import ModelSignature, TensorSpec
+
+__all__ = [
+    "DEFAULT_TOPIC",
+    "AsyncMirrorClient",
+    "MirrorClient",
+    "MirrorConfig",
+    "MirrorError",
+    "MirrorStats",
+    "ModelSignature",
+    "Sampler",
+    "TensorSpec",
+    "sample_position",
+]
