@@ -115,8 +115,8 @@ class MirrorCore:
         latency = check_scalars(request_id, model, version, latency_ms, label)
         signature = self.config.signatures.get(model)
         copy = self.config.copy_arrays
-        ins = check_tensors("inputs", inputs, "input", signature.inputs if signature else None, copy)
-        outs = check_tensors("outputs", outputs, "output", signature.outputs if signature else None, copy)
+        ins = check_tensors("inputs", inputs, "input", (signature.inputs or None) if signature else None, copy)
+        outs = check_tensors("outputs", outputs, "output", (signature.outputs or None) if signature else None, copy)
         if attributes is not None and not isinstance(attributes, Mapping):
             raise MirrorError("attributes", f"{type(attributes).__name__} is not a mapping",
                               "pass a dict of str -> str (values are converted with str())")
