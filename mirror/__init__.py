@@ -12,6 +12,7 @@ from mirror.client import AsyncMirrorClient, MirrorClient
 from mirror.config import DEFAULT_TOPIC, MirrorConfig
 from mirror.errors import MirrorError
 from mirror.metrics import MirrorStats
+from mirror.middleware import Exchange, MirrorMiddleware
 from mirror.sampling import Sampler, sample_position
 from mirror.validation import ModelSignature, TensorSpec
 
@@ -20,7 +21,9 @@ __all__ = [
     "AsyncMirrorClient",
     "MirrorClient",
     "MirrorConfig",
+    "Exchange",
     "MirrorError",
+    "MirrorMiddleware",
     "MirrorStats",
     "ModelSignature",
     "Sampler",
