@@ -1,0 +1,110 @@
+"""Verdicts API: read-only HTTP for promotion gates and people.
+
+Argo Rollouts' ``web`` metric provider treats a non-2xx answer as a measurement *error*, not a
+failure, so a known pair always answers 200 with the verdict in the body and gates key on
+``result.verdict``; an unknown pair is 404. The typed core is ``ClickHouseSink``; this module
+is only the transport.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import UTC, datetime
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel
+
+from schemas import Verdict
+from streams.sink import ClickHouseSink
+
+
+class Health(BaseModel):
+    status: str
+
+
+class WindowRow(BaseModel):
+    model: str
+    candidate: str
+    window_start: Any
+    window_end: Any
+    requests: int
+    errors: int
+    label_flips: int
+    flip_rate: float | None
+    mean_abs_confidence_delta: float | None
+    baseline_latency_p50_ms: float | None
+    baseline_latency_p95_ms: float | None
+    baseline_latency_p99_ms: float | None
+    candidate_latency_p50_ms: float | None
+    candidate_latency_p95_ms: float | None
+    candidate_latency_p99_ms: float | None
+    duplicates_dropped: int
+    updated_at: Any
+
+
+def create_app(sink: ClickHouseSink) -> FastAPI:
+    app = FastAPI(
+        title="shadowlens verdicts API",
+        version="1",
+        description="Latest promote / hold / rollback verdict per (model, candidate), with its evidence.",
+    )
+
+    @app.get("/healthz", response_model=Health, tags=["ops"])
+    def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Health, tags=["ops"])
+    def readyz() -> Health:
+        try:
+            sink.query("SELECT 1")
+        except Exception as exc:  # any database failure means not ready
+            raise HTTPException(status_code=503, detail=f"clickhouse not reachable: {exc}") from exc
+        return Health(status="ready")
+
+    @app.get("/v1/verdicts", response_model=list[Verdict], tags=["verdicts"])
+    def list_verdicts() -> list[Verdict]:
+        """The latest verdict of every (model, candidate) pair."""
+        return sink.latest_verdicts()
+
+    @app.get(
+        "/v1/verdicts/{model}/{candidate}",
+        response_model=Verdict,
+        tags=["verdicts"],
+        responses={404: {"description": "no traffic has been scored for this pair"}},
+    )
+    def get_verdict(model: str, candidate: str) -> Verdict:
+        """Latest verdict. Argo Rollouts: ``successCondition: result.verdict == "promote"``,
+        ``failureCondition: result.verdict == "rollback"``; hold is inconclusive."""
+        verdict = sink.latest_verdict(model, candidate)
+        if verdict is not None:
+            return verdict
+        if sink.pair_known(model, candidate):
+            # Scored but no window closed yet: 200 with hold, so a gate waits instead of erroring.
+            now = datetime.now(UTC)
+            return Verdict(
+                model=model, candidate=candidate, verdict="hold", metrics=[], samples=0,
+                reasons=["traffic is being scored but no window has closed yet"],
+                window_start=now, window_end=now, updated_at=now,
+            )  # fmt: skip
+        raise HTTPException(status_code=404, detail=f"unknown pair {model}/{candidate}: no scored traffic")
+
+    @app.get("/v1/windows/{model}/{candidate}", response_model=list[WindowRow], tags=["windows"])
+    def get_windows(model: str, candidate: str, limit: int = 100) -> list[dict[str, Any]]:
+        """Closed windows, newest first."""
+        return sink.windows(model, candidate, limit=limit)
+
+    return app
+
+
+def serve_in_loop(app: FastAPI, host: str, port: int) -> uvicorn.Server:
+    """A uvicorn server to run as a task inside another asyncio program (the faust worker),
+    leaving signal handling to the host program."""
+
+    class EmbeddedServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+    return EmbeddedServer(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))

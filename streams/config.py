@@ -1,0 +1,165 @@
+"""Worker configuration: one TOML file, validated by pydantic, overridable by environment.
+
+Environment wins over the file: ``KAFKA_BOOTSTRAP`` and ``SHADOWLENS_CLICKHOUSE_DSN`` are read
+directly (they are what compose.yaml and CI set); any other field can be set as
+``SHADOWLENS_<SECTION>__<FIELD>`` (e.g. ``SHADOWLENS_WINDOWS__SIZE_S=30``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas import describe_validation_error
+from streams.adapter import AdapterConfig
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or invalid; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaConfig(_Section):
+    bootstrap: str = "127.0.0.1:19092"
+    topic: str = "shadowlens.mirror"
+    dead_letter_topic: str = "shadowlens.mirror.dlq"
+    group_id: str = "shadowlens-worker"
+    partitions: int = Field(default=4, ge=1, description="partitions of topics the worker creates")
+
+
+class ClickHouseConfig(_Section):
+    dsn: str = Field(default="chdb:///./shadowlens-data/chdb", description="chdb:///path or http://host:8123")
+    database: str = "shadowlens"
+
+    @field_validator("dsn")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("chdb:", "http://", "https://")):
+            raise ValueError(f"{value!r}: use chdb:///<data dir> (embedded) or http(s)://host:8123 (server)")
+        return value
+
+
+class WindowConfig(_Section):
+    size_s: float = Field(default=60.0, gt=0, description="tumbling window length, event time")
+    grace_s: float = Field(default=5.0, ge=0, description="how late an event may be before its window closes")
+    idle_close_s: float = Field(default=10.0, gt=0, description="close open windows after this long without events")
+    dedup_horizon_s: float = Field(default=3600.0, gt=0, description="how long request ids are remembered")
+
+
+class ReplayConfig(_Section):
+    batch_size: int = Field(default=256, ge=1, description="micro-batch size")
+    batch_within_s: float = Field(default=0.5, gt=0, description="flush a partial micro-batch after this long")
+    timing: Literal["per_request", "batched"] = "per_request"
+    providers: list[str] = Field(default_factory=list, description="onnxruntime providers; empty = CUDA if present else CPU")
+
+
+class ApiConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class CandidateConfig(_Section):
+    name: str = Field(min_length=1, description="candidate id, e.g. 'digits-v2'")
+    model: str = Field(min_length=1, description="the logical model (MirroredRequest.model) it shadows")
+    path: Path = Field(description="ONNX file")
+    output: str = Field(default="probabilities", description="candidate output compared with the baseline's")
+    baseline_output: str = Field(default="probabilities", description="name in MirroredRequest.baseline_output")
+    from_logits: bool = False
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    policy: dict[str, Any] = Field(default_factory=dict, description="scorers.judge.JudgePolicy fields")
+    noise_reference: bool = Field(
+        default=False, description="this 'candidate' is the baseline model replayed: its diffs measure the noise floor"
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"{value}: no such model file; build it or fix the path")
+        return value
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from scorers.judge import JudgePolicy
+
+        try:
+            JudgePolicy.from_dict(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{exc}; see scorers.judge.JudgePolicy for the fields") from exc
+        return value
+
+    def judge_policy(self):
+        from scorers.judge import JudgePolicy
+
+        return JudgePolicy.from_dict(self.policy)
+
+
+class Settings(_Section):
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    clickhouse: ClickHouseConfig = Field(default_factory=ClickHouseConfig)
+    windows: WindowConfig = Field(default_factory=WindowConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    candidates: list[CandidateConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Settings:
+        seen = set()
+        for c in self.candidates:
+            if (c.model, c.name) in seen:
+                raise ValueError(f"candidates: ({c.model}, {c.name}) appears twice; names must be unique per model")
+            seen.add((c.model, c.name))
+        return self
+
+
+def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read TOML (if given), apply environment and explicit overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{p}: no such config file") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML ({exc})") from exc
+        base = p.parent  # model paths in the file are relative to the file
+        for cand in data.get("candidates", []):
+            if isinstance(cand, dict) and "path" in cand and not Path(cand["path"]).is_absolute():
+                cand["path"] = str(base / cand["path"])
+    _merge(data, _env_overrides())
+    _merge(data, overrides or {})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path or 'config'}: {describe_validation_error(exc)}") from exc
+
+
+def _env_overrides() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in os.environ.items():
+        if key.startswith("SHADOWLENS_") and "__" in key:
+            section, _, field = key[len("SHADOWLENS_") :].lower().partition("__")
+            out.setdefault(section, {})[field] = value
+    if os.environ.get("KAFKA_BOOTSTRAP"):
+        out.setdefault("kafka", {})["bootstrap"] = os.environ["KAFKA_BOOTSTRAP"]
+    if os.environ.get("SHADOWLENS_CLICKHOUSE_DSN"):
+        out.setdefault("clickhouse", {})["dsn"] = os.environ["SHADOWLENS_CLICKHOUSE_DSN"]
+    return out
+
+
+def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value

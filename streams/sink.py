@@ -1,0 +1,124 @@
+"""ClickHouse access through clickhouse-connect only: chDB (embedded) or an HTTP server, same code.
+
+chDB allows one process per data path and a sync client only, so every call goes through one
+lock-guarded client; async callers hop to a thread with ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import clickhouse_connect
+
+from schemas import RequestDiff, Verdict, WindowStats, ddl_statements
+
+DIFF_COLUMNS = [
+    "model", "candidate", "request_id", "baseline_version", "sent_at", "scored_at", "baseline_label",
+    "candidate_label", "label_flip", "confidence_delta", "l1_distance", "baseline_latency_ms",
+    "candidate_latency_ms", "error", "label", "attributes", "metrics",
+]  # fmt: skip
+WINDOW_COLUMNS = list(WindowStats.model_fields)
+VERDICT_COLUMNS = ["model", "candidate", "verdict", "samples", "window_start", "window_end", "updated_at", "body"]
+
+
+class ClickHouseSink:
+    def __init__(self, dsn: str, database: str = "shadowlens"):
+        self.dsn = dsn
+        self.database = database
+        self._lock = threading.Lock()
+        self.client = clickhouse_connect.get_client(dsn=dsn)
+        for statement in ddl_statements(database):
+            self.client.command(statement)
+
+    def close(self) -> None:
+        with self._lock:
+            self.client.close()
+
+    # -- writes ---------------------------------------------------------------------------
+    def insert_diffs(self, diffs: Sequence[RequestDiff]) -> None:
+        if not diffs:
+            return
+        rows = [[getattr(d, c) for c in DIFF_COLUMNS] for d in diffs]
+        with self._lock:
+            self.client.insert(f"{self.database}.request_diffs", rows, column_names=DIFF_COLUMNS)
+
+    def insert_windows(self, windows: Sequence[WindowStats]) -> None:
+        if not windows:
+            return
+        rows = [[getattr(w, c) for c in WINDOW_COLUMNS] for w in windows]
+        with self._lock:
+            self.client.insert(f"{self.database}.window_stats", rows, column_names=WINDOW_COLUMNS)
+
+    def insert_verdicts(self, verdicts: Sequence[Verdict]) -> None:
+        if not verdicts:
+            return
+        rows = [
+            [v.model, v.candidate, v.verdict, v.samples, v.window_start, v.window_end, v.updated_at,
+             v.model_dump_json()]
+            for v in verdicts
+        ]  # fmt: skip
+        with self._lock:
+            self.client.insert(f"{self.database}.verdicts", rows, column_names=VERDICT_COLUMNS)
+
+    # -- reads (verdicts API, demo, tests) --------------------------------------------------
+    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:
+        with self._lock:
+            return self.client.query(sql, parameters=parameters or {}).result_rows
+
+    def latest_verdict(self, model: str, candidate: str) -> Verdict | None:
+        rows = self.query(
+            f"SELECT body FROM {self.database}.verdicts WHERE model = %(m)s AND candidate = %(c)s "
+            "ORDER BY updated_at DESC LIMIT 1",
+            {"m": model, "c": candidate},
+        )
+        return Verdict.model_validate_json(rows[0][0]) if rows else None
+
+    def latest_verdicts(self) -> list[Verdict]:
+        rows = self.query(
+            f"SELECT argMax(body, updated_at) FROM {self.database}.verdicts GROUP BY model, candidate "
+            "ORDER BY model, candidate"
+        )
+        return [Verdict.model_validate_json(r[0]) for r in rows]
+
+    def pair_known(self, model: str, candidate: str) -> bool:
+        rows = self.query(
+            f"SELECT count() FROM {self.database}.request_diffs WHERE model = %(m)s AND candidate = %(c)s",
+            {"m": model, "c": candidate},
+        )
+        return rows[0][0] > 0
+
+    def windows(self, model: str, candidate: str, limit: int = 100) -> list[dict[str, Any]]:
+        cols = [c for c in WINDOW_COLUMNS if c != "state"]
+        rows = self.query(
+            f"SELECT {', '.join(cols)} FROM {self.database}.window_stats FINAL "
+            "WHERE model = %(m)s AND candidate = %(c)s ORDER BY window_start DESC LIMIT %(n)s",
+            {"m": model, "c": candidate, "n": limit},
+        )
+        return [dict(zip(cols, r, strict=True)) for r in rows]
+
+    def scored_request_ids(self, model: str, candidates: list[str], request_ids: list[str]) -> dict[str, set[str]]:
+        """Which of these request ids already have a diff row, per candidate (primary-key lookup)."""
+        if not request_ids:
+            return {}
+        rows = self.query(
+            f"SELECT candidate, request_id FROM {self.database}.request_diffs "
+            "WHERE model = %(m)s AND candidate IN %(c)s AND request_id IN %(ids)s",
+            {"m": model, "c": candidates, "ids": request_ids},
+        )
+        out: dict[str, set[str]] = {}
+        for candidate, request_id in rows:
+            out.setdefault(candidate, set()).add(request_id)
+        return out
+
+    def diff_counts(self) -> dict[tuple[str, str], int]:
+        """Distinct scored requests per (model, candidate), duplicates collapsed."""
+        rows = self.query(
+            f"SELECT model, candidate, count() FROM {self.database}.request_diffs FINAL GROUP BY model, candidate"
+        )
+        return {(m, c): n for m, c, n in rows}
+
+
