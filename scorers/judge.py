@@ -335,14 +335,10 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
                        and by_name[n].estimate > by_name[n].margin and needed.get(n) is not None]
         if heading_bad:
             requests_needed = int(min(heading_bad))
-        else:
-            est = [needed.get(n) for n in pending]
-            if pending and all(e is not None for e in est):
-                requests_needed = int(max(est))
-            elif not pending:
-                requests_needed = 0
-            if requests_needed is not None:
-                requests_needed = max(requests_needed, policy.min_samples - acc.scored, 0)
+        else:  # every pending metric must pass; latency gives no estimate and is left out of it
+            known = [needed[n] for n in pending if needed.get(n) is not None]
+            if known or not pending or not checks["min_samples"]:
+                requests_needed = max(known + [policy.min_samples - acc.scored, 0])
         tail = "" if requests_needed is None else f" About {requests_needed} more requests may decide it."
         reasons.insert(0, "Hold: not yet confident either way." + tail)
     return Judgement(verdict=verdict, reasons=reasons, metrics=metrics, samples=acc.scored,

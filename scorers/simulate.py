@@ -74,19 +74,21 @@ def _bounded_metric(n, s, margin, a_r, a_p, noise_n=0, noise_s=None):
     return fail, ok
 
 
-def simulate(*, runs: int = 1000, requests: int = 5000, window: int = 250, flip_rate: float = 0.0,
-             abs_delta_mean: float = 0.0, abs_delta_concentration: float = 20.0, error_rate: float = 0.0,
-             noise_requests: int = 0, noise_flip_rate: float = 0.0, noise_abs_delta_mean: float = 0.0,
-             policy: JudgePolicy | None = None, seed: int = 0) -> SimulationResult:
-    policy = policy or JudgePolicy()
-    rng = np.random.default_rng(seed)
-    looks = np.arange(window, requests + 1, window)
-    margins = policy.margins()
-    gating, critical = set(policy.gating_metrics()), set(policy.critical)
-    a_r, a_p = policy.rollback_alpha(), policy.promote_alpha()
+@dataclass
+class RunDraws:
+    """Per-request simulated values of ``runs`` runs (rows) of ``requests`` requests (columns)."""
 
-    def cum_at_looks(x: np.ndarray) -> np.ndarray:
-        return np.cumsum(x, axis=1, dtype=np.float64)[:, looks - 1]
+    error: np.ndarray  # (R, N) bool
+    flip: np.ndarray  # (R, N) bool, False where error
+    abs_delta: np.ndarray  # (R, N) float in [0, 1], 0 where error
+    noise_flip: np.ndarray  # (R, M) bool, the baseline-vs-baseline replay of each run (M may be 0)
+    noise_abs_delta: np.ndarray  # (R, M)
+
+
+def draw_runs(*, runs: int = 1000, requests: int = 5000, flip_rate: float = 0.0, abs_delta_mean: float = 0.0,
+              abs_delta_concentration: float = 20.0, error_rate: float = 0.0, noise_requests: int = 0,
+              noise_flip_rate: float = 0.0, noise_abs_delta_mean: float = 0.0, seed: int = 0) -> RunDraws:
+    rng = np.random.default_rng(seed)
 
     def beta_draws(mean: float, size) -> np.ndarray:
         if mean <= 0:
@@ -95,26 +97,43 @@ def simulate(*, runs: int = 1000, requests: int = 5000, window: int = 250, flip_
         return rng.beta(mean * k, (1 - mean) * k, size)
 
     err = rng.random((runs, requests)) < error_rate
-    errors = cum_at_looks(err)
+    flip = (rng.random((runs, requests)) < flip_rate) & ~err
+    delta = np.where(err, 0.0, beta_draws(abs_delta_mean, (runs, requests)))
+    noise_flip = rng.random((runs, noise_requests)) < noise_flip_rate
+    noise_delta = beta_draws(noise_abs_delta_mean, (runs, noise_requests))
+    return RunDraws(err, flip, delta, noise_flip, noise_delta)
+
+
+def judge_runs(draws: RunDraws, *, window: int = 250, policy: JudgePolicy | None = None) -> SimulationResult:
+    """Judge every run at every ``window`` requests with the judge's bounds and decision rule."""
+    policy = policy or JudgePolicy()
+    runs, requests = draws.error.shape
+    looks = np.arange(window, requests + 1, window)
+    margins = policy.margins()
+    gating, critical = set(policy.gating_metrics()), set(policy.critical)
+    a_r, a_p = policy.rollback_alpha(), policy.promote_alpha()
+
+    def cum_at_looks(x: np.ndarray) -> np.ndarray:
+        return np.cumsum(x, axis=1, dtype=np.float64)[:, looks - 1]
+
+    errors = cum_at_looks(draws.error)
     n_req = np.broadcast_to(looks, (runs, looks.size)).astype(np.float64)
     scored = n_req - errors  # errored requests are not scored, exactly as in the accumulator
-    flips = cum_at_looks((rng.random((runs, requests)) < flip_rate) & ~err)
-    deltas = cum_at_looks(np.where(err, 0.0, beta_draws(abs_delta_mean, (runs, requests))))
-    noise_flips = noise_deltas = None
-    if noise_requests:
-        noise_flips = (rng.random((runs, noise_requests)) < noise_flip_rate).sum(axis=1)[:, None].astype(float)
-        noise_deltas = beta_draws(noise_abs_delta_mean, (runs, noise_requests)).sum(axis=1)[:, None]
+    flips = cum_at_looks(draws.flip)
+    deltas = cum_at_looks(draws.abs_delta)
+    noise_n = draws.noise_flip.shape[1]
+    noise_flips = draws.noise_flip.sum(axis=1)[:, None].astype(np.float64)
+    noise_deltas = draws.noise_abs_delta.sum(axis=1)[:, None]
 
     fail = {}
     passed = {}
     if ERROR in margins:
         fail[ERROR], passed[ERROR] = _bounded_metric(n_req, errors, margins[ERROR], a_r, a_p)
     if FLIP in margins:
-        fail[FLIP], passed[FLIP] = _bounded_metric(scored, flips, margins[FLIP], a_r, a_p, noise_requests,
-                                                   noise_flips)
+        fail[FLIP], passed[FLIP] = _bounded_metric(scored, flips, margins[FLIP], a_r, a_p, noise_n, noise_flips)
     if ABS_DELTA in margins:
         fail[ABS_DELTA], passed[ABS_DELTA] = _bounded_metric(scored, deltas, margins[ABS_DELTA], a_r, a_p,
-                                                             noise_requests, noise_deltas)
+                                                             noise_n, noise_deltas)
     shape = n_req.shape
     no = np.zeros(shape, dtype=bool)
     yes = np.ones(shape, dtype=bool)
@@ -130,3 +149,27 @@ def simulate(*, runs: int = 1000, requests: int = 5000, window: int = 250, flip_
     decided_at = np.where(first_idx >= 0, looks[np.maximum(first_idx, 0)], -1)
     return SimulationResult(looks=looks, verdicts=verdicts, first_decision=first.astype(object),
                             decided_at=decided_at)
+
+
+def simulate(*, runs: int = 1000, requests: int = 5000, window: int = 250, policy: JudgePolicy | None = None,
+             **draw_settings) -> SimulationResult:
+    """``draw_runs`` then ``judge_runs``; ``draw_settings`` are draw_runs' keywords (flip_rate, seed, ...)."""
+    return judge_runs(draw_runs(runs=runs, requests=requests, **draw_settings), window=window, policy=policy)
+
+
+def synthetic_outputs(rng: np.random.Generator, n: int, *, classes: int = 10, flip_rate: float = 0.0,
+                      noise_scale: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Baseline probabilities and a candidate that flips the top class of exactly the rows drawn with
+    probability ``flip_rate`` and otherwise perturbs probabilities by ``noise_scale`` (log scale)."""
+    b = rng.dirichlet(np.full(classes, 0.5), n)
+    c = b * np.exp(noise_scale * rng.standard_normal((n, classes)))
+    c /= c.sum(axis=1, keepdims=True)
+    rows = np.arange(n)
+    bl, cl = b.argmax(axis=1), c.argmax(axis=1)
+    top_b, top_c = c[rows, bl].copy(), c[rows, cl].copy()
+    c[rows, bl], c[rows, cl] = top_c, top_b  # the perturbation alone never flips a row
+    flip = rng.random(n) < flip_rate
+    other = (bl + rng.integers(1, classes, n)) % classes
+    r = rows[flip]
+    c[r, bl[flip]], c[r, other[flip]] = c[r, other[flip]], c[r, bl[flip]].copy()
+    return b, c
