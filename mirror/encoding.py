@@ -60,6 +60,16 @@ def _tensor_json(name: str, array: np.ndarray) -> str:
     return f'{_quote(name)}:{{"dtype":"{dtype}","shape":[{shape}],"data":"{data}"}}'
 
 
+def split_epoch(epoch_s: float) -> tuple[int, int]:
+    """(whole seconds, microseconds), rounded as datetime.fromtimestamp rounds; the message
+    timestamp is derived from the same split so it agrees with sent_at to the millisecond."""
+    second = math.floor(epoch_s)
+    micros = round((epoch_s - second) * 1_000_000)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    return second, micros
+
+
 class _SecondCache:
     """sent_at as RFC 3339 UTC with microseconds; the date-time part is formatted once per second."""
 
@@ -68,10 +78,7 @@ class _SecondCache:
         self.prefix = ""
 
     def format(self, epoch_s: float) -> str:
-        second = math.floor(epoch_s)
-        micros = round((epoch_s - second) * 1_000_000)
-        if micros >= 1_000_000:
-            second, micros = second + 1, micros - 1_000_000
+        second, micros = split_epoch(epoch_s)
         if second != self.second:
             self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self.second = second
@@ -104,4 +111,5 @@ def encode_value(record: BufferedRecord) -> bytes:
     ).encode("utf-8")
 def encode_message(record: BufferedRecord) -> tuple[bytes, bytes, int]:
     """Kafka key (the sampling key, request id by default), value, and timestamp in ms."""
-    return record.key.encode("utf-8"), encode_value(record), int(record.sent_at * 1000)
+    second, micros = split_epoch(record.sent_at)
+    return record.key.encode("utf-8"), encode_value(record), second * 1000 + micros // 1000

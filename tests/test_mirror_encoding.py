@@ -3,6 +3,7 @@ MirroredRequest.model_validate_json it equals the model built with Tensor.from_a
 
 from __future__ import annotations
 
+import calendar
 import json
 from datetime import UTC, datetime
 
@@ -89,6 +90,8 @@ def test_message_key_and_timestamp():
 
 
 @given(st.floats(min_value=0, max_value=4_000_000_000))
-def test_sent_at_format_agrees_with_datetime(epoch):
+def test_sent_at_format_and_kafka_timestamp_agree_with_datetime(epoch):
     ours = datetime.fromisoformat(format_sent_at(epoch))
     assert ours == datetime.fromtimestamp(epoch, UTC)
+    _, _, timestamp_ms = encode_message(_record({"x": np.zeros(1)}, {"y": np.zeros(1)}, sent_at=epoch))
+    assert timestamp_ms == calendar.timegm(ours.utctimetuple()) * 1000 + ours.microsecond // 1000
