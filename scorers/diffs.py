@@ -112,66 +112,100 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _row_problems(x: np.ndarray, who: str, from_logits: bool) -> np.ndarray:
-    """Reason per row ("" when usable): NaN first, then Inf, then not-a-distribution."""
-    reasons = np.full(x.shape[0], "", dtype=object)
-    nan = np.isnan(x).any(axis=1)
-    inf = np.isinf(x).any(axis=1) & ~nan
-    reasons[nan] = f"{who} output has NaN"
-    reasons[inf] = f"{who} output has Inf"
+def _row_masks(x: np.ndarray, from_logits: bool) -> dict[str, np.ndarray]:
+    """Boolean problem masks per row; NaN wins over Inf wins over not-a-distribution."""
+    finite_rows = np.isfinite(x).all(axis=1)
+    if finite_rows.all():  # the common case: one pass instead of two
+        nan = inf = np.zeros(x.shape[0], dtype=bool)
+    else:
+        nan = np.isnan(x).any(axis=1)
+        inf = ~finite_rows & ~nan
+    masks = {"nan": nan, "inf": inf}
     if not from_logits and x.shape[1] > 0:
         finite = ~(nan | inf)
         with np.errstate(invalid="ignore"):
-            sums = x.sum(axis=1)
             neg = (x < -PROB_NEGATIVE_TOLERANCE).any(axis=1) & finite
-            bad_sum = (np.abs(sums - 1.0) > PROB_SUM_TOLERANCE) & finite & ~neg
-        reasons[neg] = f"{who} probabilities are negative"
-        for i in np.flatnonzero(bad_sum):
-            reasons[i] = f"{who} probabilities sum to {sums[i]:.4g}, not 1"
+            masks["neg"] = neg
+            masks["sum"] = (np.abs(x.sum(axis=1) - 1.0) > PROB_SUM_TOLERANCE) & finite & ~neg
     if x.shape[1] == 0:
-        reasons[:] = f"{who} output is empty"
-    return reasons
+        masks["empty"] = np.ones(x.shape[0], dtype=bool)
+    return masks
+
+
+def _reasons(x: np.ndarray, who: str, masks: dict[str, np.ndarray], out: np.ndarray) -> None:
+    """Write the reason of each bad row into ``out`` (only where ``out`` is still empty)."""
+    free = out == ""
+    texts = {"nan": f"{who} output has NaN", "inf": f"{who} output has Inf", "neg": f"{who} probabilities are negative",
+             "empty": f"{who} output is empty"}
+    for key, mask in masks.items():
+        rows = np.flatnonzero(mask & free)
+        if key == "sum":
+            sums = x[rows].sum(axis=1)
+            for i, total in zip(rows, sums, strict=True):
+                out[i] = f"{who} probabilities sum to {total:.4g}, not 1"
+        else:
+            out[rows] = texts[key]
+        free[rows] = False
+
+
+def _row_problems(x: np.ndarray, who: str, from_logits: bool) -> np.ndarray:
+    """Reason per row ("" when usable)."""
+    out = np.full(x.shape[0], "", dtype=object)
+    _reasons(x, who, _row_masks(x, from_logits), out)
+    return out
 
 
 def _score_dense(b: np.ndarray, c: np.ndarray, from_logits: bool, top_k: int) -> ClassificationDiffs:
-    """Both (m, k) with the same k: the vectorised core."""
+    """Both (m, k) with the same k: the vectorised core. Metrics are computed on every row (no
+    boolean-index copies, which dominate at 1M rows) and then blanked on error rows."""
     m, k = b.shape
     out = ClassificationDiffs.empty(m, top_k)
-    err_b = _row_problems(b, "baseline", from_logits)
-    err_c = _row_problems(c, "candidate", from_logits)
-    error = np.where(err_b != "", err_b, err_c)
-    ok = error == ""
-    out.error = error.astype(object)
-    if k == 0 or not ok.any():
+    mb, mc = _row_masks(b, from_logits), _row_masks(c, from_logits)
+    bad_b = np.logical_or.reduce(list(mb.values())) if mb else np.zeros(m, bool)
+    bad_c = np.logical_or.reduce(list(mc.values())) if mc else np.zeros(m, bool)
+    bad = bad_b | bad_c
+    if bad.any():
+        _reasons(b, "baseline", mb, out.error)
+        _reasons(c, "candidate", mc, out.error)
+    if k == 0 or bad.all():
+        if k and (~bad_b & bad_c).any():
+            rows = ~bad_b & np.isfinite(b).all(axis=1)
+            out.baseline_label[rows] = b[rows].argmax(axis=1)
         return out
-    bo, co = b[ok], c[ok]
-    if from_logits:
-        bo, co = _softmax(bo), _softmax(co)
-    else:
-        bo, co = np.clip(bo, 0.0, None), np.clip(co, 0.0, None)
-    rows = np.arange(bo.shape[0])
-    bl = bo.argmax(axis=1)
-    cl = co.argmax(axis=1)
-    diff = np.abs(co - bo)
-    out.baseline_label[ok] = bl
-    out.candidate_label[ok] = cl
-    out.label_flip[ok] = bl != cl
-    out.confidence_delta[ok] = co[rows, bl] - bo[rows, bl]
-    out.l1[ok] = diff.sum(axis=1)
-    out.linf[ok] = diff.max(axis=1)
-    out.hellinger[ok] = np.sqrt(np.clip(0.5 * ((np.sqrt(bo) - np.sqrt(co)) ** 2).sum(axis=1), 0.0, 1.0))
-    kk = max(1, min(top_k, k))
-    if kk == k:
-        out.topk_overlap[ok] = 1.0
-    else:
-        tb = np.argpartition(-bo, kk - 1, axis=1)[:, :kk]
-        tc = np.argpartition(-co, kk - 1, axis=1)[:, :kk]
-        out.topk_overlap[ok] = (tb[:, :, None] == tc[:, None, :]).any(axis=2).sum(axis=1) / kk
-    # baseline label is still informative when only the candidate failed
-    only_c = (err_b == "") & (err_c != "") & np.isfinite(b).all(axis=1)
-    if only_c.any():
-        bb = b[only_c]
-        out.baseline_label[only_c] = bb.argmax(axis=1)
+    with np.errstate(all="ignore"):
+        if from_logits:
+            bo, co = _softmax(b), _softmax(c)
+        else:
+            bo, co = np.maximum(b, 0.0), np.maximum(c, 0.0)
+        bl = bo.argmax(axis=1)
+        cl = co.argmax(axis=1)
+        diff = np.abs(co - bo)
+        out.baseline_label = bl.astype(np.int64)
+        out.candidate_label = cl.astype(np.int64)
+        out.label_flip = bl != cl
+        out.confidence_delta = (np.take_along_axis(co, bl[:, None], 1) - np.take_along_axis(bo, bl[:, None], 1))[:, 0]
+        out.l1 = diff.sum(axis=1)
+        out.linf = diff.max(axis=1)
+        out.hellinger = np.sqrt(np.clip(0.5 * np.square(np.sqrt(bo) - np.sqrt(co)).sum(axis=1), 0.0, 1.0))
+        kk = max(1, min(top_k, k))
+        if kk == k:
+            out.topk_overlap = np.ones(m)
+        else:  # partition on the raw values (no negated copy): the top kk sit in the last kk columns
+            tb = np.argpartition(bo, k - kk, axis=1)[:, k - kk:]
+            tc = np.argpartition(co, k - kk, axis=1)[:, k - kk:]
+            if k <= 64 and hasattr(np, "bitwise_count"):  # class sets as 64-bit masks: AND + popcount
+                one = np.uint64(1)
+                sb = np.bitwise_or.reduce(one << tb.astype(np.uint64), axis=1)
+                sc = np.bitwise_or.reduce(one << tc.astype(np.uint64), axis=1)
+                out.topk_overlap = np.bitwise_count(sb & sc) / kk
+            else:
+                out.topk_overlap = (tb[:, :, None] == tc[:, None, :]).any(axis=2).sum(axis=1) / kk
+    if bad.any():
+        for f in ("confidence_delta", "l1", "linf", "hellinger", "topk_overlap"):
+            getattr(out, f)[bad] = np.nan
+        out.candidate_label[bad] = -1
+        out.label_flip[bad] = False
+        out.baseline_label[bad_b] = -1
     return out
 
 
