@@ -136,7 +136,7 @@ class Broker:
         self.bootstrap = f"127.0.0.1:{self.port}"
 
     def run(self, command: str) -> None:
-        subprocess.run([str(REPO / "scripts" / "kafka.sh"), command], env=self.env, check=True,
+        subprocess.run(["bash", str(REPO / "scripts" / "kafka.sh"), command], env=self.env, check=True,
                        capture_output=True, timeout=180)
 
 
