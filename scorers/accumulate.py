@@ -14,6 +14,7 @@ limits merging is exact; past them the overflow bucket depends on arrival order.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -170,11 +171,20 @@ class PairAccumulator:
         return table.setdefault(value, SliceStats())
 
     def _update_examples(self, scores: np.ndarray, request_ids: Sequence[str], errors: np.ndarray) -> None:
-        if scores.size == 0:
+        # Pre-select with the same total order the merge uses, (score desc, id asc), so merging never
+        # keeps a different set than one update on the concatenation would. Rows with no diff at all
+        # (score 0) are never examples: there is nothing to look at.
+        live = np.flatnonzero(scores > 0)
+        if live.size == 0:
             return
-        take = np.argsort(-scores, kind="stable")[: TOP_EXAMPLES * 2]
-        cand = [(float(scores[i]), str(request_ids[i]), str(errors[i])) for i in take]
-        self._merge_examples(cand)
+        if live.size > TOP_EXAMPLES:
+            thr = np.partition(scores[live], live.size - TOP_EXAMPLES)[live.size - TOP_EXAMPLES]
+            above = live[scores[live] > thr]
+            tied = live[scores[live] == thr]
+            keep = TOP_EXAMPLES - above.size
+            tied = heapq.nsmallest(keep, tied.tolist(), key=lambda i: str(request_ids[i]))
+            live = np.concatenate([above, np.asarray(tied, dtype=np.int64)])
+        self._merge_examples([(float(scores[i]), str(request_ids[i]), str(errors[i])) for i in live])
 
     def _merge_examples(self, more: list[tuple[float, str, str]]) -> None:
         # Deterministic order (score desc, id asc) so merge order never changes the kept set.
