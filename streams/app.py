@@ -91,7 +91,31 @@ def create_worker_app(settings: Settings) -> faust.App:
     return app
 
 
+async def ensure_topics(settings: Settings) -> None:
+    """Create the mirror and dead-letter topics when missing.
+
+    faust creates only its own internal topics; a source topic that appears after the worker
+    started is noticed only at the next metadata refresh (minutes), so create it up front.
+    """
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [settings.kafka.topic, settings.kafka.dead_letter_topic]
+        missing = [NewTopic(t, settings.kafka.partitions, 1) for t in wanted if t not in existing]
+        if missing:
+            await admin.create_topics(missing)
+            log.info("created topics %s", [t.name for t in missing])
+    finally:
+        await admin.close()
+
+
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
+    import asyncio
+
+    asyncio.run(ensure_topics(settings))
     app = create_worker_app(settings)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -313,7 +313,7 @@ def _finite(x: float) -> float:
 
 
 def _is_tensor_error(loc: tuple) -> bool:
-    return len(loc) >= 1 and loc[0] in ("inputs", "baseline_output")
+    return len(loc) >= 2 and loc[0] in ("inputs", "baseline_output")  # inside a named tensor
 
 
 def _dead(raw: bytes, kind: str, reason: str, topic: str = "", partition: int = -1, offset: int = -1) -> DeadLetter:

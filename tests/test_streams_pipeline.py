@@ -1,0 +1,181 @@
+"""The shared pipeline on real parts (ONNX models, chDB): adapter, dedup, windows, verdicts, API."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from schemas import MirroredRequest, Tensor
+from streams.adapter import AdapterConfig, AdapterError, InputAdapter
+from streams.api import create_app
+from streams.config import ConfigError, load_settings
+from streams.demo import TrafficGenerator, demo_settings
+from streams.models import build_digits_models
+from streams.pipeline import Pipeline
+from streams.runner import OnnxRunner, choose_providers
+from streams.sink import ClickHouseSink
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    return build_digits_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def traffic(models) -> list[bytes]:
+    start = datetime(2026, 11, 25, 12, tzinfo=UTC)
+    return TrafficGenerator(models["baseline"], rate_per_s=50).messages(1500, start=start)
+
+
+@pytest.fixture
+def pipeline(models, tmp_path):
+    settings = demo_settings(tmp_path, models, window_s=10)
+    sink = ClickHouseSink(settings.clickhouse.dsn, settings.clickhouse.database)
+    yield Pipeline(settings, sink)
+    sink.close()
+
+
+def decode_all(pipeline, messages):
+    return [pipeline.decode(m) for m in messages]
+
+
+def test_adapter_maps_v1_to_v2():
+    adapter = InputAdapter(AdapterConfig(rename={"pixels": "image"}, cast={"image": "float32"},
+                                         scale={"image": 0.5}, shift={"image": 1.0}, drop=["debug"]))  # fmt: skip
+    out = adapter({"pixels": np.array([[2, 4]], dtype=np.int64), "debug": np.zeros(1), "other": np.ones(1)})
+    assert set(out) == {"image", "other"}
+    assert out["image"].dtype == np.float32 and out["image"].tolist() == [[2.0, 3.0]]
+    with pytest.raises(AdapterError, match="pixels"):
+        adapter({"image": np.zeros((1, 2))})
+
+
+def test_cpu_is_always_a_provider_and_cuda_only_when_present():
+    import onnxruntime as ort
+
+    chosen = choose_providers()
+    assert chosen[-1] == "CPUExecutionProvider"
+    assert ("CUDAExecutionProvider" in chosen) == ("CUDAExecutionProvider" in ort.get_available_providers())
+
+
+def test_runner_timing_modes_agree_on_outputs(models):
+    runner = OnnxRunner(str(models["good"]))
+    rows = [{"image": np.random.default_rng(i).random((1, 64), dtype=np.float32)} for i in range(8)]
+    per_request, lat1 = runner.run(rows, "probabilities", "per_request")
+    batched, lat2 = runner.run(rows, "probabilities", "batched")
+    np.testing.assert_allclose(np.stack(per_request), np.stack(batched), rtol=1e-5, atol=1e-6)
+    assert (lat1 > 0).all() and np.ptp(lat2) == 0  # batched: the batch time shared evenly
+
+
+def test_config_errors_name_the_field(tmp_path, models):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[windows]\nsize_s = -1\n[[candidates]]\nname = "x"\nmodel = "m"\npath = "{models["good"]}"\n'
+                   'policy = { label_flip_margin = 0.1 }\n')  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        load_settings(bad)
+    message = str(info.value)
+    assert "windows.size_s" in message and "candidates.0.policy" in message and "label_flip_margin" in message
+    with pytest.raises(ConfigError, match="no such model file"):
+        load_settings(overrides={"candidates": [{"name": "x", "model": "m", "path": str(tmp_path / "nope.onnx")}]})
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_settings(tmp_path / "missing.toml")
+
+
+def test_env_overrides_file(monkeypatch, models):
+    monkeypatch.setenv("KAFKA_BOOTSTRAP", "kafka.example:9092")
+    monkeypatch.setenv("SHADOWLENS_WINDOWS__SIZE_S", "30")
+    settings = load_settings(overrides={"candidates": [{"name": "x", "model": "m", "path": str(models["good"])}]})
+    assert settings.kafka.bootstrap == "kafka.example:9092" and settings.windows.size_s == 30
+
+
+def test_pipeline_scores_windows_and_judges(pipeline, traffic):
+    events = decode_all(pipeline, traffic)
+    assert all(isinstance(e, MirroredRequest) for e in events)
+    for lo in range(0, len(events), 200):
+        pipeline.process(events[lo : lo + 200])
+        pipeline.close_due()
+    verdicts = {v.candidate: v for v in pipeline.close_due(force=True)}
+    counts = pipeline.sink.diff_counts()
+    assert counts == {("digits", c): len(traffic) for c in ("digits-v2", "digits-v2-degraded", "digits-v1-replay")}
+    windows = pipeline.sink.query(
+        "SELECT candidate, sum(requests), count() FROM shadowlens.window_stats FINAL GROUP BY candidate")
+    for candidate, requests, n_windows in windows:
+        assert requests == len(traffic)
+        assert n_windows == 3  # 1500 requests at 50/s = 30 s of event time in 10 s windows
+    assert verdicts["digits-v2-degraded"].verdict == "rollback"
+    # The baseline replayed through the same path reproduces itself: no flips at all.
+    replay = pipeline.sink.query("SELECT sum(label_flip), max(l1_distance) FROM shadowlens.request_diffs "
+                                 "WHERE candidate = 'digits-v1-replay'")[0]  # fmt: skip
+    assert replay[0] == 0 and replay[1] < 1e-5
+
+
+def test_redelivered_requests_count_once(pipeline, traffic):
+    events = decode_all(pipeline, traffic[:600])
+    first = pipeline.process(events[:400])
+    again = pipeline.process(events[200:600] + events[:50])  # overlap with the first batch, and inside itself
+    assert first.duplicates == 0
+    assert again.duplicates == 3 * 250  # 200 already scored + 50 again: per each of the 3 candidates
+    pipeline.close_due(force=True)
+    rows = dict(pipeline.sink.query(
+        "SELECT candidate, sum(requests) FROM shadowlens.window_stats FINAL GROUP BY candidate"))  # fmt: skip
+    assert set(rows.values()) == {600}
+    assert pipeline.sink.query("SELECT count() FROM shadowlens.request_diffs")[0][0] == 3 * 600
+
+
+def test_dead_letters_say_why(pipeline, traffic):
+    good = json.loads(traffic[0])
+    letters = [
+        pipeline.decode(b"\xff\xfe not utf8"),
+        pipeline.decode(json.dumps({**good, "inputs": {}}).encode()),
+        pipeline.decode(json.dumps({**good, "baseline_output": {"probabilities": {
+            "dtype": "float32", "shape": [1, 10], "data": "AAAA"}}}).encode()),
+    ]  # fmt: skip
+    assert [d.error_type for d in letters] == ["invalid_json", "invalid_schema", "invalid_tensor"]
+    assert letters[0].payload_encoding == "base64"
+    assert "inputs" in letters[1].reason and "baseline_output.probabilities" in letters[2].reason
+    other_model = MirroredRequest.model_validate({**good, "model": "unknown", "request_id": "u-1"})
+    result = pipeline.process([other_model])
+    assert result.dead_letters and "no candidate is configured" in result.dead_letters[0].reason
+
+
+def test_mismatched_baseline_shape_is_an_error_row_not_an_average(pipeline, traffic):
+    good = json.loads(traffic[0])
+    ninefold = Tensor.from_array(np.full((1, 9), 1 / 9, dtype=np.float32))  # baseline answered 9 classes
+    event = MirroredRequest.model_validate({**good, "request_id": "odd", "baseline_output": {"probabilities": ninefold}})
+    pipeline.process([event])
+    errors = pipeline.sink.query("SELECT DISTINCT error FROM shadowlens.request_diffs WHERE request_id = 'odd'")
+    assert errors and "shape mismatch" in errors[0][0]
+
+
+def test_api_answers_gates(pipeline, traffic):
+    events = decode_all(pipeline, traffic[:400])
+    pipeline.process(events)
+    client = TestClient(create_app(pipeline.sink))
+    pending = client.get("/v1/verdicts/digits/digits-v2")
+    assert pending.status_code == 200 and pending.json()["verdict"] == "hold"  # scored, no window closed yet
+    pipeline.close_due(force=True)
+    body = client.get("/v1/verdicts/digits/digits-v2-degraded").json()
+    assert body["verdict"] == "rollback" and body["samples"] == 400
+    assert {m["name"] for m in body["metrics"]} >= {"label_flip_rate", "abs_confidence_delta"}
+    assert client.get("/v1/verdicts/digits/nope").status_code == 404
+    assert len(client.get("/v1/verdicts").json()) == 3
+    assert client.get("/readyz").json() == {"status": "ready"}
+    assert client.get("/v1/windows/digits/digits-v2").json()[0]["requests"] > 0
+    spec = client.get("/openapi.json").json()
+    assert "Verdict" in spec["components"]["schemas"]
+
+
+def test_late_events_join_the_evidence_not_a_closed_window(pipeline, traffic):
+    events = decode_all(pipeline, traffic[:1000])
+    pipeline.process(events[500:])
+    pipeline.close_due(force=True)  # closes every window seen so far
+    pipeline.process(events[:500])  # earlier event time: their windows are closed
+    state = pipeline._pair("digits", "digits-v2")
+    assert state.late_events > 0
+    assert state.cumulative.summary()["requests"] == 1000
+    start = datetime(2026, 11, 25, 12, tzinfo=UTC)
+    assert state.closed_upto_ms >= int((start + timedelta(seconds=10)).timestamp() * 1000)
