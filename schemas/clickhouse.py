@@ -37,7 +37,9 @@ def ddl_statements(database: str) -> list[str]:
     error String,
     label Nullable(Float64),
     attributes Map(String, String),
-    metrics Map(String, Float64)
+    metrics Map(String, Float64),
+    source_partition Int32,
+    source_offset Int64
 ) ENGINE = ReplacingMergeTree(scored_at)
 ORDER BY (model, candidate, request_id)""",
         f"""CREATE TABLE IF NOT EXISTS {db}.window_stats (

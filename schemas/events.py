@@ -77,6 +77,8 @@ class RequestDiff(BaseModel):
     label: float | None = None
     attributes: dict[str, str] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)  # further per-row diffs (linf, hellinger, ...)
+    source_partition: int = -1  # Kafka position of the mirrored message (-1: not from Kafka)
+    source_offset: int = -1
 
     _utc = field_validator("sent_at", "scored_at")(_utc)
 

@@ -39,7 +39,9 @@ def create_worker_app(settings: Settings) -> faust.App:
         topic_partitions=kafka.partitions,
         consumer_auto_offset_reset="earliest",
         web_enabled=False,  # our API (FastAPI, OpenAPI) is served by the task below instead
-        table_cleanup_interval=30.0,
+        broker_commit_interval=kafka.commit_interval_s,
+        broker_session_timeout=kafka.session_timeout_s,
+        broker_heartbeat_interval=kafka.session_timeout_s / 10,
     )
     mirror_topic = app.topic(kafka.topic, key_type=bytes, value_type=bytes, value_serializer="raw",
                              key_serializer="raw", partitions=kafka.partitions)  # fmt: skip
@@ -64,12 +66,19 @@ def create_worker_app(settings: Settings) -> faust.App:
         await changelog_metadata_ready()
         async for events in stream.take_events(settings.replay.batch_size, within=settings.replay.batch_within_s):
             good: list[MirroredRequest] = []
+            positions: list[tuple[int, int]] = []
             dead: list[DeadLetter] = []
             for event in events:
                 msg = event.message
                 decoded = pipeline.decode(event.value, msg.topic, msg.partition, msg.offset)
-                (good if isinstance(decoded, MirroredRequest) else dead).append(decoded)
-            result = pipeline.process(good)
+                if isinstance(decoded, MirroredRequest):
+                    good.append(decoded)
+                    positions.append((msg.partition, msg.offset))
+                else:
+                    dead.append(decoded)
+            result = pipeline.process(good, positions)
+            if result.redelivered:
+                log.info("skipped %d redelivered (request, candidate) pairs already in state", result.redelivered)
             for letter in dead + result.dead_letters:
                 log.warning("dead letter (%s): %s", letter.error_type, letter.reason)
                 await dead_letter_topic.send(value=letter.model_dump_json().encode())

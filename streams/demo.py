@@ -112,9 +112,10 @@ def run_demo(data_dir: Path, requests: int = 6000, progress: bool = True) -> tup
     dead = 0
     with tqdm(total=len(messages), unit="req", desc="replaying", disable=not progress) as bar:
         for lo in range(0, len(messages), batch):
-            decoded = [pipeline.decode(m, "demo", 0, lo + i) for i, m in enumerate(messages[lo : lo + batch])]
-            good = [d for d in decoded if isinstance(d, MirroredRequest)]
-            result = pipeline.process(good)
+            # The in-process source is one partition; a message's offset is its index.
+            decoded = [(lo + i, pipeline.decode(m, "demo", 0, lo + i)) for i, m in enumerate(messages[lo : lo + batch])]
+            good = [(d, (0, offset)) for offset, d in decoded if isinstance(d, MirroredRequest)]
+            result = pipeline.process([d for d, _ in good], [pos for _, pos in good])
             dead += len(decoded) - len(good) + len(result.dead_letters)
             pipeline.close_due()
             bar.update(len(decoded))

@@ -32,7 +32,7 @@ def free_port() -> int:
 
 def write_worker_config(
     directory: Path, bootstrap: str, candidates: dict[str, Path], topic: str, api_port: int,
-    timing: str = "per_request", window_s: float = 20, idle_close_s: float = 4,
+    timing: str = "per_request", window_s: float = 20, idle_close_s: float = 4, commit_interval_s: float = 2.8,
 ) -> Path:  # fmt: skip
     """A TOML config replaying the digits v1 traffic against v2 candidates (name -> ONNX path)."""
     policy = ", ".join(f"{k} = {v!r}" for k, v in DEMO_POLICY.items())
@@ -43,6 +43,8 @@ topic = "{topic}"
 dead_letter_topic = "{topic}.dlq"
 group_id = "worker-{topic}"
 partitions = 3
+commit_interval_s = {commit_interval_s}
+session_timeout_s = 6  # a killed worker's partitions move quickly in tests
 
 [clickhouse]
 dsn = "chdb:///{directory / 'chdb'}"

@@ -51,7 +51,8 @@ class Candidate:
 @dataclass
 class BatchResult:
     scored: int = 0  # requests replayed (each against every candidate of its model)
-    duplicates: int = 0  # (request, candidate) pairs skipped because already scored
+    duplicates: int = 0  # (request, candidate) pairs dropped: another message had the same request id
+    redelivered: int = 0  # (request, candidate) pairs skipped: this very message is already in the state
     diff_rows: int = 0
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
@@ -89,63 +90,80 @@ class Pipeline:
             return _dead(raw, kind, reason, topic, partition, offset)
 
     # -- scoring ----------------------------------------------------------------------------
-    def process(self, events: Sequence[MirroredRequest]) -> BatchResult:
+    def process(
+        self, events: Sequence[MirroredRequest], positions: Sequence[tuple[int, int]] | None = None
+    ) -> BatchResult:
         """Replay a micro-batch against every candidate of each event's model.
 
-        Dedup: the diff table is the authority. A request id that already has a diff row for a
-        candidate (a redelivery after a restart, a producer retry) is counted as a duplicate in
-        its window and not scored again, so window counts never include it twice.
+        ``positions`` are the events' Kafka (partition, offset). They make the window counts
+        exact across crashes: each pair's state records the highest offset per partition it has
+        applied, atomically with the counts (one changelog value), so a redelivered message the
+        state already holds is skipped, and one whose diff row was written but whose state update
+        was lost is counted again. A *different* message with a request id that already has a
+        diff row (a producer retry, a replayed backfill) is a duplicate: counted as dropped in its
+        window, never scored twice. Diff rows themselves are idempotent (ReplacingMergeTree key).
         """
         result = BatchResult()
-        by_model: dict[str, list[MirroredRequest]] = defaultdict(list)
+        positions = list(positions) if positions is not None else [(-1, -1)] * len(events)
+        by_model: dict[str, list[tuple[MirroredRequest, tuple[int, int]]]] = defaultdict(list)
         batch_ids: set[str] = set()
-        for ev in events:
+        for ev, pos in zip(events, positions, strict=True):
             if ev.model not in self.candidates:
                 result.dead_letters.append(
                     _dead(ev.model_dump_json().encode(), "other",
                           f"model: no candidate is configured for {ev.model!r}; add one under [[candidates]]")
                 )  # fmt: skip
-            elif ev.request_id in batch_ids:
-                result.duplicates += len(self.candidates[ev.model])
-                self._count_duplicate(ev, [c.config.name for c in self.candidates[ev.model]])
-            else:
-                batch_ids.add(ev.request_id)
-                by_model[ev.model].append(ev)
+                continue
+            by_model[ev.model].append((ev, pos))
 
         diffs: list[RequestDiff] = []
         touched: set[str] = set()
-        for model, model_events in by_model.items():
+        for model, items in by_model.items():
             names = [c.config.name for c in self.candidates[model]]
-            scored = self.sink.scored_request_ids(model, names, [ev.request_id for ev in model_events])
+            prior = self.sink.scored_positions(model, names, [ev.request_id for ev, _ in items])
             for cand in self.candidates[model]:
-                done = scored.get(cand.config.name, set())
-                fresh = [ev for ev in model_events if ev.request_id not in done]
-                for ev in model_events:
-                    if ev.request_id in done:
-                        self._count_duplicate(ev, [cand.config.name])
+                pw = self._pair(model, cand.config.name)
+                seen_here: set[str] = set()
+                fresh: list[tuple[MirroredRequest, tuple[int, int]]] = []
+                for ev, (partition, offset) in items:
+                    if 0 <= offset <= pw.applied_offsets.get(partition, -1):
+                        result.redelivered += 1  # and already in this pair's state
+                        continue
+                    earlier = prior.get(cand.config.name, {}).get(ev.request_id)
+                    if ev.request_id in seen_here or (earlier is not None and (offset < 0 or earlier != (partition, offset))):
+                        result.duplicates += 1
+                        self._count_duplicate(pw, ev)
+                        continue
+                    seen_here.add(ev.request_id)
+                    fresh.append((ev, (partition, offset)))
                 if fresh:
                     diffs.extend(self._replay(cand, fresh, result))
+                for _, (partition, offset) in items:
+                    if offset >= 0:
+                        pw.applied_offsets[partition] = max(offset, pw.applied_offsets.get(partition, -1))
                 touched.add(pair_key(model, cand.config.name))
-            result.scored += len(model_events)
-            result.duplicates += sum(len(ids) for ids in scored.values())
-        # Rows first, then state: a crash in between under-counts a window, never double-counts.
+            result.scored += len(items)
+        # Rows first, then state: after a crash in between, the redelivered message is counted
+        # again (its row exists with the same position), never lost and never twice.
         self.sink.insert_diffs(diffs)
         for key in touched:
             self.pair_state[key] = self._pairs[key].to_dict()
         result.diff_rows = len(diffs)
         return result
 
-    def _count_duplicate(self, ev: MirroredRequest, candidates: list[str]) -> None:
+    def _count_duplicate(self, pw: PairWindows, ev: MirroredRequest) -> None:
         start = self._window_start(ev.sent_at)
-        for name in candidates:
-            pw = self._pair(ev.model, name)
-            if start < pw.closed_upto_ms:
-                pw.late_duplicates += 1  # its window row is already written
-            else:
-                pw.duplicates[start] = pw.duplicates.get(start, 0) + 1
+        if start < pw.closed_upto_ms:
+            pw.late_duplicates += 1  # its window row is already written
+        else:
+            pw.duplicates[start] = pw.duplicates.get(start, 0) + 1
 
-    def _replay(self, cand: Candidate, events: list[MirroredRequest], result: BatchResult) -> list[RequestDiff]:
+    def _replay(
+        self, cand: Candidate, items: list[tuple[MirroredRequest, tuple[int, int]]], result: BatchResult
+    ) -> list[RequestDiff]:
         cfg = cand.config
+        events = [ev for ev, _ in items]
+        position = {ev.request_id: pos for ev, pos in items}
         pw = self._pair(cfg.model, cfg.name)
         pw.received += len(events)
         pw.last_event_wall = time.time()
@@ -180,6 +198,7 @@ class Pipeline:
                     l1_distance=_finite(diffs.l1[i]), baseline_latency_ms=ev.baseline_latency_ms,
                     candidate_latency_ms=float(latencies[i]), error=str(err or ""),
                     label=None if ev.label is None else float(ev.label), attributes=dict(ev.attributes),
+                    source_partition=position[ev.request_id][0], source_offset=position[ev.request_id][1],
                     metrics={"linf": _finite(diffs.linf[i]), "hellinger": _finite(diffs.hellinger[i]),
                              "topk_overlap": _finite(diffs.topk_overlap[i])},
                 )

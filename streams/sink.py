@@ -19,7 +19,7 @@ from schemas import RequestDiff, Verdict, WindowStats, ddl_statements
 DIFF_COLUMNS = [
     "model", "candidate", "request_id", "baseline_version", "sent_at", "scored_at", "baseline_label",
     "candidate_label", "label_flip", "confidence_delta", "l1_distance", "baseline_latency_ms",
-    "candidate_latency_ms", "error", "label", "attributes", "metrics",
+    "candidate_latency_ms", "error", "label", "attributes", "metrics", "source_partition", "source_offset",
 ]  # fmt: skip
 WINDOW_COLUMNS = list(WindowStats.model_fields)
 VERDICT_COLUMNS = ["model", "candidate", "verdict", "samples", "window_start", "window_end", "updated_at", "body"]
@@ -100,18 +100,24 @@ class ClickHouseSink:
         )
         return [dict(zip(cols, r, strict=True)) for r in rows]
 
-    def scored_request_ids(self, model: str, candidates: list[str], request_ids: list[str]) -> dict[str, set[str]]:
-        """Which of these request ids already have a diff row, per candidate (primary-key lookup)."""
+    def scored_positions(
+        self, model: str, candidates: list[str], request_ids: list[str]
+    ) -> dict[str, dict[str, tuple[int, int]]]:
+        """For request ids that already have a diff row: candidate -> id -> source (partition, offset).
+
+        A primary-key lookup (model, candidate, request_id); FINAL is not needed because every
+        copy of a row carries the position of the message that first wrote it.
+        """
         if not request_ids:
             return {}
         rows = self.query(
-            f"SELECT candidate, request_id FROM {self.database}.request_diffs "
+            f"SELECT candidate, request_id, source_partition, source_offset FROM {self.database}.request_diffs "
             "WHERE model = %(m)s AND candidate IN %(c)s AND request_id IN %(ids)s",
             {"m": model, "c": candidates, "ids": request_ids},
         )
-        out: dict[str, set[str]] = {}
-        for candidate, request_id in rows:
-            out.setdefault(candidate, set()).add(request_id)
+        out: dict[str, dict[str, tuple[int, int]]] = {}
+        for candidate, request_id, partition, offset in rows:
+            out.setdefault(candidate, {})[request_id] = (partition, offset)
         return out
 
     def diff_counts(self) -> dict[tuple[str, str], int]:

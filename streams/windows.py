@@ -32,6 +32,7 @@ class PairWindows:
     received: int = 0  # requests routed to this candidate, scored or not (sample-ratio check)
     late_events: int = 0  # arrived after their window closed: in the cumulative, not in a window row
     late_duplicates: int = 0  # redelivered after their window closed
+    applied_offsets: dict[int, int] = field(default_factory=dict)  # source partition -> highest offset in state
     watermark_ms: int = 0
     closed_upto_ms: int = 0  # every window starting before this has been emitted
     last_event_wall: float = 0.0
@@ -46,6 +47,7 @@ class PairWindows:
             "received": self.received,
             "late_events": self.late_events,
             "late_duplicates": self.late_duplicates,
+            "applied_offsets": {str(k): v for k, v in self.applied_offsets.items()},
             "watermark_ms": self.watermark_ms,
             "closed_upto_ms": self.closed_upto_ms,
             "last_event_wall": self.last_event_wall,
@@ -62,6 +64,7 @@ class PairWindows:
             received=int(data.get("received", 0)),
             late_events=int(data.get("late_events", 0)),
             late_duplicates=int(data.get("late_duplicates", 0)),
+            applied_offsets={int(k): int(v) for k, v in data.get("applied_offsets", {}).items()},
             watermark_ms=int(data["watermark_ms"]),
             closed_upto_ms=int(data["closed_upto_ms"]),
             last_event_wall=float(data["last_event_wall"]),

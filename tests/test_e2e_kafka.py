@@ -9,6 +9,7 @@ topic with their reason while the rest is processed.
 from __future__ import annotations
 
 import json
+import signal
 import uuid
 
 import httpx
@@ -104,5 +105,47 @@ def test_mirrored_traffic_through_kafka_worker_chdb_and_api(kafka_bootstrap, tmp
         assert window_sums == {"digits-v2": REQUESTS, "digits-v2-broken": REQUESTS}
         dups = sink.query("SELECT sum(duplicates_dropped) FROM shadowlens.window_stats FINAL")[0][0]
         assert dups == 2 * REDELIVERED  # counted per candidate in their open window, never added to the stats
+    finally:
+        sink.close()
+
+
+def test_worker_killed_mid_stream_loses_nothing_and_counts_nothing_twice(kafka_bootstrap, new_topic, tmp_path):
+    """SIGKILL the worker after it has scored part of the stream but before it committed any
+    offset (commit interval 60 s), so on restart Kafka redelivers everything it had processed.
+    The restarted worker recovers its state from the faust changelog and must end with exactly
+    one diff row and one window count per request."""
+    total = 3000
+    models = build_digits_models(tmp_path / "models")
+    topic = new_topic("crash", partitions=3)
+    candidates = {"digits-v2": models["good"]}
+    api_port = free_port()
+    config = write_worker_config(tmp_path, kafka_bootstrap, candidates, topic, api_port, commit_interval_s=60)
+    messages = TrafficGenerator(models["baseline"], rate_per_s=50).messages(total)
+    api = f"http://127.0.0.1:{api_port}"
+
+    produce(kafka_bootstrap, topic, messages[:2000])
+    first = WorkerProcess(config, tmp_path / "worker-1.log")
+    try:
+        first.wait_for(lambda: window_totals(api, "digits", ["digits-v2"])["digits-v2"] >= 1000, 120, "a closed window")
+    finally:
+        first.stop(signal.SIGKILL)
+
+    produce(kafka_bootstrap, topic, messages[2000:])
+    second = WorkerProcess(config, tmp_path / "worker-2.log")
+    try:
+        totals = second.wait_for(
+            lambda: (t := window_totals(api, "digits", ["digits-v2"]))["digits-v2"] >= total and t, 180, "all windows"
+        )
+        assert totals == {"digits-v2": total}
+        assert httpx.get(f"{api}/v1/verdicts/digits/digits-v2", timeout=5).json()["samples"] == total
+    finally:
+        second.stop()
+    assert "redelivered" in second.log_path.read_text()  # the scenario really replayed messages
+
+    sink = ClickHouseSink(f"chdb:///{tmp_path / 'chdb'}")
+    try:
+        assert sink.diff_counts() == {("digits", "digits-v2"): total}
+        window_sum = sink.query("SELECT sum(requests) FROM shadowlens.window_stats FINAL")[0][0]
+        assert window_sum == total
     finally:
         sink.close()
