@@ -18,6 +18,8 @@ ids that already have a diff row, so window counts never include a redelivery.
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 import faust
 
@@ -39,6 +41,7 @@ def create_worker_app(settings: Settings) -> faust.App:
         topic_partitions=kafka.partitions,
         consumer_auto_offset_reset="earliest",
         web_enabled=False,  # our API (FastAPI, OpenAPI) is served by the task below instead
+        datadir=str(Path(tempfile.gettempdir()) / "shadowlens-faust"),  # nothing durable: memory tables
         broker_commit_interval=kafka.commit_interval_s,
         broker_session_timeout=kafka.session_timeout_s,
         broker_heartbeat_interval=kafka.session_timeout_s / 10,
@@ -60,6 +63,7 @@ def create_worker_app(settings: Settings) -> faust.App:
             producer = app.producer._ensure_producer()
             await producer.client._wait_on_metadata(pair_state.changelog_topic.get_topic_name())
             pair_state._shadowlens_ready = True
+            log.info("changelog metadata ready")
 
     @app.agent(mirror_topic)
     async def replay(stream):
@@ -77,6 +81,8 @@ def create_worker_app(settings: Settings) -> faust.App:
                 else:
                     dead.append(decoded)
             result = pipeline.process(good, positions)
+            for event in events:
+                processed_offsets[event.message.partition] = event.message.offset
             if result.redelivered:
                 log.info("skipped %d redelivered (request, candidate) pairs already in state", result.redelivered)
             for letter in dead + result.dead_letters:
@@ -84,10 +90,25 @@ def create_worker_app(settings: Settings) -> faust.App:
                 await dead_letter_topic.send(value=letter.model_dump_json().encode())
             # take_events acknowledges these offsets once this iteration returns: after the write.
 
+    processed_offsets: dict[int, int] = {}  # mirror partition -> last offset fully processed
+
+    def drained() -> bool:
+        """Every assigned mirror partition has been processed up to its high watermark."""
+        assigned = [tp for tp in app.consumer.assignment() if tp.topic == kafka.topic]
+        if not assigned:
+            return False
+        for tp in assigned:
+            highwater = app.consumer.highwater(tp)  # next offset to be written; None before a fetch
+            committed = app.consumer._committed_offset.get(tp) or 0  # next offset to read after a restart
+            done = max(processed_offsets.get(tp.partition, -1) + 1, committed)
+            if highwater is None or highwater > done:
+                return False
+        return True
+
     @app.timer(interval=1.0)
     async def close_windows():
         await changelog_metadata_ready()
-        for verdict in pipeline.close_due():
+        for verdict in pipeline.close_due(drained=drained()):
             log.info("verdict %s/%s: %s (%d samples)", verdict.model, verdict.candidate, verdict.verdict,
                      verdict.samples)  # fmt: skip
 

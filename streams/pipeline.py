@@ -225,8 +225,11 @@ class Pipeline:
         return out
 
     # -- windows and verdicts -----------------------------------------------------------------
-    def close_due(self, now_wall: float | None = None, force: bool = False) -> list[Verdict]:
-        """Close windows that are due (or all, with force); write window rows and verdicts."""
+    def close_due(self, now_wall: float | None = None, force: bool = False, drained: bool = True) -> list[Verdict]:
+        """Close windows that are due (or all, with force); write window rows and verdicts.
+
+        ``drained``: the caller has read its source to the end, so idle pairs may close.
+        """
         now_wall = time.time() if now_wall is None else now_wall
         windows: list[WindowStats] = []
         verdicts: list[Verdict] = []
@@ -235,7 +238,7 @@ class Pipeline:
             if force:
                 due = sorted(pw.open_windows)
             else:
-                due = pw.due(self.size_ms, self.grace_ms, now_wall, self.settings.windows.idle_close_s)
+                due = pw.due(self.size_ms, self.grace_ms, now_wall, self.settings.windows.idle_close_s, drained)
             if not due:
                 continue
             for start in due:

@@ -7,6 +7,7 @@ lock-guarded client; async callers hop to a thread with ``asyncio.to_thread``.
 from __future__ import annotations
 
 
+import os
 import threading
 from collections.abc import Sequence
 from datetime import datetime
@@ -27,7 +28,7 @@ VERDICT_COLUMNS = ["model", "candidate", "verdict", "samples", "window_start", "
 
 class ClickHouseSink:
     def __init__(self, dsn: str, database: str = "shadowlens"):
-        self.dsn = dsn
+        self.dsn = dsn = resolve_dsn(dsn)
         self.database = database
         self._lock = threading.Lock()
         self.client = clickhouse_connect.get_client(dsn=dsn)
@@ -128,3 +129,10 @@ class ClickHouseSink:
         return {(m, c): n for m, c, n in rows}
 
 
+def resolve_dsn(dsn: str) -> str:
+    """``chdb:///./data`` means a path relative to the working directory (clickhouse-connect
+    would read it as ``/./data``, i.e. from the filesystem root); make it absolute."""
+    prefix = "chdb:///"
+    if dsn.startswith(prefix) and dsn[len(prefix) :].startswith(("./", "../")):
+        return "chdb://" + os.path.abspath(dsn[len(prefix) :])
+    return dsn

@@ -2,7 +2,8 @@
 
 Windows are tumbling on ``sent_at`` (event time). A window closes when the pair's watermark
 (latest event time seen) passes its end plus the grace period, or when the pair has been idle
-for ``idle_close_s`` of wall time, so the last window of a quiet pair still closes.
+for ``idle_close_s`` of wall time while the worker has read everything there is to read, so the
+last window of a quiet pair still closes but a busy or restarting worker never closes early.
 
 Why not faust's ``Table.tumbling()``: its windows close only as event time advances, so a pair
 that stops receiving traffic never emits its last window or verdict, and the judge needs the
@@ -76,9 +77,13 @@ class PairWindows:
             return None
         return self.open_windows.setdefault(window_start_ms, PairAccumulator())
 
-    def due(self, size_ms: int, grace_ms: int, now_wall: float, idle_close_s: float) -> list[int]:
-        """Starts of the open windows that should close now, oldest first."""
-        idle = self.open_windows and now_wall - self.last_event_wall >= idle_close_s
+    def due(self, size_ms: int, grace_ms: int, now_wall: float, idle_close_s: float, drained: bool = True) -> list[int]:
+        """Starts of the open windows that should close now, oldest first.
+
+        Idle closing needs ``drained``: the source has nothing left to read, so the quiet is
+        traffic's, not a slow or restarting worker's (which would close windows too early).
+        """
+        idle = drained and self.open_windows and now_wall - self.last_event_wall >= idle_close_s
         return sorted(
             start for start in self.open_windows if idle or start + size_ms + grace_ms <= self.watermark_ms
         )

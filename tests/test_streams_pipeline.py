@@ -207,3 +207,15 @@ def test_kafka_positions_make_window_counts_exact_across_a_crash(pipeline, traff
         "SELECT candidate, sum(requests) FROM shadowlens.window_stats FINAL GROUP BY candidate"))  # fmt: skip
     assert set(rows.values()) == {600}
     assert pipeline.sink.diff_counts()[("digits", "digits-v2")] == 600
+
+
+def test_relative_chdb_dsn_is_relative_to_the_working_directory(tmp_path, monkeypatch):
+    from streams.sink import resolve_dsn
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_dsn("chdb:///./data/ch") == f"chdb://{tmp_path}/data/ch"
+    assert resolve_dsn("chdb:///abs/path") == "chdb:///abs/path"
+    assert resolve_dsn("http://h:8123") == "http://h:8123"
+    sink = ClickHouseSink("chdb:///./data/ch")
+    sink.close()
+    assert (tmp_path / "data" / "ch").is_dir()
