@@ -10,6 +10,7 @@ from schemas.events import (
     SliceJudgement,
     Verdict,
     WindowStats,
+    WindowSummary,
     describe_validation_error,
 )
 from schemas.tensors import SUPPORTED_DTYPES, Tensor, decode_tensors, encode_tensors
@@ -27,6 +28,7 @@ __all__ = [
     "Tensor",
     "Verdict",
     "WindowStats",
+    "WindowSummary",
     "ddl_statements",
     "decode_tensors",
     "describe_validation_error",

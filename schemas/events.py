@@ -108,8 +108,8 @@ class SliceJudgement(BaseModel):
     decision: Decision
 
 
-class WindowStats(BaseModel):
-    """Aggregates of one tumbling window for a (model, candidate) pair."""
+class WindowSummary(BaseModel):
+    """What one tumbling window of a (model, candidate) pair adds up to (the API's window row)."""
 
     model: str
     candidate: str
@@ -127,10 +127,15 @@ class WindowStats(BaseModel):
     candidate_latency_p95_ms: float | None
     candidate_latency_p99_ms: float | None
     duplicates_dropped: int = 0
-    state: str = ""  # serialized sufficient statistics and sketches (JSON), mergeable across windows
     updated_at: datetime
 
     _utc = field_validator("window_start", "window_end", "updated_at")(_utc)
+
+
+class WindowStats(WindowSummary):
+    """A window row as stored: the summary plus its mergeable state."""
+
+    state: str = ""  # serialized sufficient statistics and sketches (JSON), mergeable across windows
 
 
 class Verdict(BaseModel):

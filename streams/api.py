@@ -16,32 +16,12 @@ import uvicorn
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
-from schemas import Verdict
+from schemas import Verdict, WindowSummary
 from streams.sink import ClickHouseSink
 
 
 class Health(BaseModel):
     status: str
-
-
-class WindowRow(BaseModel):
-    model: str
-    candidate: str
-    window_start: Any
-    window_end: Any
-    requests: int
-    errors: int
-    label_flips: int
-    flip_rate: float | None
-    mean_abs_confidence_delta: float | None
-    baseline_latency_p50_ms: float | None
-    baseline_latency_p95_ms: float | None
-    baseline_latency_p99_ms: float | None
-    candidate_latency_p50_ms: float | None
-    candidate_latency_p95_ms: float | None
-    candidate_latency_p99_ms: float | None
-    duplicates_dropped: int
-    updated_at: Any
 
 
 def create_app(sink: ClickHouseSink) -> FastAPI:
@@ -90,7 +70,7 @@ def create_app(sink: ClickHouseSink) -> FastAPI:
             )  # fmt: skip
         raise HTTPException(status_code=404, detail=f"unknown pair {model}/{candidate}: no scored traffic")
 
-    @app.get("/v1/windows/{model}/{candidate}", response_model=list[WindowRow], tags=["windows"])
+    @app.get("/v1/windows/{model}/{candidate}", response_model=list[WindowSummary], tags=["windows"])
     def get_windows(model: str, candidate: str, limit: int = 100) -> list[dict[str, Any]]:
         """Closed windows, newest first."""
         return sink.windows(model, candidate, limit=limit)
