@@ -4,7 +4,7 @@ Used by the demo and the tests. The migration story they tell:
 - ``baseline`` (v1): logistic regression on raw 8x8 pixel intensities 0..16, input ``pixels``.
 - ``good`` (v2): retrained logistic regression that expects ``image`` scaled to 0..1 (float32):
   the adapter maps v1 requests (rename ``pixels`` -> ``image``, scale by 1/16).
-- ``degraded`` (v2): same input contract, trained on a small subset with a quarter of the
+- ``degraded`` (v2): same input contract, trained on a small subset with 30 % of the
   labels corrupted: a plausible bad retrain.
 - ``broken`` (v2): the good model with its class weight rows permuted, i.e. a wiring bug.
 """
@@ -67,9 +67,9 @@ def build_digits_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     scaled = data.train_x / PIXEL_SCALE
     good = LogisticRegression(max_iter=2000, C=1.0).fit(scaled, data.train_y)
 
-    subset = rng.choice(len(scaled), size=120, replace=False)
+    subset = rng.choice(len(scaled), size=400, replace=False)
     noisy_y = data.train_y[subset].copy()
-    corrupt = rng.random(len(subset)) < 0.25
+    corrupt = rng.random(len(subset)) < 0.3
     noisy_y[corrupt] = rng.integers(0, 10, size=int(corrupt.sum()))
     degraded = LogisticRegression(max_iter=2000, C=0.05).fit(scaled[subset], noisy_y)
 

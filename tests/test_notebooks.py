@@ -109,7 +109,10 @@ def test_notebook_runs_on_demo_data(demo_dsn, monkeypatch, capsys, with_pandas):
         assert len(rows) >= 2 and sum(r["requests"] for r in rows) == 1500
         assert [r["window_start"] for r in rows] == sorted(r["window_start"] for r in rows)
         assert all(r["candidate_latency_p99_ms"] > 0 for r in rows)
-    assert min(r["flip_rate"] for r in per_candidate["digits-v2-degraded"]) > 0.2
+    # every window of the degraded retrain flips more labels than any window of the good one
+    assert min(r["flip_rate"] for r in per_candidate["digits-v2-degraded"]) > max(
+        r["flip_rate"] for r in per_candidate["digits-v2"]
+    )
     assert all(r["flip_rate"] == 0 for r in per_candidate["digits-v1-replay"])
 
     # 3. slices by country with counts, worst first
@@ -135,7 +138,7 @@ def test_notebook_runs_on_demo_data(demo_dsn, monkeypatch, capsys, with_pandas):
     assert ns["confusion_candidate"] == "digits-v2-degraded"
     assert sum(row["total"] for row in ns["confusion_table"]) == 1500
     flips = sum(n for (b, c), n in ns["confusion"].items() if b != c)
-    assert flips == sum(s["flips"] for s in slices if s["candidate"] == "digits-v2-degraded") > 300
+    assert flips == sum(s["flips"] for s in slices if s["candidate"] == "digits-v2-degraded") > 0.05 * 1500
     assert ns["top_flips"] and ns["top_flips"][0][1] != ns["top_flips"][0][2]
 
     # 6. error reasons, digits folded, with example ids
