@@ -4,6 +4,8 @@ Why these engines:
 - ``request_diffs`` is a ReplacingMergeTree ordered by (model, candidate, request_id): a message
   redelivered by Kafka (at-least-once) writes the same key again and collapses on merge; queries
   that count use ``FINAL`` so a not-yet-merged duplicate never counts twice.
+- ``request_diffs`` has a min/max skip index on ``sent_at``: window-close queries read one
+  window's rows without scanning the pair's whole history.
 - ``window_stats`` is keyed by (model, candidate, window_start) the same way, so re-emitting a
   window after a restart replaces it.
 - ``verdicts`` keeps history (plain MergeTree); the latest per pair is ``argMax(..., updated_at)``.
@@ -32,6 +34,8 @@ def ddl_statements(database: str) -> list[str]:
     label_flip UInt8,
     confidence_delta Float64,
     l1_distance Float64,
+    baseline_confidence Float64,
+    candidate_confidence Float64,
     baseline_latency_ms Float64,
     candidate_latency_ms Float64,
     error String,
@@ -39,7 +43,8 @@ def ddl_statements(database: str) -> list[str]:
     attributes Map(String, String),
     metrics Map(String, Float64),
     source_partition Int32,
-    source_offset Int64
+    source_offset Int64,
+    INDEX sent_at_range sent_at TYPE minmax GRANULARITY 4
 ) ENGINE = ReplacingMergeTree(scored_at)
 ORDER BY (model, candidate, request_id)""",
         f"""CREATE TABLE IF NOT EXISTS {db}.window_stats (
@@ -59,6 +64,7 @@ ORDER BY (model, candidate, request_id)""",
     candidate_latency_p95_ms Nullable(Float64),
     candidate_latency_p99_ms Nullable(Float64),
     duplicates_dropped UInt64,
+    divergence Map(String, Float64),
     state String,
     updated_at DateTime64(3, 'UTC')
 ) ENGINE = ReplacingMergeTree(updated_at)

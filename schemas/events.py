@@ -71,6 +71,8 @@ class RequestDiff(BaseModel):
     label_flip: bool = False
     confidence_delta: float = 0.0  # candidate minus baseline probability of the baseline's top class
     l1_distance: float = 0.0
+    baseline_confidence: float = 0.0  # the baseline's probability of its own top class
+    candidate_confidence: float = 0.0  # the candidate's probability of its own top class
     baseline_latency_ms: float = 0.0
     candidate_latency_ms: float = 0.0
     error: str = ""  # empty when the candidate answered; else the reason (NaN output, shape mismatch, ...)
@@ -127,6 +129,9 @@ class WindowSummary(BaseModel):
     candidate_latency_p95_ms: float | None
     candidate_latency_p99_ms: float | None
     duplicates_dropped: int = 0
+    divergence: dict[str, float] = Field(
+        default_factory=dict, description="distribution statistics of the window (reported, not gating)"
+    )
     updated_at: datetime
 
     _utc = field_validator("window_start", "window_end", "updated_at")(_utc)

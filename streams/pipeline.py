@@ -18,8 +18,10 @@ from datetime import UTC, datetime
 
 import numpy as np
 from pydantic import ValidationError
+from scipy.special import softmax
 
 from schemas import DeadLetter, MirroredRequest, RequestDiff, Verdict, WindowStats, describe_validation_error
+from scorers import divergence
 from scorers.diffs import classification_diffs
 from scorers.judge import judge
 from streams.adapter import AdapterError, InputAdapter
@@ -183,7 +185,7 @@ class Pipeline:
             return []
         outputs, latencies = cand.runner.run(rows, cfg.output, self.settings.replay.timing)
         baseline = [ev.baseline_output.get(cfg.baseline_output) for ev in kept]
-        diffs = _paired_diffs(baseline, outputs, cfg)
+        diffs, confidences = _paired_diffs(baseline, outputs, cfg)
         now = datetime.now(UTC)
         out: list[RequestDiff] = []
         per_window: dict[int, list[int]] = defaultdict(list)
@@ -195,7 +197,8 @@ class Pipeline:
                     baseline_version=ev.baseline_version, sent_at=ev.sent_at, scored_at=now,
                     baseline_label=int(diffs.baseline_label[i]), candidate_label=int(diffs.candidate_label[i]),
                     label_flip=bool(diffs.label_flip[i]), confidence_delta=_finite(diffs.confidence_delta[i]),
-                    l1_distance=_finite(diffs.l1[i]), baseline_latency_ms=ev.baseline_latency_ms,
+                    l1_distance=_finite(diffs.l1[i]), baseline_confidence=confidences[0][i],
+                    candidate_confidence=confidences[1][i], baseline_latency_ms=ev.baseline_latency_ms,
                     candidate_latency_ms=float(latencies[i]), error=str(err or ""),
                     label=None if ev.label is None else float(ev.label), attributes=dict(ev.attributes),
                     source_partition=position[ev.request_id][0], source_offset=position[ev.request_id][1],
@@ -253,11 +256,27 @@ class Pipeline:
     def _window_row(self, pw: PairWindows, start: int, acc, duplicates: int) -> WindowStats:
         s = acc.summary()
         return WindowStats(
+            divergence=self._window_divergence(pw, start),
             model=pw.model, candidate=pw.candidate, window_start=ms_to_datetime(start),
             window_end=ms_to_datetime(start + self.size_ms), duplicates_dropped=duplicates,
             state=json.dumps(acc.to_dict()), updated_at=datetime.now(UTC),
             **{k: s[k] for k in WINDOW_SUMMARY_FIELDS},
         )  # fmt: skip
+
+    def _window_divergence(self, pw: PairWindows, start: int) -> dict[str, float]:
+        """Distribution statistics of the window's predictions, read back from its diff rows
+        (exact after restarts, no raw values kept in state). Reported for analysts, not gating:
+        the judge uses the paired diffs, which are far more sensitive."""
+        cols = self.sink.window_predictions(
+            pw.model, pw.candidate, ms_to_datetime(start), ms_to_datetime(start + self.size_ms)
+        )
+        if len(cols["baseline_confidence"]) < 2:
+            return {}
+        stats = divergence.describe(cols["baseline_confidence"], cols["candidate_confidence"])
+        stats["chi2_labels_pvalue"] = divergence.chi2_labels(cols["baseline_label"], cols["candidate_label"]).pvalue
+        paired = divergence.stuart_maxwell(cols["baseline_label"], cols["candidate_label"])
+        stats["stuart_maxwell_pvalue"] = paired.pvalue
+        return {k: float(v) for k, v in stats.items() if v is not None and np.isfinite(v)}
 
     def _verdict(self, pw: PairWindows, last_start: int) -> Verdict:
         cfg = next(c.config for c in self.candidates[pw.model] if c.config.name == pw.candidate)
@@ -326,7 +345,15 @@ def _paired_diffs(baseline: list, outputs: list[np.ndarray], cfg: CandidateConfi
     diffs = classification_diffs(base, cand, from_logits=cfg.from_logits)
     for i, reason in problems.items():
         diffs.error[i] = reason
-    return diffs
+    return diffs, (_top_confidence(base, cfg.from_logits), _top_confidence(cand, cfg.from_logits))
+
+
+def _top_confidence(rows: np.ndarray, from_logits: bool) -> list[float]:
+    """Each row's probability of its own top class (0 where the row is unusable)."""
+    probs = softmax(rows, axis=1) if from_logits else rows
+    with np.errstate(invalid="ignore"):
+        top = np.max(probs, axis=1) if probs.shape[1] else np.zeros(len(probs))
+    return np.nan_to_num(top, nan=0.0, posinf=0.0, neginf=0.0).tolist()
 
 
 def _finite(x: float) -> float:

@@ -19,7 +19,8 @@ from schemas import RequestDiff, Verdict, WindowStats, ddl_statements
 
 DIFF_COLUMNS = [
     "model", "candidate", "request_id", "baseline_version", "sent_at", "scored_at", "baseline_label",
-    "candidate_label", "label_flip", "confidence_delta", "l1_distance", "baseline_latency_ms",
+    "candidate_label", "label_flip", "confidence_delta", "l1_distance", "baseline_confidence", "candidate_confidence",
+    "baseline_latency_ms",
     "candidate_latency_ms", "error", "label", "attributes", "metrics", "source_partition", "source_offset",
 ]  # fmt: skip
 WINDOW_COLUMNS = list(WindowStats.model_fields)
@@ -120,6 +121,17 @@ class ClickHouseSink:
         for candidate, request_id, partition, offset in rows:
             out.setdefault(candidate, {})[request_id] = (partition, offset)
         return out
+
+    def window_predictions(self, model: str, candidate: str, start: datetime, end: datetime) -> dict[str, list]:
+        """Scored rows of one window: both models' top-class confidence and predicted label."""
+        rows = self.query(
+            f"SELECT baseline_confidence, candidate_confidence, baseline_label, candidate_label "
+            f"FROM {self.database}.request_diffs FINAL WHERE model = %(m)s AND candidate = %(c)s "
+            "AND sent_at >= %(s)s AND sent_at < %(e)s AND error = ''",
+            {"m": model, "c": candidate, "s": start, "e": end},
+        )
+        columns = ("baseline_confidence", "candidate_confidence", "baseline_label", "candidate_label")
+        return {name: [r[i] for r in rows] for i, name in enumerate(columns)}
 
     def diff_counts(self) -> dict[tuple[str, str], int]:
         """Distinct scored requests per (model, candidate), duplicates collapsed."""

@@ -107,6 +107,13 @@ def test_pipeline_scores_windows_and_judges(pipeline, traffic):
         assert requests == len(traffic)
         assert n_windows == 3  # 1500 requests at 50/s = 30 s of event time in 10 s windows
     assert verdicts["digits-v2-degraded"].verdict == "rollback"
+    # Window rows carry distribution statistics of the predictions (reported, not gating).
+    js = dict(pipeline.sink.query(
+        "SELECT candidate, avg(divergence['js_distance']) FROM shadowlens.window_stats FINAL GROUP BY candidate"))
+    assert js["digits-v1-replay"] < 1e-6 < js["digits-v2"] < js["digits-v2-degraded"]
+    pvalues = pipeline.sink.query("SELECT min(divergence['stuart_maxwell_pvalue']) FROM shadowlens.window_stats "
+                                  "FINAL WHERE candidate = 'digits-v2-degraded'")[0][0]  # fmt: skip
+    assert pvalues < 1e-3  # the degraded retrain predicts other labels for the same inputs
     # The baseline replayed through the same path reproduces itself: no flips at all.
     replay = pipeline.sink.query("SELECT sum(label_flip), max(l1_distance) FROM shadowlens.request_diffs "
                                  "WHERE candidate = 'digits-v1-replay'")[0]  # fmt: skip
