@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Response
 from pydantic import BaseModel
 
 from schemas import Verdict, WindowSummary
@@ -69,6 +69,34 @@ def create_app(sink: ClickHouseSink) -> FastAPI:
                 window_start=now, window_end=now, updated_at=now,
             )  # fmt: skip
         raise HTTPException(status_code=404, detail=f"unknown pair {model}/{candidate}: no scored traffic")
+
+    @app.post(
+        "/v1/gates/flagger/{model}/{candidate}",
+        response_model=Verdict,
+        tags=["gates"],
+        responses={412: {"description": "not promoted (hold or rollback); the verdict is in the body"}},
+    )
+    def flagger_confirm_promotion(model: str, candidate: str, response: Response) -> Verdict:
+        """Flagger ``confirm-promotion`` webhook: 200 only on promote, so Flagger advances;
+        412 otherwise halts the canary (Flagger treats any non-2xx as "not yet")."""
+        verdict = get_verdict(model, candidate)
+        if verdict.verdict != "promote":
+            response.status_code = 412
+        return verdict
+
+    @app.post(
+        "/v1/gates/flagger-rollback/{model}/{candidate}",
+        response_model=Verdict,
+        tags=["gates"],
+        responses={412: {"description": "no rollback verdict; the verdict is in the body"}},
+    )
+    def flagger_rollback(model: str, candidate: str, response: Response) -> Verdict:
+        """Flagger ``rollback`` webhook: 200 marks the canary failed and rolls it back, so answer
+        200 only on a rollback verdict."""
+        verdict = get_verdict(model, candidate)
+        if verdict.verdict != "rollback":
+            response.status_code = 412
+        return verdict
 
     @app.get("/v1/windows/{model}/{candidate}", response_model=list[WindowSummary], tags=["windows"])
     def get_windows(model: str, candidate: str, limit: int = 100) -> list[dict[str, Any]]:

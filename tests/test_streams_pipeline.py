@@ -172,6 +172,14 @@ def test_api_answers_gates(pipeline, traffic):
     assert len(client.get("/v1/verdicts").json()) == 3
     assert client.get("/readyz").json() == {"status": "ready"}
     assert client.get("/v1/windows/digits/digits-v2").json()[0]["requests"] > 0
+    # Flagger webhooks: 2xx advances (confirm-promotion) or rolls back (rollback hook).
+    flagger = {"name": "digits", "namespace": "ml", "phase": "Progressing", "checksum": "x", "metadata": {}}
+    assert client.post("/v1/gates/flagger/digits/digits-v2-degraded", json=flagger).status_code == 412
+    assert client.post("/v1/gates/flagger-rollback/digits/digits-v2-degraded", json=flagger).status_code == 200
+    for candidate in ("digits-v2", "digits-v1-replay"):
+        gate = client.post(f"/v1/gates/flagger/digits/{candidate}", json=flagger)
+        assert (gate.status_code == 200) == (gate.json()["verdict"] == "promote")
+    assert client.post("/v1/gates/flagger-rollback/digits/nope", json=flagger).status_code == 404
     spec = client.get("/openapi.json").json()
     assert "Verdict" in spec["components"]["schemas"]
 
@@ -226,3 +234,19 @@ def test_relative_chdb_dsn_is_relative_to_the_working_directory(tmp_path, monkey
     sink = ClickHouseSink("chdb:///./data/ch")
     sink.close()
     assert (tmp_path / "data" / "ch").is_dir()
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+    reason="needs onnxruntime-gpu and a CUDA device (pip install '.[gpu]')",
+)
+def test_cuda_provider_is_chosen_and_agrees_with_cpu(models):
+    """On a GPU machine the runner picks CUDA first; its answers differ from CPU's only by numeric
+    noise (that difference is what a noise-reference replay measures)."""
+    cuda = OnnxRunner(str(models["good"]))
+    cpu = OnnxRunner(str(models["good"]), providers=["CPUExecutionProvider"])
+    assert cuda.providers[0] == "CUDAExecutionProvider" and cpu.providers == ["CPUExecutionProvider"]
+    rows = [{"image": np.random.default_rng(i).random((1, 64), dtype=np.float32)} for i in range(64)]
+    on_gpu, _ = cuda.run(rows, "probabilities", "batched")
+    on_cpu, _ = cpu.run(rows, "probabilities", "batched")
+    np.testing.assert_allclose(np.stack(on_gpu), np.stack(on_cpu), atol=1e-4)
