@@ -70,33 +70,26 @@ def create_app(sink: ClickHouseSink) -> FastAPI:
             )  # fmt: skip
         raise HTTPException(status_code=404, detail=f"unknown pair {model}/{candidate}: no scored traffic")
 
-    @app.post(
-        "/v1/gates/flagger/{model}/{candidate}",
-        response_model=Verdict,
-        tags=["gates"],
-        responses={412: {"description": "not promoted (hold or rollback); the verdict is in the body"}},
-    )
-    def flagger_confirm_promotion(model: str, candidate: str, response: Response) -> Verdict:
-        """Flagger ``confirm-promotion`` webhook: 200 only on promote, so Flagger advances;
-        412 otherwise halts the canary (Flagger treats any non-2xx as "not yet")."""
+    def gate(model: str, candidate: str, response: Response, passes_on: str) -> Verdict:
+        # Flagger advances (or, for a rollback hook, rolls back) on any 2xx and halts otherwise.
         verdict = get_verdict(model, candidate)
-        if verdict.verdict != "promote":
+        if verdict.verdict != passes_on:
             response.status_code = 412
         return verdict
 
+    not_now = {412: {"description": "the verdict is something else; it is in the body"}}
+
+    @app.post("/v1/gates/flagger/{model}/{candidate}", response_model=Verdict, tags=["gates"], responses=not_now)
+    def flagger_confirm_promotion(model: str, candidate: str, response: Response) -> Verdict:
+        """Flagger ``confirm-promotion`` webhook: 200 only on promote, else 412 halts the canary."""
+        return gate(model, candidate, response, passes_on="promote")
+
     @app.post(
-        "/v1/gates/flagger-rollback/{model}/{candidate}",
-        response_model=Verdict,
-        tags=["gates"],
-        responses={412: {"description": "no rollback verdict; the verdict is in the body"}},
+        "/v1/gates/flagger-rollback/{model}/{candidate}", response_model=Verdict, tags=["gates"], responses=not_now
     )
     def flagger_rollback(model: str, candidate: str, response: Response) -> Verdict:
-        """Flagger ``rollback`` webhook: 200 marks the canary failed and rolls it back, so answer
-        200 only on a rollback verdict."""
-        verdict = get_verdict(model, candidate)
-        if verdict.verdict != "rollback":
-            response.status_code = 412
-        return verdict
+        """Flagger ``rollback`` webhook: 200 (which rolls the canary back) only on rollback."""
+        return gate(model, candidate, response, passes_on="rollback")
 
     @app.get("/v1/windows/{model}/{candidate}", response_model=list[WindowSummary], tags=["windows"])
     def get_windows(model: str, candidate: str, limit: int = 100) -> list[dict[str, Any]]:
