@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def window_aligned_start(requests: int, rate_per_s: float, window_s: float) -> datetime:
+    """A recent start time on a window boundary, so that tests know which requests share a window."""
+    earliest = time.time() - requests / rate_per_s - window_s
+    return datetime.fromtimestamp(earliest - earliest % window_s, tz=UTC)
 
 
 def write_worker_config(

@@ -207,7 +207,7 @@ class Pipeline:
                 )
             )  # fmt: skip
             per_window[self._window_start(ev.sent_at)].append(i)
-            pw.watermark_ms = max(pw.watermark_ms, datetime_to_ms(ev.sent_at))
+            pw.observe(position[ev.request_id][0], datetime_to_ms(ev.sent_at))
         base_lat = np.array([ev.baseline_latency_ms for ev in kept])
         labels = np.array([np.nan if ev.label is None else float(ev.label) for ev in kept])
         ids = [ev.request_id for ev in kept]

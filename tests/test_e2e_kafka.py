@@ -16,7 +16,9 @@ import httpx
 import pytest
 
 from streams.demo import TrafficGenerator
-from streams.harness import WorkerProcess, consume_all, free_port, produce, window_totals, write_worker_config
+from streams.harness import (
+    WorkerProcess, consume_all, free_port, produce, window_aligned_start, window_totals, write_worker_config,
+)  # fmt: skip
 from streams.models import build_digits_models
 from streams.sink import ClickHouseSink
 
@@ -52,7 +54,9 @@ def test_mirrored_traffic_through_kafka_worker_chdb_and_api(kafka_bootstrap, tmp
     candidates = {"digits-v2": models["good"], "digits-v2-broken": models["broken"]}
     config = write_worker_config(tmp_path, kafka_bootstrap, candidates, topic, api_port)
 
-    messages = TrafficGenerator(models["baseline"], rate_per_s=50).messages(REQUESTS)
+    # 50 requests/s from a 20 s window boundary: requests 1000..1399 share the window [20 s, 40 s).
+    start = window_aligned_start(REQUESTS, rate_per_s=50, window_s=20)
+    messages = TrafficGenerator(models["baseline"], rate_per_s=50).messages(REQUESTS, start=start)
     bad = malformed_messages()
     # Redelivery: a slice of the stream arrives twice, as after a producer retry or a consumer
     # restart before commit; interleave so duplicates land in open windows.
@@ -120,7 +124,10 @@ def test_worker_killed_mid_stream_loses_nothing_and_counts_nothing_twice(kafka_b
     candidates = {"digits-v2": models["good"]}
     api_port = free_port()
     config = write_worker_config(tmp_path, kafka_bootstrap, candidates, topic, api_port, commit_interval_s=60)
-    messages = TrafficGenerator(models["baseline"], rate_per_s=50).messages(total)
+    # The first 2,000 requests fill exactly two 20 s windows; the rest start a new one, so a
+    # window the first worker closed (idle, before the kill) gets no later requests.
+    start = window_aligned_start(total, rate_per_s=50, window_s=20)
+    messages = TrafficGenerator(models["baseline"], rate_per_s=50).messages(total, start=start)
     api = f"http://127.0.0.1:{api_port}"
 
     produce(kafka_bootstrap, topic, messages[:2000])
