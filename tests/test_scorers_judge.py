@@ -155,12 +155,3 @@ def test_empty_accumulator_holds():
     j = judge(PairAccumulator(), DEMO)
     assert j.verdict == "hold" and j.samples == 0
     json.dumps([m.model_dump() for m in j.metrics])
-
-
-def test_judgement_time_is_small():
-    import time
-    acc, _ = run(0.04, windows=4)
-    t = time.perf_counter()
-    for _ in range(5):
-        judge(acc, DEMO)
-    assert (time.perf_counter() - t) / 5 < 0.2
