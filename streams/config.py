@@ -3,6 +3,10 @@
 Environment wins over the file: ``KAFKA_BOOTSTRAP`` and ``SHADOWLENS_CLICKHOUSE_DSN`` are read
 directly (they are what compose.yaml and CI set); any other field can be set as
 ``SHADOWLENS_<SECTION>__<FIELD>`` (e.g. ``SHADOWLENS_WINDOWS__SIZE_S=30``).
+
+Why not pydantic-settings: its environment source cannot alias a nested field to an unprefixed
+variable (``KAFKA_BOOTSTRAP`` -> ``kafka.bootstrap``), and model paths must resolve against the
+config file's folder; the twenty lines below do both with plain pydantic validation.
 """
 
 from __future__ import annotations
