@@ -42,29 +42,20 @@ class ClickHouseSink:
 
     # -- writes ---------------------------------------------------------------------------
     def insert_diffs(self, diffs: Sequence[RequestDiff]) -> None:
-        if not diffs:
-            return
-        rows = [[getattr(d, c) for c in DIFF_COLUMNS] for d in diffs]
-        with self._lock:
-            self.client.insert(f"{self.database}.request_diffs", rows, column_names=DIFF_COLUMNS)
+        self._insert("request_diffs", DIFF_COLUMNS, [[getattr(d, c) for c in DIFF_COLUMNS] for d in diffs])
 
     def insert_windows(self, windows: Sequence[WindowStats]) -> None:
-        if not windows:
-            return
-        rows = [[getattr(w, c) for c in WINDOW_COLUMNS] for w in windows]
-        with self._lock:
-            self.client.insert(f"{self.database}.window_stats", rows, column_names=WINDOW_COLUMNS)
+        self._insert("window_stats", WINDOW_COLUMNS, [[getattr(w, c) for c in WINDOW_COLUMNS] for w in windows])
 
     def insert_verdicts(self, verdicts: Sequence[Verdict]) -> None:
-        if not verdicts:
-            return
-        rows = [
-            [v.model, v.candidate, v.verdict, v.samples, v.window_start, v.window_end, v.updated_at,
-             v.model_dump_json()]
-            for v in verdicts
-        ]  # fmt: skip
-        with self._lock:
-            self.client.insert(f"{self.database}.verdicts", rows, column_names=VERDICT_COLUMNS)
+        # The whole verdict is kept as JSON in ``body``; the other columns are for filtering.
+        rows = [[*(getattr(v, c) for c in VERDICT_COLUMNS[:-1]), v.model_dump_json()] for v in verdicts]
+        self._insert("verdicts", VERDICT_COLUMNS, rows)
+
+    def _insert(self, table: str, columns: list[str], rows: list[list]) -> None:
+        if rows:
+            with self._lock:
+                self.client.insert(f"{self.database}.{table}", rows, column_names=columns)
 
     # -- reads (verdicts API, demo, tests) --------------------------------------------------
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:
