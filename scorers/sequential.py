@@ -59,18 +59,26 @@ def log_evalue_above(n, s, p0):
     return special.betaln(s + 1, f + 1) + mass - s * np.log(p0) - f * np.log1p(-p0) - np.log1p(-p0)
 
 
+def _bisect(lo: np.ndarray, hi: np.ndarray, rejected, rejected_above: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Narrow [lo, hi] elementwise to the edge of the rejected region, which lies above the edge
+    (upper bound) or below it (lower bound)."""
+    lo, hi = (a.copy() for a in np.broadcast_arrays(lo, hi))
+    for _ in range(_BISECT_STEPS):
+        mid = 0.5 * (lo + hi)
+        rej = rejected(mid)
+        if rejected_above:
+            hi, lo = np.where(rej, mid, hi), np.where(rej, lo, mid)
+        else:
+            lo, hi = np.where(rej, mid, lo), np.where(rej, hi, mid)
+    return lo, hi
+
+
 def upper_bound(n, s, alpha):
     """Anytime-valid upper confidence bound for the mean (P(ever mean > bound) <= alpha). 1 when n = 0."""
     n, s, _ = _prep(n, s)
     thr = np.log(1.0 / np.asarray(alpha, dtype=np.float64))
     p_hat = np.where(n > 0, s / np.maximum(n, 1), 0.0)
-    lo, hi = np.broadcast_arrays(p_hat.copy(), np.ones_like(p_hat))
-    lo, hi = lo.copy(), hi.copy()
-    for _ in range(_BISECT_STEPS):
-        mid = 0.5 * (lo + hi)
-        rej = log_evalue_below(n, s, mid) >= thr
-        hi = np.where(rej, mid, hi)
-        lo = np.where(rej, lo, mid)
+    _, hi = _bisect(p_hat, np.ones_like(p_hat), lambda m: log_evalue_below(n, s, m) >= thr, rejected_above=True)
     return np.where(n > 0, hi, 1.0)
 
 
@@ -79,13 +87,7 @@ def lower_bound(n, s, alpha):
     n, s, _ = _prep(n, s)
     thr = np.log(1.0 / np.asarray(alpha, dtype=np.float64))
     p_hat = np.where(n > 0, s / np.maximum(n, 1), 1.0)
-    lo, hi = np.broadcast_arrays(np.zeros_like(p_hat), p_hat.copy())
-    lo, hi = lo.copy(), hi.copy()
-    for _ in range(_BISECT_STEPS):
-        mid = 0.5 * (lo + hi)
-        rej = log_evalue_above(n, s, mid) >= thr
-        lo = np.where(rej, mid, lo)
-        hi = np.where(rej, hi, mid)
+    lo, _ = _bisect(np.zeros_like(p_hat), p_hat, lambda m: log_evalue_above(n, s, m) >= thr, rejected_above=False)
     return np.where(n > 0, lo, 0.0)
 
 
