@@ -1,9 +1,12 @@
 """Checks that run on the caller's thread inside ``publish``, before a record is buffered.
 
 They must be cheap (a few hundred nanoseconds per numpy tensor): dtype against the schema's
-list, element count against the schema's limit, and, when the caller declared one, the model's
-signature. Anything that would make the worker reject the message is caught here, so bad calls
-fail loudly in development (strict) and are counted in production (lenient).
+list, element count, dimensions and non-empty shape against the schema's limits, tensor count
+and name length, attribute bounds, and, when the caller declared one, the model's signature.
+Anything that would make the worker reject the message is caught here, so bad calls fail
+loudly in development (strict) and are counted in production (lenient). One exception, by
+design: NaN/infinity in inputs costs a pass over the data, so it is left to the worker, which
+dead-letters it as ``non_finite_input`` (schemas.decode.check_scorable).
 """
 
 from __future__ import annotations
@@ -16,7 +19,16 @@ from typing import Any
 import numpy as np
 
 from mirror.errors import MirrorError
-from schemas.tensors import MAX_TENSOR_ELEMENTS, SUPPORTED_DTYPES
+from schemas.events import (
+    MAX_ATTRIBUTE_KEY_CHARS,
+    MAX_ATTRIBUTE_VALUE_CHARS,
+    MAX_ATTRIBUTES,
+    MAX_NAME_CHARS,
+    MAX_REQUEST_ID_CHARS,
+    MAX_TENSOR_NAME_CHARS,
+    MAX_TENSORS,
+)
+from schemas.tensors import MAX_TENSOR_DIMS, MAX_TENSOR_ELEMENTS, SUPPORTED_DTYPES
 
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
 # numpy's dtype.name costs ~2 us (it builds the string); a set of native dtypes answers in ~30 ns.
@@ -83,11 +95,17 @@ def check_tensors(
         value = {default_name: value}
     if not value:
         raise MirrorError(arg, "is empty", "pass at least one named array")
+    if len(value) > MAX_TENSORS:
+        raise MirrorError(arg, f"{len(value)} tensors exceed the limit of {MAX_TENSORS}",
+                          "mirror only the tensors the candidates need")
     arrays: dict[str, np.ndarray] = {}
     for name, array in value.items():
+        if not isinstance(name, str):  # the encoder writes names as JSON keys
+            raise MirrorError(f"{arg}.{name!r}", "tensor names must be strings", "use str keys")
+        if len(name) > MAX_TENSOR_NAME_CHARS:
+            raise MirrorError(f"{arg}.{name[:40]}...", f"name has {len(name)} characters, over the limit of "
+                              f"{MAX_TENSOR_NAME_CHARS}", "use the model's (short) input/output names")
         if type(array) is not np.ndarray:
-            if not isinstance(name, str):
-                raise MirrorError(f"{arg}.{name!r}", "tensor names must be strings", "use str keys")
             want = spec[name].dtype if spec is not None and name in spec else None
             try:
                 array = np.asarray(array, dtype=want)
@@ -101,6 +119,13 @@ def check_tensors(
         if array.size > MAX_TENSOR_ELEMENTS:
             raise MirrorError(f"{arg}.{name}", f"{array.size} elements exceed the limit of {MAX_TENSOR_ELEMENTS}",
                               "mirror a smaller tensor (or a summary of it)")
+        if array.size == 0:  # the worker can neither replay nor compare an empty tensor
+            axis = array.shape.index(0)
+            raise MirrorError(f"{arg}.{name}.shape", f"dimension {axis} is 0 (shape {array.shape})",
+                              "every dimension must be >= 1; do not mirror empty tensors")
+        if array.ndim > MAX_TENSOR_DIMS:
+            raise MirrorError(f"{arg}.{name}.shape", f"{array.ndim} dimensions exceed the limit of {MAX_TENSOR_DIMS}",
+                              "flatten the tensor")
         if spec is not None:
             _check_spec(arg, name, array, spec)
         arrays[name] = array
@@ -127,14 +152,39 @@ def _check_spec(arg: str, name: str, array: np.ndarray, spec: Mapping[str, Tenso
                               "reshape, or fix the signature")
 
 
+def check_attributes(attributes: Any) -> None:
+    """The schema's limits on ``attributes`` (``None`` or a mapping), measured on the ``str()``
+    of keys and values, which is what the encoder sends."""
+    if attributes is None:
+        return
+    if not isinstance(attributes, Mapping):
+        raise MirrorError("attributes", f"{type(attributes).__name__} is not a mapping",
+                          "pass a dict of str -> str (values are converted with str())")
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise MirrorError("attributes", f"{len(attributes)} entries exceed the limit of {MAX_ATTRIBUTES}",
+                          f"send at most {MAX_ATTRIBUTES} slice keys")
+    for key, value in attributes.items():
+        key, value = str(key), str(value)
+        if len(key) > MAX_ATTRIBUTE_KEY_CHARS:
+            raise MirrorError("attributes", f"key {key[:40]!r} has {len(key)} characters, over the limit of "
+                              f"{MAX_ATTRIBUTE_KEY_CHARS}", "use a shorter slice key")
+        if len(value) > MAX_ATTRIBUTE_VALUE_CHARS:
+            raise MirrorError(f"attributes.{key}", f"value has {len(value)} characters, over the limit of "
+                              f"{MAX_ATTRIBUTE_VALUE_CHARS}",
+                              "attributes are slice values (e.g. a country), not payloads")
+
+
 def check_scalars(request_id: Any, model: Any, version: Any, latency_ms: Any, label: Any) -> float:
     """The schema's limits on the plain fields; returns the latency as a float."""
-    if not isinstance(request_id, str) or not 0 < len(request_id) <= 256:
-        raise MirrorError("request_id", f"{request_id!r} is not a 1-256 character string", "pass a unique id per request")
-    if not isinstance(model, str) or not 0 < len(model) <= 128:
-        raise MirrorError("model", f"{model!r} is not a 1-128 character string", "pass the logical model name")
-    if not isinstance(version, str) or not 0 < len(version) <= 128:
-        raise MirrorError("version", f"{version!r} is not a 1-128 character string", "pass the production version")
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS:
+        raise MirrorError("request_id", f"{request_id!r} is not a 1-{MAX_REQUEST_ID_CHARS} character string",
+                          "pass a unique id per request")
+    if not isinstance(model, str) or not 0 < len(model) <= MAX_NAME_CHARS:
+        raise MirrorError("model", f"{model!r} is not a 1-{MAX_NAME_CHARS} character string",
+                          "pass the logical model name")
+    if not isinstance(version, str) or not 0 < len(version) <= MAX_NAME_CHARS:
+        raise MirrorError("version", f"{version!r} is not a 1-{MAX_NAME_CHARS} character string",
+                          "pass the production version")
     try:
         latency = float(latency_ms)
     except (TypeError, ValueError):

@@ -1,7 +1,26 @@
 """shadowlens contracts: events on Kafka, rows in ClickHouse, verdicts served over HTTP."""
 
 from schemas.clickhouse import DDL_VERSION, TABLES, ddl_statements
+from schemas.decode import (
+    MAX_JSON_DEPTH,
+    MAX_MESSAGE_BYTES,
+    Rejection,
+    check_scorable,
+    decode_request,
+    json_nesting_depth,
+)
 from schemas.events import (
+    DEAD_LETTER_ERROR_TYPES,
+    DEFAULT_DEAD_LETTER_PAYLOAD_BYTES,
+    MAX_ATTRIBUTE_KEY_CHARS,
+    MAX_ATTRIBUTE_VALUE_CHARS,
+    MAX_ATTRIBUTES,
+    MAX_DEAD_LETTER_KEY_BYTES,
+    MAX_NAME_CHARS,
+    MAX_REASON_CHARS,
+    MAX_REQUEST_ID_CHARS,
+    MAX_TENSOR_NAME_CHARS,
+    MAX_TENSORS,
     SCHEMA_VERSION,
     DeadLetter,
     MetricJudgement,
@@ -13,24 +32,50 @@ from schemas.events import (
     WindowSummary,
     describe_validation_error,
 )
-from schemas.tensors import SUPPORTED_DTYPES, Tensor, decode_tensors, encode_tensors
+from schemas.tensors import (
+    MAX_TENSOR_DIMS,
+    MAX_TENSOR_ELEMENTS,
+    SUPPORTED_DTYPES,
+    Tensor,
+    decode_tensors,
+    encode_tensors,
+)
 
 __all__ = [
     "DDL_VERSION",
+    "DEAD_LETTER_ERROR_TYPES",
+    "DEFAULT_DEAD_LETTER_PAYLOAD_BYTES",
+    "MAX_ATTRIBUTES",
+    "MAX_ATTRIBUTE_KEY_CHARS",
+    "MAX_ATTRIBUTE_VALUE_CHARS",
+    "MAX_DEAD_LETTER_KEY_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_MESSAGE_BYTES",
+    "MAX_NAME_CHARS",
+    "MAX_REASON_CHARS",
+    "MAX_REQUEST_ID_CHARS",
+    "MAX_TENSORS",
+    "MAX_TENSOR_DIMS",
+    "MAX_TENSOR_ELEMENTS",
+    "MAX_TENSOR_NAME_CHARS",
     "SCHEMA_VERSION",
     "SUPPORTED_DTYPES",
     "TABLES",
     "DeadLetter",
     "MetricJudgement",
     "MirroredRequest",
+    "Rejection",
     "RequestDiff",
     "SliceJudgement",
     "Tensor",
     "Verdict",
     "WindowStats",
     "WindowSummary",
+    "check_scorable",
     "ddl_statements",
+    "decode_request",
     "decode_tensors",
     "describe_validation_error",
     "encode_tensors",
+    "json_nesting_depth",
 ]

@@ -8,15 +8,36 @@ Bumping a field's meaning means bumping ``SCHEMA_VERSION`` and accepting both.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import math
+import re
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal, get_args
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from schemas.tensors import Tensor
+from schemas.tensors import Tensor, clip
 
 SCHEMA_VERSION = 1
+
+# Limits of a MirroredRequest (the SDK's mirror/validation.py checks the same ones before
+# publishing). They bound what one message can cost the worker and its state: attributes become
+# slice tables and ClickHouse map columns, tensor names become dict keys in every diff.
+MAX_REQUEST_ID_CHARS = 256
+MAX_NAME_CHARS = 128  # model and baseline_version
+MAX_TENSORS = 64  # per map: inputs, baseline_output
+MAX_TENSOR_NAME_CHARS = 128
+MAX_ATTRIBUTES = 32
+MAX_ATTRIBUTE_KEY_CHARS = 64
+MAX_ATTRIBUTE_VALUE_CHARS = 256
+
+# Dead letters are bounded so a poison message cannot make a poison dead letter (over the
+# broker's message size, or megabytes per failure in the DLQ).
+MAX_REASON_CHARS = 2000
+DEFAULT_DEAD_LETTER_PAYLOAD_BYTES = 64 * 1024
+MAX_DEAD_LETTER_KEY_BYTES = 1024
 
 VerdictName = Literal["promote", "hold", "rollback"]
 Decision = Literal["pass", "fail", "inconclusive"]
@@ -26,18 +47,61 @@ def _utc(value: datetime) -> datetime:
     # Naive timestamps are taken as UTC (documented): producers in other zones must send an offset.
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:00-12:00 has no UTC datetime; not a ValueError, so convert
+        raise ValueError(f"{value.isoformat()} is out of range in UTC; "
+                         "send a timestamp between years 1 and 9999") from None
+
+
+def _check_tensor_map(value: Any) -> Any:
+    # Runs before the tensors are validated, so a message with 100k tensors is refused cheaply.
+    if isinstance(value, dict):
+        if len(value) > MAX_TENSORS:
+            raise ValueError(f"{len(value)} tensors exceed the limit of {MAX_TENSORS}; "
+                             "mirror only the tensors the candidates need")
+        for name in value:
+            if isinstance(name, str) and len(name) > MAX_TENSOR_NAME_CHARS:
+                raise ValueError(f"tensor name {clip(repr(name), 40)} has {len(name)} characters, over the "
+                                 f"limit of {MAX_TENSOR_NAME_CHARS}; use the model's (short) input/output names")
+    return value
+
+
+def _check_attributes(value: Any) -> Any:
+    # Non-str keys and values are left to the field's own type check, which names them.
+    if isinstance(value, dict):
+        if len(value) > MAX_ATTRIBUTES:
+            raise ValueError(f"{len(value)} entries exceed the limit of {MAX_ATTRIBUTES}; "
+                             f"send at most {MAX_ATTRIBUTES} slice keys")
+        for key, item in value.items():
+            if isinstance(key, str) and len(key) > MAX_ATTRIBUTE_KEY_CHARS:
+                raise ValueError(f"key {clip(repr(key), 40)} has {len(key)} characters, over the limit of "
+                                 f"{MAX_ATTRIBUTE_KEY_CHARS}; use a shorter slice key")
+            if isinstance(item, str) and len(item) > MAX_ATTRIBUTE_VALUE_CHARS:
+                raise ValueError(f"key {clip(repr(key), 40)}: value has {len(item)} characters, over the limit of "
+                                 f"{MAX_ATTRIBUTE_VALUE_CHARS}; attributes are slice values (e.g. a country), "
+                                 "not payloads")
+    return value
 
 
 class MirroredRequest(BaseModel):
-    """One production request as mirrored by the SDK: inputs, the baseline's output and latency."""
+    """One production request as mirrored by the SDK: inputs, the baseline's output and latency.
+
+    Limits (module constants): ``request_id`` 1..``MAX_REQUEST_ID_CHARS`` characters, ``model``
+    and ``baseline_version`` 1..``MAX_NAME_CHARS``; ``inputs`` and ``baseline_output`` 1..``MAX_TENSORS``
+    tensors each, names up to ``MAX_TENSOR_NAME_CHARS``; ``attributes`` up to ``MAX_ATTRIBUTES``
+    entries, keys up to ``MAX_ATTRIBUTE_KEY_CHARS``, values up to ``MAX_ATTRIBUTE_VALUE_CHARS``;
+    ``label`` must fit a float64. What the worker further needs to *score* a valid request
+    (non-empty tensors, finite inputs) is ``schemas.decode.check_scorable``; read messages with
+    ``schemas.decode_request``, which applies both and never raises.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    request_id: str = Field(min_length=1, max_length=256, description="unique per request; dedup key")
-    model: str = Field(min_length=1, max_length=128, description="logical model name, e.g. 'digits'")
-    baseline_version: str = Field(min_length=1, max_length=128, description="production model version")
+    request_id: str = Field(min_length=1, max_length=MAX_REQUEST_ID_CHARS, description="unique per request; dedup key")
+    model: str = Field(min_length=1, max_length=MAX_NAME_CHARS, description="logical model name, e.g. 'digits'")
+    baseline_version: str = Field(min_length=1, max_length=MAX_NAME_CHARS, description="production model version")
     sent_at: datetime = Field(description="when production answered (UTC; naive means UTC)")
     inputs: dict[str, Tensor] = Field(min_length=1, description="model inputs by name")
     baseline_output: dict[str, Tensor] = Field(min_length=1, description="production outputs by name")
@@ -46,12 +110,27 @@ class MirroredRequest(BaseModel):
     label: int | float | None = Field(default=None, description="ground truth, when known")
 
     _sent_at_utc = field_validator("sent_at")(_utc)
+    _tensor_maps = field_validator("inputs", "baseline_output", mode="before")(_check_tensor_map)
+    _attributes = field_validator("attributes", mode="before")(_check_attributes)
 
     @field_validator("baseline_latency_ms")
     @classmethod
     def _finite_latency(cls, value: float) -> float:
         if not math.isfinite(value):
             raise ValueError("must be a finite number of milliseconds")
+        return value
+
+    @field_validator("label")
+    @classmethod
+    def _float_label(cls, value: int | float | None) -> int | float | None:
+        # The worker stores float(label); a 400-digit int would raise OverflowError mid-batch.
+        # NaN stays accepted (it reads as "no label" downstream), as before.
+        if isinstance(value, int):
+            try:
+                float(value)
+            except OverflowError:
+                raise ValueError(f"a {value.bit_length()}-bit integer does not fit a float64; "
+                                 "send the label as a number within float range, or null") from None
         return value
 
 
@@ -163,23 +242,144 @@ class Verdict(BaseModel):
     _utc = field_validator("window_start", "window_end", "updated_at")(_utc)
 
 
+DeadLetterErrorType = Literal[
+    "tombstone",  # null message value (a Kafka tombstone): nothing to score
+    "oversized",  # over schemas.decode.MAX_MESSAGE_BYTES, refused unread
+    "invalid_json",  # not UTF-8, or not JSON
+    "too_deep",  # JSON nested deeper than schemas.decode.MAX_JSON_DEPTH
+    "invalid_schema",  # JSON, but not a MirroredRequest
+    "invalid_tensor",  # a tensor in inputs/baseline_output is malformed or empty
+    "non_finite_input",  # NaN or infinity in an input tensor: the producer's data is bad
+    "unknown_model",  # valid, but no candidate is configured for its model
+    "adapter",  # the candidate's input adapter (or input check) refused the request
+    "replay_failed",  # the candidate failed on this request alone (``candidate`` names it)
+    "other",  # anything unexpected; the reason names the exception
+]
+DEAD_LETTER_ERROR_TYPES: tuple[str, ...] = get_args(DeadLetterErrorType)
+Encoding = Literal["utf-8", "base64"]
+
+
 class DeadLetter(BaseModel):
-    """What the worker publishes to the dead-letter topic for a message it could not use."""
+    """What the worker publishes to the dead-letter topic for a message it could not use.
+
+    Build it with ``DeadLetter.for_payload`` so it stays bounded: the payload is kept whole up
+    to ``max_payload_bytes`` of JSON text, else as a prefix with ``payload_truncated``, the
+    ``original_size`` and the ``payload_sha256`` of the full bytes (to find the message again);
+    ``reason`` is cut to ``MAX_REASON_CHARS`` however the letter is built. Serialise with
+    ``model_dump_json`` (non-ASCII kept as UTF-8; ``json.dumps`` would \\u-escape it, up to 6x).
+    """
 
     reason: str
-    error_type: Literal["invalid_json", "invalid_schema", "invalid_tensor", "adapter", "other"]
+    error_type: DeadLetterErrorType
     topic: str
     partition: int
     offset: int
     payload: str = Field(description="the original message value (utf-8, or base64 when not text)")
-    payload_encoding: Literal["utf-8", "base64"] = "utf-8"
-    failed_at: datetime
+    payload_encoding: Encoding = "utf-8"
+    failed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    payload_truncated: bool = Field(default=False, description="payload holds only a prefix of the value")
+    original_size: int | None = Field(default=None, description="bytes in the original value (0: tombstone)")
+    payload_sha256: str | None = Field(default=None, description="hex sha256 of the whole value; None: tombstone")
+    key: str | None = Field(default=None, description="the Kafka message key, if any")
+    key_encoding: Encoding = "utf-8"
+    key_truncated: bool = False
+    candidate: str | None = Field(default=None, description="the candidate that failed on it, if one did")
+
+    @field_validator("reason")
+    @classmethod
+    def _cap_reason(cls, value: str) -> str:
+        if len(value) <= MAX_REASON_CHARS:
+            return value
+        suffix = f"... [{len(value)} characters, truncated]"
+        return value[: MAX_REASON_CHARS - len(suffix)] + suffix
+
+    @classmethod
+    def for_payload(
+        cls,
+        raw: bytes | None,
+        error_type: str,
+        reason: str,
+        topic: str = "",
+        partition: int = -1,
+        offset: int = -1,
+        max_payload_bytes: int = DEFAULT_DEAD_LETTER_PAYLOAD_BYTES,
+        key: bytes | str | None = None,
+        candidate: str | None = None,
+        failed_at: datetime | None = None,
+    ) -> DeadLetter:
+        """A bounded dead letter for the message value ``raw`` (``None``: a tombstone).
+
+        The payload field's JSON text (escapes included) is at most ``max_payload_bytes``; the
+        key's at most ``MAX_DEAD_LETTER_KEY_BYTES``; the candidate name is cut to ``MAX_NAME_CHARS``.
+        """
+        if raw is None:
+            payload, encoding, truncated, size, digest = "", "utf-8", False, 0, None
+        else:
+            raw = bytes(raw)
+            payload, encoding, truncated = _bounded_text(raw, max_payload_bytes)
+            size, digest = len(raw), hashlib.sha256(raw).hexdigest()
+        key_text, key_encoding, key_truncated = None, "utf-8", False
+        if key is not None:
+            key_bytes = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else bytes(key)
+            key_text, key_encoding, key_truncated = _bounded_text(key_bytes, MAX_DEAD_LETTER_KEY_BYTES)
+        return cls(
+            reason=reason, error_type=error_type, topic=topic, partition=partition, offset=offset,
+            payload=payload, payload_encoding=encoding, payload_truncated=truncated, original_size=size,
+            payload_sha256=digest, key=key_text, key_encoding=key_encoding, key_truncated=key_truncated,
+            candidate=None if candidate is None else clip(str(candidate), MAX_NAME_CHARS),
+            failed_at=failed_at or datetime.now(UTC),
+        )  # fmt: skip
+
+
+def _bounded_text(raw: bytes, limit: int) -> tuple[str, Encoding, bool]:
+    """``raw`` as UTF-8 text (base64 when not UTF-8) whose JSON string body is <= ``limit`` bytes.
+
+    Returns (text, encoding, truncated). Text is cut at a character boundary.
+    """
+    limit = max(int(limit), 0)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        keep = min(len(raw), limit // 4 * 3)  # base64: 4 characters per 3 bytes, none escaped
+        return base64.b64encode(raw[:keep]).decode("ascii"), "base64", keep < len(raw)
+    keep = _json_prefix_length(raw, limit)
+    return raw[:keep].decode("utf-8"), "utf-8", keep < len(raw)
+
+
+def _json_prefix_length(raw: bytes, limit: int) -> int:
+    """Longest prefix of valid UTF-8 ``raw`` whose JSON-escaped form fits ``limit`` bytes.
+
+    JSON (pydantic's serialiser, like ``json.dumps(ensure_ascii=False)``) writes UTF-8 as is,
+    escapes quote, backslash and \\b \\t \\n \\f \\r in 2 bytes, other control bytes in 6 (\\u00XX).
+    """
+    if len(raw) * 6 <= limit:  # fits whatever it holds
+        return len(raw)
+    head = np.frombuffer(raw, dtype=np.uint8, count=min(len(raw), limit))  # each byte costs >= 1
+    cost = np.ones(len(head), dtype=np.int64)
+    cost[head < 0x20] = 6
+    cost[np.isin(head, _TWO_BYTE_ESCAPES)] = 2
+    keep = int(np.searchsorted(np.cumsum(cost), limit, side="right"))
+    while 0 < keep < len(raw) and raw[keep] & 0xC0 == 0x80:  # back off a split multi-byte character
+        keep -= 1
+    return keep
+
+
+_TWO_BYTE_ESCAPES = np.frombuffer(b'"\\' + bytes([0x08, 0x09, 0x0A, 0x0C, 0x0D]), dtype=np.uint8)  # " \ \b \t \n \f \r
+_TENSOR_FIELD = re.compile(r"(dtype|shape|data): ")
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem: the field path and what was expected, for logs and dead letters."""
+    """One line per problem: the field path and what was expected, for logs and dead letters.
+
+    Path parts are cut to 64 characters (a path may hold a hostile dict key); a tensor's own
+    ``dtype:``/``shape:``/``data:`` prefix joins the path: ``inputs.pixels.shape: ...``.
+    """
     parts = []
-    for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"]) or "(message)"
-        parts.append(f"{loc}: {err['msg']}")
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(clip(str(p), 64) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        field = _TENSOR_FIELD.match(msg)
+        if field:
+            loc, msg = f"{loc}.{field.group(1)}" if loc else field.group(1), msg[field.end():]
+        parts.append(f"{loc or '(message)'}: {msg}")
     return "; ".join(parts)

@@ -32,6 +32,18 @@ SUPPORTED_DTYPES: tuple[str, ...] = (
 )
 
 MAX_TENSOR_ELEMENTS = 1 << 24  # 16M elements: anything larger is not a single mirrored request
+# numpy 1.x arrays have at most 32 dimensions (2.x: 64); the lower bound keeps every valid tensor
+# decodable by either, and keeps list-form data within the JSON nesting bound of schemas.decode.
+MAX_TENSOR_DIMS = 32
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters: error messages echo inputs, and inputs may be huge."""
+    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    return clip(repr(value), limit)
 
 
 class Tensor(BaseModel):
@@ -39,6 +51,10 @@ class Tensor(BaseModel):
 
     ``data`` may also be a (nested) list of numbers on input; it is then packed to bytes,
     so every validated tensor carries base64 bytes whatever the input form.
+
+    Limits: at most ``MAX_TENSOR_DIMS`` dimensions, ``MAX_TENSOR_ELEMENTS`` elements. A tensor
+    with a zero-size dimension is a valid *Tensor* (``from_array`` of an empty array works), but
+    not a scorable request tensor: ``schemas.decode.check_scorable`` rejects it in a request.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -59,9 +75,14 @@ class Tensor(BaseModel):
             if dtype not in SUPPORTED_DTYPES:
                 return value  # the field check below reports the bad dtype
             try:
-                array = np.asarray(value["data"], dtype=np.dtype(dtype))
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"data: cannot read the list as {dtype} ({exc}); send numbers only") from exc
+                # 1e300 as float32 would silently become inf: refused like 300 as int8 is.
+                with np.errstate(over="raise", invalid="raise"):
+                    array = np.asarray(value["data"], dtype=np.dtype(dtype))
+            except (TypeError, ValueError, OverflowError, FloatingPointError) as exc:
+                # numpy raises OverflowError for e.g. 300 as int8; pydantic only turns ValueError
+                # into a validation error, anything else would escape validation.
+                raise ValueError(f"data: cannot read the list as {dtype} ({clip(str(exc), 120)}); "
+                                 "send numbers that fit the dtype") from None
             fields = _array_fields(array)
             if "shape" in value:
                 fields["shape"] = value["shape"]
@@ -71,12 +92,19 @@ class Tensor(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> Tensor:
         if self.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}")
+            raise ValueError(f"dtype: {_short(self.dtype)} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}")
+        if len(self.shape) > MAX_TENSOR_DIMS:
+            raise ValueError(f"shape: {len(self.shape)} dimensions exceed the limit of {MAX_TENSOR_DIMS}; "
+                             "flatten the tensor")
         if any(d < 0 for d in self.shape):
-            raise ValueError(f"shape: dimensions must be >= 0, got {self.shape}")
+            raise ValueError(f"shape: dimensions must be >= 0, got {_short(self.shape, 120)}")
+        if any(d > MAX_TENSOR_ELEMENTS for d in self.shape):  # [0, 2**70] has 0 elements yet breaks numpy
+            raise ValueError(f"shape: a dimension exceeds the limit of {MAX_TENSOR_ELEMENTS}, "
+                             f"got {_short(self.shape, 120)}")
         count = math.prod(self.shape)
         if count > MAX_TENSOR_ELEMENTS:
-            raise ValueError(f"shape: {count} elements exceeds the limit of {MAX_TENSOR_ELEMENTS}")
+            raise ValueError(f"shape: {_short(count)} elements exceed the limit of {MAX_TENSOR_ELEMENTS}; "
+                             "mirror a smaller tensor (or a summary of it)")
         try:
             raw = base64.b64decode(self.data, validate=True)
         except (binascii.Error, ValueError) as exc:
