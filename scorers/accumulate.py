@@ -10,6 +10,13 @@ Bounded tables (documented limits): at most ``MAX_SLICE_ATTRIBUTES`` attributes 
 ``MAX_SLICE_VALUES`` values per attribute (later values go to ``OTHER``), ``MAX_ERROR_REASONS`` distinct
 error reasons (later ones count under "other"), ``MAX_CLASSES`` predicted-label counters. Within these
 limits merging is exact; past them the overflow bucket depends on arrival order.
+
+Window divergences come from counts, not from raw rows (``divergence()``): top-class confidence of
+each model in ``CONFIDENCE_BINS`` = 50 fixed bins of [0, 1] with fixed-point moments, and the joint
+(baseline, candidate) label table of scored rows, bounded to ``MAX_LABELS`` = 64 distinct labels (later
+pairs count in its ``overflow``); see ``scorers.histograms`` and, for what is exact and what approximate,
+``scorers.divergence``. Serialised state from before these tables (no ``confidence`` / ``label_pairs``
+keys) loads with them empty.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scorers import divergence as dv
 from scorers.diffs import ClassificationDiffs
+from scorers.histograms import ConfidenceHistogram, LabelPairTable
 from scorers.sketch import LatencySketch
 
 TOP_EXAMPLES = 10
@@ -81,14 +90,25 @@ class PairAccumulator:
         self.baseline_wrong_candidate_right = 0
         self.slices: dict[str, dict[str, SliceStats]] = {}
         self.top_examples: list[tuple[float, str, str]] = []  # (score, request_id, error reason)
+        # window divergences from counts: scored rows only
+        self.baseline_confidence = ConfidenceHistogram()
+        self.candidate_confidence = ConfidenceHistogram()
+        self.label_pairs = LabelPairTable()
 
     # -- updating -------------------------------------------------------------------------
     def update(self, diffs: ClassificationDiffs, *, baseline_latency_ms, candidate_latency_ms,
                request_ids: Sequence[str], attributes: Sequence[dict[str, str]] | None = None,
-               labels=None) -> None:
+               labels=None, baseline_confidence=None, candidate_confidence=None) -> None:
+        """``baseline_confidence`` / ``candidate_confidence``: each model's top-class probability per row
+        (1-D, same length as ``diffs``); rows that are not scored (``diffs.ok`` False) are left out."""
         n = len(diffs)
         if len(request_ids) != n:
             raise ValueError(f"{len(request_ids)} request ids for {n} diffs")
+        conf = [None if v is None else np.asarray(v, dtype=np.float64).reshape(-1)
+                for v in (baseline_confidence, candidate_confidence)]
+        for v in conf:
+            if v is not None and v.size != n:
+                raise ValueError(f"{v.size} confidences for {n} diffs")
         ok = diffs.ok
         self.requests += n
         self.errors += int(n - ok.sum())
@@ -105,6 +125,10 @@ class PairAccumulator:
             self._count_reasons(dict(zip(reasons.tolist(), counts.tolist(), strict=True)))
         self._count_labels(self.baseline_label_counts, diffs.baseline_label[ok])
         self._count_labels(self.candidate_label_counts, diffs.candidate_label[ok])
+        self.label_pairs.update(diffs.baseline_label[ok], diffs.candidate_label[ok])
+        for hist, v in zip((self.baseline_confidence, self.candidate_confidence), conf, strict=True):
+            if v is not None:
+                hist.update(v[ok])
         self.baseline_latency.update(np.asarray(baseline_latency_ms, dtype=np.float64))
         self.candidate_latency.update(np.asarray(candidate_latency_ms, dtype=np.float64))
         if labels is not None:
@@ -218,6 +242,9 @@ class PairAccumulator:
             for value, st in table.items():
                 self._slice(key, value).add(st)
         self._merge_examples(other.top_examples)
+        self.baseline_confidence.merge(other.baseline_confidence)
+        self.candidate_confidence.merge(other.candidate_confidence)
+        self.label_pairs.merge(other.label_pairs)
 
     def copy(self) -> PairAccumulator:
         return PairAccumulator.from_dict(self.to_dict())
@@ -249,6 +276,26 @@ class PairAccumulator:
             "candidate_latency_p99_ms": c.quantile(0.99),
         }
 
+    def divergence(self) -> dict[str, float]:
+        """Distribution statistics of the span from its counts (``divergence.from_counts``): psi, kl,
+        js_distance, hellinger, wasserstein, wasserstein_normalised, ks, chi2_labels_pvalue,
+        stuart_maxwell_pvalue. {} with fewer than 2 scored rows. Exact or absent: a part is left out
+        when its table does not cover every scored row (confidences never passed to ``update``, state
+        from before these tables, more than ``MAX_LABELS`` / ``MAX_CLASSES`` labels)."""
+        if self.scored < 2:
+            return {}
+        kw: dict = {}
+        b, c = self.baseline_confidence, self.candidate_confidence
+        if all(h.total + h.missing == self.scored for h in (b, c)):
+            kw.update(baseline_bins=b.counts, candidate_bins=c.counts, baseline_std=b.std())
+        bl, cl = self.baseline_label_counts, self.candidate_label_counts
+        if sum(bl.values()) == self.scored and sum(cl.values()) == self.scored:
+            classes = sorted(set(bl) | set(cl))
+            kw["label_counts"] = [[bl.get(k, 0) for k in classes], [cl.get(k, 0) for k in classes]]
+        if self.label_pairs.total == self.scored:
+            kw["label_pairs"] = self.label_pairs.table()[1]
+        return dv.from_counts(**kw)
+
     def details(self) -> dict:
         """Further per-span means for dashboards (RequestDiff.metrics-style names)."""
         return {
@@ -267,7 +314,7 @@ class PairAccumulator:
     # -- serialising ----------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
-            "v": 1, "requests": self.requests, "errors": self.errors, "scored": self.scored,
+            "v": 2, "requests": self.requests, "errors": self.errors, "scored": self.scored,
             "label_flips": self.label_flips, "sums": dict(self.sums), "error_reasons": dict(self.error_reasons),
             "baseline_label_counts": {str(k): v for k, v in self.baseline_label_counts.items()},
             "candidate_label_counts": {str(k): v for k, v in self.candidate_label_counts.items()},
@@ -277,6 +324,8 @@ class PairAccumulator:
                        self.baseline_wrong_candidate_right],
             "slices": {k: {v: st.to_list() for v, st in t.items()} for k, t in self.slices.items()},
             "top_examples": [list(t) for t in self.top_examples],
+            "confidence": [self.baseline_confidence.to_dict(), self.candidate_confidence.to_dict()],
+            "label_pairs": self.label_pairs.to_dict(),
         }
 
     @classmethod
@@ -293,6 +342,10 @@ class PairAccumulator:
          a.baseline_wrong_candidate_right) = d["labels"]
         a.slices = {k: {v: SliceStats(*st) for v, st in t.items()} for k, t in d["slices"].items()}
         a.top_examples = [(float(s), str(r), str(e)) for s, r, e in d["top_examples"]]
+        if "confidence" in d:  # absent in v1 state: tables start empty
+            a.baseline_confidence, a.candidate_confidence = map(ConfidenceHistogram.from_dict, d["confidence"])
+        if "label_pairs" in d:
+            a.label_pairs = LabelPairTable.from_dict(d["label_pairs"])
         return a
 
     def __repr__(self) -> str:

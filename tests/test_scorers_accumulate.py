@@ -26,7 +26,8 @@ def batch(seed: int, n: int, start: int = 0):
     return dict(diffs=d, baseline_latency_ms=rng.lognormal(2, 0.5, n), candidate_latency_ms=lat_c,
                 request_ids=[f"r{start + i}" for i in range(n)],
                 attributes=[{"country": "abc"[int(i) % 3], "device": "xy"[int(i) % 2]} for i in rng.integers(0, 6, n)],
-                labels=np.where(rng.random(n) < 0.5, rng.integers(0, 4, n), np.nan))
+                labels=np.where(rng.random(n) < 0.5, rng.integers(0, 4, n), np.nan),
+                baseline_confidence=b.max(axis=1), candidate_confidence=c.max(axis=1))
 
 
 def concat(x, y):

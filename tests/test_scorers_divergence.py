@@ -72,3 +72,36 @@ def test_describe_has_every_statistic():
     d = dv.describe(BASE, CAND)
     assert set(d) == {"psi", "kl", "js_distance", "hellinger", "wasserstein", "wasserstein_normalised", "ks"}
     assert all(np.isfinite(v) and v > 0 for v in d.values())
+
+
+def test_table_forms_equal_the_label_forms():
+    b = rng.integers(0, 5, 400)
+    c = np.where(rng.random(400) < 0.25, rng.integers(0, 5, 400), b)
+    counts = np.stack([np.bincount(b, minlength=7), np.bincount(c, minlength=7)])  # two all-zero classes
+    assert dv.chi2_table(counts) == dv.chi2_labels(b, c)
+    joint = np.zeros((7, 7), dtype=np.int64)
+    np.add.at(joint, (b, c), 1)
+    assert dv.stuart_maxwell_table(joint) == dv.stuart_maxwell(b, c)
+    assert dv.chi2_table([[3, 0], [4, 0]]).pvalue == 1.0 and dv.stuart_maxwell_table([[5]]).pvalue == 1.0
+
+
+def test_binned_wasserstein_and_ks_hand_fixtures():
+    # all baseline mass in bin 0 (midpoint 0.125), all candidate mass in bin 3 (midpoint 0.875) of 4 bins
+    assert dv.binned_wasserstein([4, 0, 0, 0], [0, 0, 0, 2]).statistic == pytest.approx(0.75)
+    assert dv.binned_ks([4, 0, 0, 0], [0, 0, 0, 2]).statistic == pytest.approx(1.0)
+    assert dv.binned_wasserstein([1, 2, 3], [2, 4, 6]).statistic == 0.0
+    # same bin, different values: invisible to the bins (KS lower bound 0, raw KS 1 <= 0 + bin share 1)
+    assert dv.binned_ks([2, 0], [3, 0]).statistic == 0.0
+    with pytest.raises(ValueError):
+        dv.binned_ks([1, 2], [1, 2, 3])
+
+
+def test_from_counts_keys_and_guards():
+    b, c = np.array([0, 5, 10, 5]), np.array([0, 2, 8, 10])
+    got = dv.from_counts(b, c, baseline_std=0.2, label_counts=[[10, 10], [12, 8]], label_pairs=[[8, 2], [4, 6]])
+    assert set(got) == set(dv.describe(BASE, CAND)) | {"chi2_labels_pvalue", "stuart_maxwell_pvalue"}
+    assert got["wasserstein_normalised"] == pytest.approx(got["wasserstein"] / 0.2)
+    assert "wasserstein_normalised" not in dv.from_counts(b, c)
+    assert dv.from_counts([1, 0], [0, 5]) == {}  # one baseline value only
+    # padding with bins empty in both changes nothing
+    assert dv.from_counts(np.r_[0, 0, b[1:]], np.r_[0, 0, c[1:]])["psi"] == pytest.approx(got["psi"])
