@@ -24,7 +24,8 @@ class Health(BaseModel):
     status: str
 
 
-def create_app(sink: ClickHouseSink) -> FastAPI:
+def create_app(sink: ClickHouseSink, health: Any = None) -> FastAPI:
+    """``health``: the worker's ``streams.kafka_io.Health`` when served from a worker process."""
     app = FastAPI(
         title="shadowlens verdicts API",
         version="1",
@@ -37,6 +38,10 @@ def create_app(sink: ClickHouseSink) -> FastAPI:
 
     @app.get("/readyz", response_model=Health, tags=["ops"])
     def readyz() -> Health:
+        if health is not None and not health.ready:
+            # The worker is waiting out a failure (database full or down, broker away); it keeps
+            # serving the last verdicts meanwhile.
+            raise HTTPException(status_code=503, detail="; ".join(health.reasons()))
         try:
             sink.query("SELECT 1")
         except Exception as exc:  # any database failure means not ready
@@ -100,7 +105,7 @@ def create_app(sink: ClickHouseSink) -> FastAPI:
 
 
 def serve_in_loop(app: FastAPI, host: str, port: int) -> uvicorn.Server:
-    """A uvicorn server to run as a task inside another asyncio program (the faust worker),
+    """A uvicorn server to run as a task inside another asyncio program (the worker),
     leaving signal handling to the host program."""
 
     class EmbeddedServer(uvicorn.Server):

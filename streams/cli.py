@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
@@ -60,13 +59,16 @@ def demo(
 @app.command()
 def worker(
     config: Path = typer.Option(..., "--config", "-c", help="TOML config file"),
+    role: str = typer.Option("all", help="replay | judge | all (both stages in this process)"),
     loglevel: str = typer.Option("info"),
 ) -> None:
-    """Run the faust replay worker (and the verdicts API when [api] enabled)."""
-    from streams.app import run_worker
+    """Run the worker: the replay stage, the judge stage (and the verdicts API), or both."""
+    from streams.topology import run_worker
 
-    sys.argv = [sys.argv[0]]  # faust's Worker reads argv; our options are already parsed
-    run_worker(_settings(config), loglevel=loglevel)
+    if role not in ("all", "replay", "judge"):
+        typer.secho(f"--role: {role!r} is not a role; use replay, judge or all", fg="red", err=True)
+        raise typer.Exit(2)
+    run_worker(_settings(config), role=role, loglevel=loglevel)  # type: ignore[arg-type]
 
 
 @app.command()

@@ -40,11 +40,30 @@ class KafkaConfig(_Section):
     session_timeout_s: float = Field(
         default=30.0, ge=6, description="a worker silent this long leaves the group; its partitions move"
     )
+    diffs_topic_name: str = Field(
+        default="", alias="diffs_topic", description="internal: replay stage -> judge stage; empty: '<topic>.diffs'"
+    )
+    diffs_partitions: int = Field(default=4, ge=1, description="judge processes scale up to this many")
+    judge_group_id: str = Field(default="", description="judge consumer group; empty: '<group_id>-judge'")
+    progress_interval_s: float = Field(default=1.0, gt=0, description="how often replay reports its progress")
+
+    @property
+    def diffs_topic(self) -> str:
+        return self.diffs_topic_name or f"{self.topic}.diffs"
+
+    @property
+    def judge_group(self) -> str:
+        return self.judge_group_id or f"{self.group_id}-judge"
+
+    @property
+    def changelog_topic(self) -> str:
+        return f"{self.judge_group}-pair-state"
 
 
 class ClickHouseConfig(_Section):
     dsn: str = Field(default="chdb:///./shadowlens-data/chdb", description="chdb:///path or http://host:8123")
     database: str = "shadowlens"
+    retention_days: int = Field(default=30, ge=1, description="request_diffs rows older than this are dropped (TTL)")
 
     @field_validator("dsn")
     @classmethod
@@ -59,6 +78,13 @@ class WindowConfig(_Section):
     grace_s: float = Field(default=5.0, ge=0, description="how late an event may be before its window closes")
     idle_close_s: float = Field(default=10.0, gt=0, description="close open windows after this long without events")
     dedup_horizon_s: float = Field(default=3600.0, gt=0, description="how long request ids are remembered")
+    partition_idle_s: float = Field(
+        default=30.0, gt=0, description="a mirror partition read to its end and silent this long stops holding windows open"
+    )
+    max_open_windows: int = Field(default=16, ge=1, description="per pair; beyond it the oldest close early (logged)")
+    progress_fresh_s: float = Field(
+        default=5.0, gt=0, description="replay reports older than this mean 'maybe lagging': no idle closing"
+    )
 
 
 class ReplayConfig(_Section):

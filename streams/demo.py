@@ -2,7 +2,7 @@
 
 Builds real ONNX models from sklearn's digits, mirrors held-out digits as production traffic
 (the baseline model really answers each request and is timed), and pushes the serialized
-messages through the same ``Pipeline`` the faust worker uses, into chDB.
+messages through the replay and judge cores the Kafka worker runs (``Pipeline``), into chDB.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def run_demo(data_dir: Path, requests: int = 6000, progress: bool = True) -> tup
     data_dir.mkdir(parents=True, exist_ok=True)
     models = build_digits_models(data_dir / "models")
     settings = demo_settings(data_dir, models)
-    sink = ClickHouseSink(settings.clickhouse.dsn, settings.clickhouse.database)
+    sink = ClickHouseSink(settings.clickhouse.dsn, settings.clickhouse.database, settings.clickhouse.retention_days)
     messages = TrafficGenerator(models["baseline"]).messages(requests)
     pipeline = Pipeline(settings, sink)
     batch = settings.replay.batch_size
@@ -113,12 +113,10 @@ def run_demo(data_dir: Path, requests: int = 6000, progress: bool = True) -> tup
     with tqdm(total=len(messages), unit="req", desc="replaying", disable=not progress) as bar:
         for lo in range(0, len(messages), batch):
             # The in-process source is one partition; a message's offset is its index.
-            decoded = [(lo + i, pipeline.decode(m, "demo", 0, lo + i)) for i, m in enumerate(messages[lo : lo + batch])]
-            good = [(d, (0, offset)) for offset, d in decoded if isinstance(d, MirroredRequest)]
-            result = pipeline.process([d for d, _ in good], [pos for _, pos in good])
-            dead += len(decoded) - len(good) + len(result.dead_letters)
+            result = pipeline.process(messages[lo : lo + batch])
+            dead += len(result.dead_letters)
             pipeline.close_due()
-            bar.update(len(decoded))
+            bar.update(len(messages[lo : lo + batch]))
     pipeline.close_due(force=True)  # end of input: close the last window and judge
     figures = {"requests": requests, "dead_letters": dead, "wall_s": time.perf_counter() - started}
     return pipeline, figures

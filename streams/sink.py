@@ -2,6 +2,11 @@
 
 chDB allows one process per data path and a sync client only, so every call goes through one
 lock-guarded client; async callers hop to a thread with ``asyncio.to_thread``.
+
+Diff rows go in column by column (``insert_diff_batches``): the replay stage already hands them
+over as columns, so no per-row Python object is built between decode and insert. ``sent_at`` is
+sent as float seconds (clickhouse-connect's DateTime64 writer wants datetime objects; ClickHouse
+converts the column on insert, exact to the millisecond).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any
 
 import clickhouse_connect
 
+import numpy as np
+
 from schemas import RequestDiff, Verdict, WindowStats, ddl_statements
 
 DIFF_COLUMNS = [
@@ -23,17 +30,23 @@ DIFF_COLUMNS = [
     "baseline_latency_ms",
     "candidate_latency_ms", "error", "label", "attributes", "metrics", "source_partition", "source_offset",
 ]  # fmt: skip
+# Types the columnar insert sends (ClickHouse converts where the table's differ: seconds -> DateTime64).
+DIFF_INSERT_TYPES = [
+    "String", "String", "String", "String", "Float64", "Float64", "Int32", "Int32", "UInt8", "Float64", "Float64",
+    "Float64", "Float64", "Float64", "Float64", "String", "Nullable(Float64)", "Map(String, String)",
+    "Map(String, Float64)", "Int32", "Int64",
+]  # fmt: skip
 WINDOW_COLUMNS = list(WindowStats.model_fields)
 VERDICT_COLUMNS = ["model", "candidate", "verdict", "samples", "window_start", "window_end", "updated_at", "body"]
 
 
 class ClickHouseSink:
-    def __init__(self, dsn: str, database: str = "shadowlens"):
+    def __init__(self, dsn: str, database: str = "shadowlens", retention_days: int = 30):
         self.dsn = dsn = resolve_dsn(dsn)
         self.database = database
         self._lock = threading.Lock()
         self.client = clickhouse_connect.get_client(dsn=dsn)
-        for statement in ddl_statements(database):
+        for statement in ddl_statements(database, retention_days):
             self.client.command(statement)
 
     def close(self) -> None:
@@ -43,6 +56,38 @@ class ClickHouseSink:
     # -- writes ---------------------------------------------------------------------------
     def insert_diffs(self, diffs: Sequence[RequestDiff]) -> None:
         self._insert("request_diffs", DIFF_COLUMNS, [[getattr(d, c) for c in DIFF_COLUMNS] for d in diffs])
+
+    def insert_diff_batches(self, batches: Sequence[Any]) -> None:
+        """Columnar insert of ``streams.records.DiffBatch`` objects (one insert for all of them)."""
+        batches = [b for b in batches if len(b)]
+        if not batches:
+            return
+        cols = {name: np.concatenate([b.columns[name] for b in batches]) for name in batches[0].columns}
+        n = len(cols["sent_ms"])
+        label = cols["label"]
+        data = [
+            [m for b in batches for m in [b.model] * len(b)],
+            [c for b in batches for c in [b.candidate] * len(b)],
+            [r for b in batches for r in b.request_id],
+            [v for b in batches for v in b.baseline_version],
+            cols["sent_ms"] / 1000.0,
+            np.concatenate([np.full(len(b), b.scored_ms / 1000.0) for b in batches]),
+            cols["baseline_label"], cols["candidate_label"], cols["label_flip"],
+            np.nan_to_num(cols["confidence_delta"]), np.nan_to_num(cols["l1"]),
+            cols["baseline_confidence"], cols["candidate_confidence"],
+            cols["baseline_latency_ms"], cols["candidate_latency_ms"],
+            [e for b in batches for e in b.error],
+            [None if x != x else x for x in label.tolist()],  # NaN -> NULL (no label)
+            [a for b in batches for a in b.attributes],
+            [{"linf": a, "hellinger": h, "topk_overlap": k} for a, h, k in zip(
+                np.nan_to_num(cols["linf"]).tolist(), np.nan_to_num(cols["hellinger"]).tolist(),
+                np.nan_to_num(cols["topk_overlap"]).tolist(), strict=True)],
+            cols["source_partition"], cols["source_offset"],
+        ]  # fmt: skip
+        assert all(len(col) == n for col in data)
+        with self._lock:
+            self.client.insert(f"{self.database}.request_diffs", data, column_names=DIFF_COLUMNS,
+                               column_type_names=DIFF_INSERT_TYPES, column_oriented=True)  # fmt: skip
 
     def insert_windows(self, windows: Sequence[WindowStats]) -> None:
         self._insert("window_stats", WINDOW_COLUMNS, [[getattr(w, c) for c in WINDOW_COLUMNS] for w in windows])
@@ -94,35 +139,23 @@ class ClickHouseSink:
         return [dict(zip(cols, r, strict=True)) for r in rows]
 
     def scored_positions(
-        self, model: str, candidates: list[str], request_ids: list[str]
-    ) -> dict[str, dict[str, tuple[int, int]]]:
-        """For request ids that already have a diff row: candidate -> id -> source (partition, offset).
+        self, model: str, candidate: str, request_ids: list[str], since_ms: int, until_ms: int
+    ) -> dict[str, tuple[int, int]]:
+        """Request ids that already have a diff row sent within [since, until]: id -> (partition, offset).
 
-        A primary-key lookup (model, candidate, request_id); FINAL is not needed because every
-        copy of a row carries the position of the message that first wrote it.
+        The ``sent_at`` range (the dedup horizon around the batch) prunes the table's daily
+        partitions, so the cost does not grow with history. FINAL is not needed: every copy of a
+        row carries the position of the message that first wrote it.
         """
         if not request_ids:
             return {}
         rows = self.query(
-            f"SELECT candidate, request_id, source_partition, source_offset FROM {self.database}.request_diffs "
-            "WHERE model = %(m)s AND candidate IN %(c)s AND request_id IN %(ids)s",
-            {"m": model, "c": candidates, "ids": request_ids},
+            f"SELECT request_id, source_partition, source_offset FROM {self.database}.request_diffs "
+            "WHERE model = %(m)s AND candidate = %(c)s AND request_id IN %(ids)s "
+            "AND sent_at >= fromUnixTimestamp64Milli(%(lo)s, 'UTC') AND sent_at <= fromUnixTimestamp64Milli(%(hi)s, 'UTC')",
+            {"m": model, "c": candidate, "ids": list(request_ids), "lo": int(since_ms), "hi": int(until_ms)},
         )
-        out: dict[str, dict[str, tuple[int, int]]] = {}
-        for candidate, request_id, partition, offset in rows:
-            out.setdefault(candidate, {})[request_id] = (partition, offset)
-        return out
-
-    def window_predictions(self, model: str, candidate: str, start: datetime, end: datetime) -> dict[str, list]:
-        """Scored rows of one window: both models' top-class confidence and predicted label."""
-        rows = self.query(
-            f"SELECT baseline_confidence, candidate_confidence, baseline_label, candidate_label "
-            f"FROM {self.database}.request_diffs FINAL WHERE model = %(m)s AND candidate = %(c)s "
-            "AND sent_at >= %(s)s AND sent_at < %(e)s AND error = ''",
-            {"m": model, "c": candidate, "s": start, "e": end},
-        )
-        columns = ("baseline_confidence", "candidate_confidence", "baseline_label", "candidate_label")
-        return {name: [r[i] for r in rows] for i, name in enumerate(columns)}
+        return {request_id: (partition, offset) for request_id, partition, offset in rows}
 
     def diff_counts(self) -> dict[tuple[str, str], int]:
         """Distinct scored requests per (model, candidate), duplicates collapsed."""

@@ -1,151 +1,85 @@
-"""The faust worker: the whole streaming topology in one place.
+"""The worker's topology, in one place.
 
-    mirror topic --(agent ``replay``: micro-batch, decode, dedup, replay, diff)--> ClickHouse
-                  \\--> dead-letter topic (malformed messages, with the reason)
-    timer ``close_windows`` -> window_stats + verdicts -> ClickHouse
-    task ``verdicts_api`` -> HTTP (served here because chDB allows one process per data path)
+    mirror topic ──(replay stage: any number of processes, consumer group <group_id>)──┐
+        decode → adapter → one stacked onnxruntime call per candidate → columnar paired diffs
+        │                                                                                │
+        └─▶ dead-letter topic (reason, bounded payload)        diffs topic (key = model/candidate)
+                                                                   │  + progress records
+                         (judge stage: consumer group <group_id>-judge; a pair on one judge)
+        dedup → ClickHouse request_diffs → pair state (changelog topic) → windows on the minimum
+        watermark over all mirror partitions → window_stats + verdicts → verdicts API
 
-Table beside the agent: ``pair-state`` (open windows and cumulative evidence per
-model/candidate, JSON). It is keyed by pair through the producer's partitioner (not by the
-source partition) so the timer can update it too; that assumes one worker process owns the
-whole mirror topic; scale-out is one worker per topic (see README).
-
-Delivery is at-least-once: a micro-batch's offsets are acknowledged only after its diff rows are
-in ClickHouse; diff rows are idempotent (ReplacingMergeTree key), and the pipeline skips request
-ids that already have a diff row, so window counts never include a redelivery.
+Roles (``shadowlens worker --role``): ``replay`` needs Kafka and the model files only (GPU boxes
+without database access); ``judge`` needs Kafka and ClickHouse, and serves the API when
+``[api] enabled``; ``all`` (default) runs both in one process, the embedded experience. With a
+``chdb://`` DSN exactly one judge process holds the data path; with ``http://`` judges scale with
+the diffs topic's partitions and ``shadowlens api`` runs anywhere.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import tempfile
-from pathlib import Path
+import signal
+from typing import Literal
 
-import faust
-
-from schemas import DeadLetter, MirroredRequest
-from streams.api import create_app, serve_in_loop
 from streams.config import Settings
-from streams.pipeline import Pipeline
-from streams.sink import ClickHouseSink
+from streams.kafka_io import Health, ensure_topics, until_done
 
 log = logging.getLogger("shadowlens.worker")
+Role = Literal["all", "replay", "judge"]
 
 
-def create_worker_app(settings: Settings) -> faust.App:
-    kafka = settings.kafka
-    app = faust.App(
-        kafka.group_id,
-        broker=f"kafka://{kafka.bootstrap}",
-        store="memory://",
-        topic_partitions=kafka.partitions,
-        consumer_auto_offset_reset="earliest",
-        web_enabled=False,  # our API (FastAPI, OpenAPI) is served by the task below instead
-        datadir=str(Path(tempfile.gettempdir()) / "shadowlens-faust"),  # nothing durable: memory tables
-        broker_commit_interval=kafka.commit_interval_s,
-        broker_session_timeout=kafka.session_timeout_s,
-        broker_heartbeat_interval=kafka.session_timeout_s / 10,
-    )
-    mirror_topic = app.topic(kafka.topic, key_type=bytes, value_type=bytes, value_serializer="raw",
-                             key_serializer="raw", partitions=kafka.partitions)  # fmt: skip
-    dead_letter_topic = app.topic(kafka.dead_letter_topic, value_serializer="raw", key_serializer="raw",
-                                  partitions=kafka.partitions)  # fmt: skip
-    pair_state = app.Table("pair-state", default=None, use_partitioner=True)
+async def run_worker_async(settings: Settings, role: Role = "all") -> None:
+    health = Health()
+    await until_done("kafka", health, lambda: ensure_topics(settings))
+    tasks: list[asyncio.Task] = []
+    sink = None
+    if role in ("replay", "all"):
+        from streams.replay import ReplayCore
+        from streams.stages import ReplayStage
 
-    sink = ClickHouseSink(settings.clickhouse.dsn, settings.clickhouse.database)
-    pipeline = Pipeline(settings, sink, pair_state=pair_state)
-    app.shadowlens_pipeline = pipeline  # for tests and introspection
+        replay = ReplayStage(settings, ReplayCore(settings), health)
+        tasks.append(asyncio.create_task(replay.run(), name="replay"))
+    if role in ("judge", "all"):
+        from streams.judge import JudgeCore
+        from streams.sink import ClickHouseSink
+        from streams.stages import JudgeStage
 
-    async def changelog_metadata_ready() -> None:
-        # With use_partitioner, faust hashes table keys with the producer's partitioner, which
-        # needs the changelog topic's metadata loaded first (faust does not wait for it).
-        if not getattr(pair_state, "_shadowlens_ready", False):
-            producer = app.producer._ensure_producer()
-            await producer.client._wait_on_metadata(pair_state.changelog_topic.get_topic_name())
-            pair_state._shadowlens_ready = True
-            log.info("changelog metadata ready")
+        ch = settings.clickhouse
+        sink = await until_done("clickhouse", health, lambda: asyncio.to_thread(
+            ClickHouseSink, ch.dsn, ch.database, ch.retention_days))  # fmt: skip
+        judge = JudgeStage(settings, JudgeCore(settings, sink), health)
+        tasks.append(asyncio.create_task(judge.run(), name="judge"))
+        if settings.api.enabled:
+            from streams.api import create_app, serve_in_loop
 
-    @app.agent(mirror_topic)
-    async def replay(stream):
-        await changelog_metadata_ready()
-        async for events in stream.take_events(settings.replay.batch_size, within=settings.replay.batch_within_s):
-            good: list[MirroredRequest] = []
-            positions: list[tuple[int, int]] = []
-            dead: list[DeadLetter] = []
-            for event in events:
-                msg = event.message
-                decoded = pipeline.decode(event.value, msg.topic, msg.partition, msg.offset)
-                if isinstance(decoded, MirroredRequest):
-                    good.append(decoded)
-                    positions.append((msg.partition, msg.offset))
-                else:
-                    dead.append(decoded)
-            result = pipeline.process(good, positions)
-            for event in events:
-                processed_offsets[event.message.partition] = event.message.offset
-            if result.redelivered:
-                log.info("skipped %d redelivered (request, candidate) pairs already in state", result.redelivered)
-            for letter in dead + result.dead_letters:
-                log.warning("dead letter (%s): %s", letter.error_type, letter.reason)
-                await dead_letter_topic.send(value=letter.model_dump_json().encode())
-            # take_events acknowledges these offsets once this iteration returns: after the write.
-
-    processed_offsets: dict[int, int] = {}  # mirror partition -> last offset fully processed
-
-    def drained() -> bool:
-        """Every assigned mirror partition has been processed up to its high watermark."""
-        assigned = [tp for tp in app.consumer.assignment() if tp.topic == kafka.topic]
-        if not assigned:
-            return False
-        for tp in assigned:
-            highwater = app.consumer.highwater(tp)  # next offset to be written; None before a fetch
-            committed = app.consumer._committed_offset.get(tp) or 0  # next offset to read after a restart
-            done = max(processed_offsets.get(tp.partition, -1) + 1, committed)
-            if highwater is None or highwater > done:
-                return False
-        return True
-
-    @app.timer(interval=1.0)
-    async def close_windows():
-        await changelog_metadata_ready()
-        for verdict in pipeline.close_due(drained=drained()):
-            log.info("verdict %s/%s: %s (%d samples)", verdict.model, verdict.candidate, verdict.verdict,
-                     verdict.samples)  # fmt: skip
-
-    if settings.api.enabled:
-
-        @app.task
-        async def verdicts_api():
-            await serve_in_loop(create_app(sink), settings.api.host, settings.api.port).serve()
-
-    return app
-
-
-async def ensure_topics(settings: Settings) -> None:
-    """Create the mirror and dead-letter topics when missing.
-
-    faust creates only its own internal topics; a source topic that appears after the worker
-    started is noticed only at the next metadata refresh (minutes), so create it up front.
-    """
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=15000)
-    await admin.start()
+            server = serve_in_loop(create_app(sink, health=health), settings.api.host, settings.api.port)
+            tasks.append(asyncio.create_task(server.serve(), name="api"))
+    log.info("worker started: role %s, mirror topic %s, diffs topic %s, %d candidate(s)%s", role,
+             settings.kafka.topic, settings.kafka.diffs_topic, len(settings.candidates),
+             f", API on {settings.api.host}:{settings.api.port}" if sink is not None and settings.api.enabled else "")  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopper = asyncio.create_task(stop.wait(), name="stop")
     try:
-        existing = set(await admin.list_topics())
-        wanted = [settings.kafka.topic, settings.kafka.dead_letter_topic]
-        missing = [NewTopic(t, settings.kafka.partitions, 1) for t in wanted if t not in existing]
-        if missing:
-            await admin.create_topics(missing)
-            log.info("created topics %s", [t.name for t in missing])
+        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopper and task.exception() is not None:
+                raise task.exception()
     finally:
-        await admin.close()
+        # Cancelling is safe at any point: nothing is committed that is not durably handled.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if sink is not None:
+            sink.close()
+        log.info("worker stopped")
 
 
-def run_worker(settings: Settings, loglevel: str = "info") -> None:
-    import asyncio
-
-    asyncio.run(ensure_topics(settings))
-    app = create_worker_app(settings)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
-    worker.execute_from_commandline()
+def run_worker(settings: Settings, role: Role = "all", loglevel: str = "info") -> None:
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)  # its retries are ours to report, once
+    asyncio.run(run_worker_async(settings, role))

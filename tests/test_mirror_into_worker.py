@@ -10,7 +10,6 @@ middleware mirrored, with the attributes the app extracted.
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import httpx
@@ -54,13 +53,7 @@ def baseline_app(model_path, mirror: MirrorClient) -> FastAPI:
 
 
 def start_worker(tmp_path, config) -> WorkerProcess:
-    # faust puts its data dir ("<app id>-data") in the working directory: keep it in tmp_path.
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        return WorkerProcess(config, tmp_path / "worker.log")
-    finally:
-        os.chdir(cwd)
+    return WorkerProcess(config, tmp_path / "worker.log")
 
 
 def test_middleware_on_a_fastapi_app_mirrors_end_to_end_into_the_worker(kafka_bootstrap, tmp_path):
@@ -73,7 +66,7 @@ def test_middleware_on_a_fastapi_app_mirrors_end_to_end_into_the_worker(kafka_bo
     worker = start_worker(tmp_path, config)
     mirror = None
     try:
-        # The worker creates its topics before faust starts; its API comes up after that.
+        # The worker creates its topics first; its API comes up after that.
         worker.wait_for(lambda: httpx.get(f"{api}/healthz", timeout=2).status_code == 200, 60, "the worker API")
 
         mirror = MirrorClient(bootstrap_servers=kafka_bootstrap, topic=topic, close_timeout_s=15)

@@ -1,4 +1,4 @@
-"""The shared pipeline on real parts (ONNX models, chDB): adapter, dedup, windows, verdicts, API."""
+"""The replay and judge cores, embedded (ONNX models, chDB): adapter, dedup, windows, verdicts, API."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from streams.api import create_app
 from streams.config import ConfigError, load_settings
 from streams.demo import TrafficGenerator, demo_settings
 from streams.models import build_digits_models
+from streams.harness import window_aligned_start
 from streams.pipeline import Pipeline
+from streams.replay import Inbound
 from streams.runner import OnnxRunner, choose_providers
 from streams.sink import ClickHouseSink
 
@@ -27,8 +29,13 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def traffic(models) -> list[bytes]:
-    start = datetime(2026, 11, 25, 12, tzinfo=UTC)
+def start() -> datetime:
+    # Recent (request_diffs has a retention TTL) and on a window boundary (tests count windows).
+    return window_aligned_start(1500, rate_per_s=50, window_s=10)
+
+
+@pytest.fixture(scope="module")
+def traffic(models, start) -> list[bytes]:
     return TrafficGenerator(models["baseline"], rate_per_s=50).messages(1500, start=start)
 
 
@@ -40,8 +47,8 @@ def pipeline(models, tmp_path):
     sink.close()
 
 
-def decode_all(pipeline, messages):
-    return [pipeline.decode(m) for m in messages]
+def at(messages, partition=0, first_offset=0):
+    return [Inbound(m, partition, first_offset + i) for i, m in enumerate(messages)]
 
 
 def test_adapter_maps_v1_to_v2():
@@ -93,10 +100,8 @@ def test_env_overrides_file(monkeypatch, models):
 
 
 def test_pipeline_scores_windows_and_judges(pipeline, traffic):
-    events = decode_all(pipeline, traffic)
-    assert all(isinstance(e, MirroredRequest) for e in events)
-    for lo in range(0, len(events), 200):
-        pipeline.process(events[lo : lo + 200])
+    for lo in range(0, len(traffic), 200):
+        assert not pipeline.process(traffic[lo : lo + 200]).dead_letters
         pipeline.close_due()
     verdicts = {v.candidate: v for v in pipeline.close_due(force=True)}
     counts = pipeline.sink.diff_counts()
@@ -121,9 +126,9 @@ def test_pipeline_scores_windows_and_judges(pipeline, traffic):
 
 
 def test_redelivered_requests_count_once(pipeline, traffic):
-    events = decode_all(pipeline, traffic[:600])
-    first = pipeline.process(events[:400])
-    again = pipeline.process(events[200:600] + events[:50])  # overlap with the first batch, and inside itself
+    first = pipeline.process(at(traffic[:400]))
+    # Producer retries: the same requests again under new offsets, and twice within one batch.
+    again = pipeline.process(at(traffic[200:600] + traffic[:50], first_offset=400))
     assert first.duplicates == 0
     assert again.duplicates == 3 * 250  # 200 already scored + 50 again: per each of the 3 candidates
     pipeline.close_due(force=True)
@@ -133,34 +138,59 @@ def test_redelivered_requests_count_once(pipeline, traffic):
     assert pipeline.sink.query("SELECT count() FROM shadowlens.request_diffs")[0][0] == 3 * 600
 
 
-def test_dead_letters_say_why(pipeline, traffic):
+def test_poison_messages_are_dead_letters_and_the_batch_is_scored(pipeline, traffic):
     good = json.loads(traffic[0])
-    letters = [
-        pipeline.decode(b"\xff\xfe not utf8"),
-        pipeline.decode(json.dumps({**good, "inputs": {}}).encode()),
-        pipeline.decode(json.dumps({**good, "baseline_output": {"probabilities": {
-            "dtype": "float32", "shape": [1, 10], "data": "AAAA"}}}).encode()),
+    poison = [
+        None,  # a tombstone
+        b"\xff\xfe not utf8",
+        b"[" * 200_000,  # nested far deeper than any request
+        json.dumps({**good, "inputs": {}}).encode(),
+        json.dumps({**good, "baseline_output": {"probabilities": {
+            "dtype": "float32", "shape": [1, 10], "data": "AAAA"}}}).encode(),
+        json.dumps({**good, "request_id": "empty", "inputs": {"pixels": {"dtype": "float32", "shape": [0, 64], "data": ""}}}).encode(),
+        json.dumps({**good, "request_id": "nan", "inputs": {"pixels": {"dtype": "float32", "shape": [1, 64], "data": [float("nan")] * 64}}}).encode(),
+        json.dumps({**good, "request_id": "huge-attr", "attributes": {"country": "x" * 2_000_000}}).encode(),
+        json.dumps({**good, "request_id": "u-1", "model": "unknown"}).encode(),
     ]  # fmt: skip
-    assert [d.error_type for d in letters] == ["invalid_json", "invalid_schema", "invalid_tensor"]
-    assert letters[0].payload_encoding == "base64"
-    assert "inputs" in letters[1].reason and "baseline_output.probabilities" in letters[2].reason
-    other_model = MirroredRequest.model_validate({**good, "model": "unknown", "request_id": "u-1"})
-    result = pipeline.process([other_model])
-    assert result.dead_letters and "no candidate is configured" in result.dead_letters[0].reason
+    batch = traffic[:100] + poison + traffic[100:200]
+    result = pipeline.process(batch)
+    kinds = [d.error_type for d in result.dead_letters]
+    assert kinds == ["tombstone", "invalid_json", "too_deep", "invalid_schema", "invalid_tensor", "invalid_tensor",
+                     "non_finite_input", "invalid_schema", "unknown_model"], [d.reason for d in result.dead_letters]
+    assert result.diff_rows == 3 * 200  # every valid request, each candidate
+    assert [d.offset for d in result.dead_letters] == list(range(100, 100 + len(poison)))
+    big = next(d for d in result.dead_letters if d.original_size and d.original_size > 1_000_000)
+    assert big.payload_truncated and len(big.model_dump_json()) < 100_000 and big.payload_sha256
+    assert "no candidate is configured" in result.dead_letters[-1].reason
+
+
+def test_a_request_that_does_not_fit_one_candidate_is_a_dead_letter_for_that_one(models, tmp_path, traffic):
+    settings = demo_settings(tmp_path, models, window_s=10)
+    sink = ClickHouseSink(settings.clickhouse.dsn)
+    try:
+        pipeline = Pipeline(settings, sink)
+        good = json.loads(traffic[0])
+        wide = {"dtype": "float32", "shape": [1, 32], "data": [0.0] * 32}  # the models take 64 pixels
+        result = pipeline.process([json.dumps({**good, "request_id": "w", "inputs": {"pixels": wide}}).encode()])
+        assert sorted(d.candidate for d in result.dead_letters) == sorted(c.name for c in settings.candidates)
+        assert all(d.error_type == "adapter" and ("inputs.image" in d.reason or "inputs.pixels" in d.reason)
+                   for d in result.dead_letters), [d.reason for d in result.dead_letters]  # fmt: skip
+        assert result.diff_rows == 0
+    finally:
+        sink.close()
 
 
 def test_mismatched_baseline_shape_is_an_error_row_not_an_average(pipeline, traffic):
     good = json.loads(traffic[0])
     ninefold = Tensor.from_array(np.full((1, 9), 1 / 9, dtype=np.float32))  # baseline answered 9 classes
     event = MirroredRequest.model_validate({**good, "request_id": "odd", "baseline_output": {"probabilities": ninefold}})
-    pipeline.process([event])
+    pipeline.process([event.model_dump_json().encode()])
     errors = pipeline.sink.query("SELECT DISTINCT error FROM shadowlens.request_diffs WHERE request_id = 'odd'")
     assert errors and "shape mismatch" in errors[0][0]
 
 
 def test_api_answers_gates(pipeline, traffic):
-    events = decode_all(pipeline, traffic[:400])
-    pipeline.process(events)
+    pipeline.process(traffic[:400])
     client = TestClient(create_app(pipeline.sink))
     pending = client.get("/v1/verdicts/digits/digits-v2")
     assert pending.status_code == 200 and pending.json()["verdict"] == "hold"  # scored, no window closed yet
@@ -184,39 +214,48 @@ def test_api_answers_gates(pipeline, traffic):
     assert "Verdict" in spec["components"]["schemas"]
 
 
-def test_late_events_join_the_evidence_not_a_closed_window(pipeline, traffic):
-    events = decode_all(pipeline, traffic[:1000])
-    pipeline.process(events[500:])
+def test_late_events_join_the_evidence_not_a_closed_window(pipeline, traffic, start):
+    pipeline.process(at(traffic[500:1000], first_offset=500))
     pipeline.close_due(force=True)  # closes every window seen so far
-    pipeline.process(events[:500])  # earlier event time: their windows are closed
-    state = pipeline._pair("digits", "digits-v2")
-    assert state.late_events > 0
+    pipeline.process(at(traffic[:500], first_offset=1000))  # earlier event time: their windows are closed
+    state = pipeline.pair("digits", "digits-v2")
+    assert state.late_events == 500
     assert state.cumulative.summary()["requests"] == 1000
-    start = datetime(2026, 11, 25, 12, tzinfo=UTC)
-    assert state.closed_upto_ms >= int((start + timedelta(seconds=10)).timestamp() * 1000)
+    assert state.closed_upto_ms >= int((start + timedelta(seconds=20)).timestamp() * 1000)
 
 
-def test_kafka_positions_make_window_counts_exact_across_a_crash(pipeline, traffic):
-    events = decode_all(pipeline, traffic[:600])
-    positions = [(0, i) for i in range(600)]
-    pipeline.process(events[:400], positions[:400])
+def test_window_closes_on_the_watermark_and_idle_only_when_drained(pipeline, traffic, start):
+    pipeline.process(traffic[:600])  # 12 s of event time: the first 10 s window is final (grace 0 here)
+    closed = pipeline.close_due()
+    assert [v.window_end for v in closed] == [start + timedelta(seconds=10)] * 3
+    state = pipeline.pair("digits", "digits-v2")
+    assert sorted(state.open_windows) == [int((start + timedelta(seconds=10)).timestamp() * 1000)]
+    # The source is drained (embedded: always) but the pair is not idle yet: nothing more closes.
+    assert pipeline.close_due() == []
+    idle = pipeline.settings.windows.idle_close_s
+    assert len(pipeline.close_due(now_wall=state.last_event_wall + idle + 1)) == 3
+
+
+def test_redelivery_and_producer_retries_across_a_crash(pipeline, traffic):
+    pipeline.process(at(traffic[:400]))
     # Redelivery of messages the state already holds (consumer restarted before its commit).
-    again = pipeline.process(events[300:600], positions[300:600])
-    assert again.duplicates == 0 and again.diff_rows == 3 * 200
+    again = pipeline.process(at(traffic[300:600], first_offset=300))
+    assert again.duplicates == 0 and again.redelivered == 3 * 100 and again.diff_rows == 3 * 200
     # A producer retry: same request ids, new offsets -> duplicates, not scored again.
-    retry = pipeline.process(events[:100], [(1, i) for i in range(100)])
+    retry = pipeline.process(at(traffic[:100], partition=1))
     assert retry.duplicates == 3 * 100 and retry.diff_rows == 0
 
     # A restart that recovered the state from the changelog: redeliveries are skipped silently.
-    recovered = {k: dict(v) for k, v in pipeline.pair_state.items()}
-    restarted = Pipeline(pipeline.settings, pipeline.sink, pair_state=recovered)
-    redelivered = restarted.process(events[:100] + events[500:600], [(1, i) for i in range(100)] + positions[500:600])
-    assert redelivered.duplicates == 0 and redelivered.diff_rows == 0
+    restarted = Pipeline(pipeline.settings, pipeline.sink, replay=pipeline.replay)
+    for key in pipeline.judge.pairs():
+        restarted.judge.restore(key, pipeline.judge.serialized(key))
+    redelivered = restarted.process(at(traffic[:100], partition=1) + at(traffic[500:600], first_offset=500))
+    assert redelivered.duplicates == 0 and redelivered.diff_rows == 0 and redelivered.redelivered == 3 * 200
     # A crash after the rows were written but before any state reached the changelog:
     # same positions as the rows in ClickHouse, so they are counted (once) into the new state.
-    lost_state = Pipeline(pipeline.settings, pipeline.sink, pair_state={})
-    replayed = lost_state.process(events[:600], positions)
-    assert replayed.duplicates == 0 and replayed.diff_rows == 3 * 600  # same positions: count them again
+    lost_state = Pipeline(pipeline.settings, pipeline.sink, replay=pipeline.replay)
+    replayed = lost_state.process(at(traffic[:600]))
+    assert replayed.duplicates == 0 and replayed.diff_rows == 3 * 600
     lost_state.close_due(force=True)
     rows = dict(pipeline.sink.query(
         "SELECT candidate, sum(requests) FROM shadowlens.window_stats FINAL GROUP BY candidate"))  # fmt: skip

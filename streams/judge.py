@@ -1,0 +1,293 @@
+"""Judge core: columnar diff batches in; diff rows, windows, verdicts and pair state out.
+
+No Kafka here (streams/stages.py wraps it with a consumer and the changelog; the embedded
+pipeline calls it directly). Every step is *write first, then change state*, and a failed write
+leaves the state untouched, so the caller can retry the same call until the database answers:
+
+1. ``apply(batches)``: drop redeliveries (rows at or below the pair's applied mirror offset) and
+   producer retries (a request id already scored from another message, looked up in ClickHouse
+   within the dedup horizon only), insert the fresh rows in one columnar insert, then add them to
+   the pair's open window and cumulative evidence and advance the applied offsets.
+2. ``close_due(...)``: windows that are final (streams/windows.py), or beyond the state bounds, are
+   written with their distribution statistics (from the accumulator's counts, no raw rows read
+   back), the pair is judged on its cumulative evidence and the verdict written; then the windows
+   leave the state.
+
+After a crash between a write and the state change, the rows are written again (idempotent keys)
+and counted once, because the state that would have counted them was never saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+from schemas import Verdict, WindowStats
+from scorers.diffs import ClassificationDiffs
+from scorers.judge import judge
+from streams.config import CandidateConfig, Settings
+from streams.records import DiffBatch
+from streams.sink import ClickHouseSink
+from streams.windows import PairWindows, SourceView, ms_to_datetime, pair_key
+
+log = logging.getLogger("shadowlens.judge")
+
+WINDOW_SUMMARY_FIELDS = (
+    "requests", "errors", "label_flips", "flip_rate", "mean_abs_confidence_delta",
+    "baseline_latency_p50_ms", "baseline_latency_p95_ms", "baseline_latency_p99_ms",
+    "candidate_latency_p50_ms", "candidate_latency_p95_ms", "candidate_latency_p99_ms",
+)  # fmt: skip
+# A pair's state is kept well below the changelog topic's max.message.bytes (streams/stages.py
+# sets 8 MiB): past this budget the oldest open windows close early.
+STATE_BUDGET_BYTES = 1 << 20
+
+
+@dataclass
+class ApplyResult:
+    rows: int = 0  # diff rows written
+    redelivered: int = 0  # rows skipped: this very message is already in the pair's state
+    duplicates: int = 0  # rows dropped: another message already scored this request id
+    touched: set[str] = field(default_factory=set)
+
+
+class JudgeCore:
+    def __init__(self, settings: Settings, sink: ClickHouseSink):
+        self.settings = settings
+        self.sink = sink
+        self.configs: dict[str, CandidateConfig] = {pair_key(c.model, c.name): c for c in settings.candidates}
+        self._pairs: dict[str, PairWindows] = {}  # the live state, by pair key
+        self._sizes: dict[str, int] = {}  # bytes of each pair's state when last serialised
+        w = settings.windows
+        self.size_ms, self.grace_ms = int(w.size_s * 1000), int(w.grace_s * 1000)
+        self.horizon_ms = int(w.dedup_horizon_s * 1000)
+
+    # -- rows ---------------------------------------------------------------------------------
+    def apply(self, batches: Sequence[DiffBatch]) -> ApplyResult:
+        """Write the fresh rows of these batches, then count them. Raises (state untouched) when
+        the insert fails; call again with the same batches."""
+        result = ApplyResult()
+        fresh: list[tuple[PairWindows, DiffBatch, int]] = []  # (pair, fresh rows, duplicates)
+        pending: dict[str, dict[int, int]] = {}  # applied offsets including earlier batches of this call
+        seen: dict[str, set[str]] = {}
+        for batch in batches:
+            key = pair_key(batch.model, batch.candidate)
+            if key not in self.configs:
+                log.warning("diff batch for unconfigured pair %s (%d rows) ignored", key, len(batch))
+                continue
+            pw = self._pair(key)
+            applied = pending.setdefault(key, dict(pw.applied_offsets))
+            if batch.covers and all(off <= applied.get(p, -1) for p, off in batch.covers.items()):
+                result.redelivered += len(batch)
+                continue
+            part = batch.columns["source_partition"]
+            limit = np.array([applied.get(int(p), -1) for p in part], dtype=np.int64)
+            keep = batch.columns["source_offset"] > limit
+            skipped = int((~keep).sum())
+            result.redelivered += skipped
+            rows = batch.take(np.flatnonzero(keep))
+            rows, dups = self._drop_producer_retries(rows, seen.setdefault(key, set()))
+            result.duplicates += len(dups)
+            for p, off in batch.covers.items():
+                applied[p] = max(off, applied.get(p, -1))
+            # Requests routed to the candidate that are new to it, dead-lettered ones included.
+            fresh.append((pw, rows, max(0, batch.routed - skipped - len(dups)), dups))
+        self.sink.insert_diff_batches([rows for _, rows, _, _ in fresh if len(rows)])
+        # Written: now (and only now) count them.
+        now = time.time()
+        for pw, rows, routed, dups in fresh:
+            key = pair_key(pw.model, pw.candidate)
+            self._count(pw, rows, dups)
+            pw.received += routed
+            pw.applied_offsets = pending[key]
+            pw.last_event_wall = now
+            result.rows += len(rows)
+            result.touched.add(key)
+        return result
+
+    def _drop_producer_retries(self, rows: DiffBatch, seen: set[str]) -> tuple[DiffBatch, list[int]]:
+        """Rows whose request id was already scored from a *different* message are duplicates."""
+        if not len(rows):
+            return rows, []
+        sent = rows.columns["sent_ms"]
+        prior = self.sink.scored_positions(
+            rows.model, rows.candidate, rows.request_id,
+            since_ms=int(sent.min()) - self.horizon_ms, until_ms=int(sent.max()) + self.horizon_ms,
+        )  # fmt: skip
+        keep, dups = [], []
+        parts, offs = rows.columns["source_partition"].tolist(), rows.columns["source_offset"].tolist()
+        for i, rid in enumerate(rows.request_id):
+            earlier = prior.get(rid)
+            if rid in seen or (earlier is not None and earlier != (parts[i], offs[i])):
+                dups.append(int(rows.columns["sent_ms"][i]))
+                continue
+            seen.add(rid)
+            keep.append(i)
+        return (rows if len(keep) == len(rows) else rows.take(keep)), dups
+
+    def _count(self, pw: PairWindows, rows: DiffBatch, dups: list[int]) -> None:
+        for sent_ms in dups:
+            start = sent_ms - sent_ms % self.size_ms
+            if start < pw.closed_upto_ms:
+                pw.late_duplicates += 1  # its window row is already written
+            else:
+                pw.duplicates[start] = pw.duplicates.get(start, 0) + 1
+        if not len(rows):
+            return
+        c = rows.columns
+        starts = c["sent_ms"] - c["sent_ms"] % self.size_ms
+        for start in np.unique(starts).tolist():
+            idx = np.flatnonzero(starts == start)
+            part = rows.take(idx) if len(idx) != len(rows) else rows
+            diffs, kwargs = _accumulator_inputs(part)
+            pw.cumulative.update(diffs, **kwargs)
+            window = pw.window_for(int(start))
+            if window is None:
+                pw.late_events += len(idx)
+            else:
+                window.update(diffs, **kwargs)
+
+    # -- windows and verdicts ---------------------------------------------------------------------
+    def close_due(
+        self, view_for: Callable[[str], SourceView | None], now_wall: float | None = None, force: bool = False
+    ) -> tuple[list[Verdict], set[str]]:
+        """Write the windows that are due and a verdict per pair that closed one; then drop them
+        from the state. Raises (state untouched) when a write fails."""
+        now_wall = time.time() if now_wall is None else now_wall
+        w = self.settings.windows
+        plan: list[tuple[str, PairWindows, list[int]]] = []
+        for key, pw in list(self._pairs.items()):
+            if not pw.open_windows:
+                continue
+            if force:
+                due = sorted(pw.open_windows)
+            else:
+                view = view_for(key)
+                watermark = view.watermark_ms(now_wall, w.partition_idle_s) if view else None
+                idle = bool(view) and view.drained(now_wall, w.progress_fresh_s) and (
+                    now_wall - pw.last_event_wall >= w.idle_close_s)  # fmt: skip
+                due = pw.due(self.size_ms, self.grace_ms, watermark, idle, w.max_open_windows)
+                due = self._over_budget(pw, due)
+                if not idle:
+                    early = [s for s in due if watermark is None or s + self.size_ms + self.grace_ms > watermark]
+                    if early:
+                        log.warning("%s: closing %d window(s) before they are final (max_open_windows = %d); "
+                                    "a mirror partition holds the watermark back", key, len(early),
+                                    w.max_open_windows)  # fmt: skip
+                        pw.early_closes += len(early)
+            if due:
+                plan.append((key, pw, due))
+        windows, verdicts = [], []
+        for _key, pw, due in plan:
+            for start in due:
+                windows.append(self._window_row(pw, start))
+            verdicts.append(self._verdict(pw, due[-1]))
+        self.sink.insert_windows(windows)
+        self.sink.insert_verdicts(verdicts)
+        for key, pw, due in plan:  # written: now drop them from the state
+            for start in due:
+                pw.pop(start, self.size_ms)
+        return verdicts, {key for key, _, _ in plan}
+
+    def _over_budget(self, pw: PairWindows, due: list[int]) -> list[int]:
+        """Add the oldest open windows to ``due`` while the pair's state is over its byte budget."""
+        key = pair_key(pw.model, pw.candidate)
+        size = self._sizes.get(key, 0)
+        if size <= STATE_BUDGET_BYTES:
+            return due
+        size = len(json.dumps(pw.to_dict())) - sum(len(json.dumps(pw.open_windows[s].to_dict())) for s in due)
+        rest = sorted(s for s in pw.open_windows if s not in due)
+        extra = []
+        while rest and size > STATE_BUDGET_BYTES:
+            start = rest.pop(0)
+            size -= len(json.dumps(pw.open_windows[start].to_dict()))
+            extra.append(start)
+        if extra:
+            log.warning("%s: state over %d bytes, closing the %d oldest windows early",
+                        key, STATE_BUDGET_BYTES, len(extra))  # fmt: skip
+        return sorted(due + extra)
+
+    def _window_row(self, pw: PairWindows, start: int) -> WindowStats:
+        acc = pw.open_windows[start]
+        s = acc.summary()
+        divergence = acc.divergence()  # from the window's histograms and label tables
+        return WindowStats(
+            divergence=divergence, model=pw.model, candidate=pw.candidate, window_start=ms_to_datetime(start),
+            window_end=ms_to_datetime(start + self.size_ms), duplicates_dropped=pw.duplicates.get(start, 0),
+            state=json.dumps(acc.to_dict()), updated_at=datetime.now(UTC),
+            **{k: s[k] for k in WINDOW_SUMMARY_FIELDS},
+        )  # fmt: skip
+
+    def verdict(self, key: str) -> Verdict | None:
+        pw = self._pair(key)
+        return self._verdict(pw, pw.closed_upto_ms - self.size_ms) if pw.cumulative.requests else None
+
+    def _verdict(self, pw: PairWindows, last_start: int) -> Verdict:
+        cfg = self.configs[pair_key(pw.model, pw.candidate)]
+        noise = None
+        if not cfg.noise_reference:
+            ref = next((c for c in self.configs.values() if c.model == pw.model and c.noise_reference), None)
+            if ref is not None and pair_key(pw.model, ref.name) in self._pairs:
+                noise = self._pair(pair_key(pw.model, ref.name)).cumulative
+        j = judge(pw.cumulative, cfg.judge_policy(), noise=noise, expected_requests=pw.received)
+        return Verdict(
+            model=pw.model, candidate=pw.candidate, verdict=j.verdict, reasons=j.reasons, metrics=j.metrics,
+            samples=j.samples, window_start=ms_to_datetime(last_start),
+            window_end=ms_to_datetime(last_start + self.size_ms), updated_at=datetime.now(UTC),
+            requests_needed=j.requests_needed, worst_slices=j.worst_slices,
+            example_request_ids=j.example_request_ids,
+        )  # fmt: skip
+
+    # -- state --------------------------------------------------------------------------------
+    def serialized(self, key: str) -> bytes:
+        """The pair's state as stored in the changelog (compact JSON)."""
+        raw = json.dumps(self._pair(key).to_dict(), separators=(",", ":")).encode()
+        self._sizes[key] = len(raw)
+        return raw
+
+    def state_bytes(self) -> dict[str, int]:
+        return dict(self._sizes)
+
+    def restore(self, key: str, raw: bytes | None) -> None:
+        """Replace a pair's state with a stored one (changelog recovery); None forgets it."""
+        if raw is None:
+            self._pairs.pop(key, None)
+        else:
+            self._pairs[key] = PairWindows.from_dict(json.loads(raw))
+
+    def forget(self, keys: set[str]) -> None:
+        """Drop pairs this judge no longer owns (their partition moved to another judge)."""
+        for key in keys:
+            self._pairs.pop(key, None)
+            self._sizes.pop(key, None)
+
+    def pairs(self) -> dict[str, PairWindows]:
+        return dict(self._pairs)
+
+    def _pair(self, key: str) -> PairWindows:
+        pw = self._pairs.get(key)
+        if pw is None:
+            model, _, candidate = key.partition("/")
+            pw = self._pairs[key] = PairWindows(model, candidate)
+        return pw
+
+
+def _accumulator_inputs(rows: DiffBatch) -> tuple[ClassificationDiffs, dict]:
+    c = rows.columns
+    diffs = ClassificationDiffs(
+        baseline_label=c["baseline_label"].astype(np.int64), candidate_label=c["candidate_label"].astype(np.int64),
+        label_flip=c["label_flip"].astype(bool), confidence_delta=c["confidence_delta"], l1=c["l1"],
+        linf=c["linf"], hellinger=c["hellinger"], topk_overlap=c["topk_overlap"],
+        error=np.array(rows.error, dtype=object), top_k=rows.top_k,
+    )  # fmt: skip
+    kwargs = dict(
+        baseline_latency_ms=c["baseline_latency_ms"], candidate_latency_ms=c["candidate_latency_ms"],
+        request_ids=rows.request_id, attributes=rows.attributes, labels=c["label"],
+        baseline_confidence=c["baseline_confidence"], candidate_confidence=c["candidate_confidence"],
+    )  # fmt: skip
+    return diffs, kwargs

@@ -1,0 +1,242 @@
+"""Replay core: a micro-batch of mirrored messages in, one columnar diff batch per pair out.
+
+No Kafka, no database, no per-pair state: the replay stage (streams/stages.py) wraps this with a
+consumer and a producer, the embedded pipeline (streams/pipeline.py) calls it directly, and it can
+run on a GPU machine that reaches nothing but Kafka.
+
+Poison is isolated per message. Decoding never raises (``schemas.decode_request``); a message that
+does not fit a candidate's adapter or input shapes is a dead letter *for that candidate*, the other
+candidates still score it; an unexpected exception in a batched step is retried message by message,
+and a message that still raises alone becomes a dead letter naming the exception. Nothing a single
+message carries can stop the batch.
+
+Columnar hot path: requests whose inputs share names, dtypes and shapes are stacked once, adapted
+once (rename / cast / scale / shift are element-wise), checked once and replayed in one
+``session.run`` per candidate (``timing = "batched"``) or row by row over the stacked arrays
+(``"per_request"``, the default, so candidate latency compares with production's per-request
+latency).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.special import softmax
+
+from schemas import DeadLetter, MirroredRequest, decode_request
+from scorers.diffs import classification_diffs
+from streams.adapter import InputAdapter
+from streams.config import CandidateConfig, Settings
+from streams.records import DiffBatch, empty_columns
+from streams.runner import OnnxRunner
+
+log = logging.getLogger("shadowlens.replay")
+
+
+@dataclass
+class Inbound:
+    """One message of the mirror topic as the replay stage sees it."""
+
+    value: bytes | None
+    partition: int = 0
+    offset: int = -1
+    topic: str = ""
+    key: bytes | None = None
+
+
+@dataclass
+class Candidate:
+    config: CandidateConfig
+    adapter: InputAdapter
+    runner: OnnxRunner
+
+    @classmethod
+    def load(cls, config: CandidateConfig, providers: Sequence[str] | None) -> Candidate:
+        runner = OnnxRunner(str(config.path), providers=providers or None)
+        if config.output not in runner.output_names:
+            raise ValueError(
+                f"candidates.{config.name}.output: {config.output!r} is not an output of {config.path} "
+                f"(it has {runner.output_names})"
+            )
+        return cls(config, InputAdapter(config.adapter), runner)
+
+
+@dataclass
+class ReplayOutput:
+    batches: list[DiffBatch] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    max_sent_ms: dict[int, int] = field(default_factory=dict)  # mirror partition -> latest sent_at seen
+    requests: int = 0  # valid requests in the micro-batch
+
+
+class ReplayCore:
+    """Candidates by model; ``replay(messages)`` scores one micro-batch. Stateless between calls."""
+
+    def __init__(self, settings: Settings, candidates: dict[str, list[Candidate]] | None = None):
+        self.settings = settings
+        if candidates is None:
+            candidates = defaultdict(list)
+            for cfg in settings.candidates:
+                candidates[cfg.model].append(Candidate.load(cfg, settings.replay.providers))
+        self.candidates = candidates
+
+    def replay(self, messages: Sequence[Inbound]) -> ReplayOutput:
+        out = ReplayOutput()
+        by_model: dict[str, list[tuple[MirroredRequest, Inbound]]] = defaultdict(list)
+        for msg in messages:
+            decoded = decode_request(msg.value)
+            if not isinstance(decoded, MirroredRequest):
+                out.dead_letters.append(_letter(msg, decoded.error_type, decoded.reason))
+                continue
+            sent_ms = _ms(decoded)
+            out.max_sent_ms[msg.partition] = max(sent_ms, out.max_sent_ms.get(msg.partition, 0))
+            if decoded.model not in self.candidates:
+                reason = f"model: no candidate is configured for {decoded.model!r}; add one under [[candidates]]"
+                out.dead_letters.append(_letter(msg, "unknown_model", reason))
+                continue
+            by_model[decoded.model].append((decoded, msg))
+            out.requests += 1
+        scored_ms = int(time.time() * 1000)
+        for model, items in by_model.items():
+            for cand in self.candidates[model]:
+                batch, letters = self._replay_candidate(cand, items, scored_ms)
+                out.batches.append(batch)
+                out.dead_letters.extend(letters)
+        return out
+
+    # -- one candidate --------------------------------------------------------------------------
+    def _replay_candidate(self, cand: Candidate, items, scored_ms: int) -> tuple[DiffBatch, list[DeadLetter]]:
+        letters: list[DeadLetter] = []
+        parts: list[DiffBatch] = []
+        for group in _groups_by_signature(items):
+            try:
+                parts.append(self._score(cand, group, scored_ms))
+            except Exception as exc:  # noqa: BLE001 - isolate the message that causes it
+                if len(group) == 1:
+                    ev, msg = group[0]
+                    reason = f"candidate {cand.config.name}: {_describe(exc)}"
+                    letters.append(_letter(msg, getattr(exc, "error_type", "replay_failed"), reason, candidate=cand))
+                    continue
+                for one in group:  # retry alone: only the poison message fails
+                    batch, more = self._replay_candidate(cand, [one], scored_ms)
+                    parts.append(batch)
+                    letters.extend(more)
+        batch = _concat(cand.config, scored_ms, [p for p in parts if len(p)])
+        batch.routed = len(items)
+        batch.covers = _covers(items)
+        return batch, letters
+
+    def _score(self, cand: Candidate, group, scored_ms: int) -> DiffBatch:
+        cfg = cand.config
+        events = [ev for ev, _ in group]
+        stacked = {name: np.concatenate([_as_batch(ev.inputs[name].to_array()) for ev in events])
+                   for name in events[0].inputs}  # fmt: skip
+        try:
+            feeds = cand.adapter(stacked)
+            cand.runner.check_row(feeds)
+        except ValueError as exc:  # AdapterError, InputShapeError: the request does not fit this candidate
+            exc.error_type = "adapter"  # type: ignore[attr-defined]
+            raise
+        outputs, latencies = cand.runner.run_stacked(feeds, len(events), cfg.output, self.settings.replay.timing)
+        cand_rows = np.asarray(outputs, dtype=np.float64).reshape(len(events), -1)
+        base_rows, problems = _baseline_rows(events, cfg, cand_rows.shape[1])
+        diffs = classification_diffs(base_rows, cand_rows, from_logits=cfg.from_logits)
+        for i, reason in problems.items():
+            diffs.error[i] = reason  # the specific reason replaces the scorer's generic NaN one
+        cols = empty_columns(len(events))
+        cols["sent_ms"][:] = [_ms(ev) for ev in events]
+        for name in ("baseline_label", "candidate_label", "label_flip", "confidence_delta", "l1", "linf",
+                     "hellinger", "topk_overlap"):  # fmt: skip
+            cols[name][:] = getattr(diffs, name if name != "l1" else "l1")
+        cols["baseline_confidence"][:] = _top_confidence(base_rows, cfg.from_logits)
+        cols["candidate_confidence"][:] = _top_confidence(cand_rows, cfg.from_logits)
+        cols["baseline_latency_ms"][:] = [ev.baseline_latency_ms for ev in events]
+        cols["candidate_latency_ms"][:] = latencies
+        cols["label"][:] = [np.nan if ev.label is None else float(ev.label) for ev in events]
+        cols["source_partition"][:] = [msg.partition for _, msg in group]
+        cols["source_offset"][:] = [msg.offset for _, msg in group]
+        return DiffBatch(
+            cfg.model, cfg.name, scored_ms, cols, [ev.request_id for ev in events],
+            [ev.baseline_version for ev in events], [str(e) for e in diffs.error.tolist()],
+            [dict(ev.attributes) for ev in events], diffs.top_k,
+        )  # fmt: skip
+
+
+def _groups_by_signature(items):
+    """Requests whose inputs stack (same names, dtypes, per-row shapes), in arrival order."""
+    groups: dict[tuple, list] = {}
+    for ev, msg in items:
+        sig = tuple(sorted((n, t.dtype, tuple(_as_batch(t.to_array()).shape[1:])) for n, t in ev.inputs.items()))
+        groups.setdefault(sig, []).append((ev, msg))
+    return list(groups.values())
+
+
+def _baseline_rows(events: list[MirroredRequest], cfg: CandidateConfig, width: int):
+    """The baseline's outputs as an (n, width) array; a missing or mis-shaped one is a row problem."""
+    base = np.full((len(events), width), np.nan)
+    problems: dict[int, str] = {}
+    for i, ev in enumerate(events):
+        tensor = ev.baseline_output.get(cfg.baseline_output)
+        if tensor is None:
+            problems[i] = f"baseline_output.{cfg.baseline_output}: missing in the request"
+            continue
+        row = np.asarray(tensor.to_array(), dtype=np.float64).reshape(-1)
+        if row.shape[0] != width:
+            problems[i] = f"shape mismatch: baseline ({row.shape[0]},) candidate ({width},)"
+            continue
+        base[i] = row
+    return base, problems
+
+
+def _concat(cfg: CandidateConfig, scored_ms: int, parts: list[DiffBatch]) -> DiffBatch:
+    if len(parts) == 1:
+        return parts[0]
+    cols = empty_columns(0)
+    if parts:
+        cols = {k: np.concatenate([p.columns[k] for p in parts]) for k in cols}
+    return DiffBatch(
+        cfg.model, cfg.name, scored_ms, cols, [r for p in parts for r in p.request_id],
+        [r for p in parts for r in p.baseline_version], [r for p in parts for r in p.error],
+        [r for p in parts for r in p.attributes], parts[0].top_k if parts else 3,
+    )  # fmt: skip
+
+
+def _covers(items) -> dict[int, int]:
+    """Highest mirror offset per partition among the messages routed to a candidate."""
+    out: dict[int, int] = {}
+    for _, msg in items:
+        out[msg.partition] = max(msg.offset, out.get(msg.partition, -1))
+    return out
+
+
+def _top_confidence(rows: np.ndarray, from_logits: bool) -> np.ndarray:
+    """Each row's probability of its own top class (0 where the row is unusable)."""
+    probs = softmax(rows, axis=1) if from_logits else rows
+    with np.errstate(invalid="ignore"):
+        top = np.max(probs, axis=1) if probs.shape[1] else np.zeros(len(probs))
+    return np.nan_to_num(top, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _as_batch(array: np.ndarray) -> np.ndarray:
+    # A request tensor of shape (64,) and (1, 64) both mean one row of 64 features.
+    return array if array.ndim >= 2 else array[None, ...]
+
+
+def _ms(ev: MirroredRequest) -> int:
+    return int(ev.sent_at.timestamp() * 1000)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def _letter(msg: Inbound, kind: str, reason: str, candidate: Candidate | None = None) -> DeadLetter:
+    return DeadLetter.for_payload(
+        msg.value, error_type=kind, reason=reason, topic=msg.topic, partition=msg.partition, offset=msg.offset,
+        key=msg.key, candidate=candidate.config.name if candidate else None,
+    )  # fmt: skip

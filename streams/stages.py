@@ -1,0 +1,286 @@
+"""The two Kafka stages around the replay and judge cores.
+
+ReplayStage (any number of processes, one consumer group on the mirror topic):
+    getmany -> ReplayCore.replay -> diff batches to the diffs topic (key = pair) and dead letters
+    to the dead-letter topic, all acknowledged -> commit the mirror offsets -> every
+    ``progress_interval_s``, a Progress record to every diffs partition.
+
+JudgeStage (one consumer group on the diffs topic; a pair lives on one partition, so on one judge):
+    on assignment, restore the pairs' state from the changelog partitions of the same numbers ->
+    getmany -> JudgeCore.apply (rows into ClickHouse, then state) -> state to the changelog,
+    acknowledged -> commit the diffs offsets; each second, close due windows the same way.
+
+Each write is retried until it succeeds (``until_done``): while the database or the broker is
+away, the stage stops reading (nothing piles up in memory), ``/readyz`` says what it waits for,
+and the uncommitted offsets guarantee that a crash meanwhile loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from aiokafka import TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.structs import OffsetAndMetadata
+
+from streams import kafka_io
+from streams.config import Settings
+from streams.judge import JudgeCore
+from streams.kafka_io import TYPE_DIFFS, TYPE_PROGRESS, Health, until_done
+from streams.records import TYPE_HEADER, DiffBatch, PartitionProgress, Progress
+from streams.replay import Inbound, ReplayCore
+from streams.windows import SourceView
+
+log = logging.getLogger("shadowlens.stages")
+_MOVED = (CommitFailedError, IllegalStateError)  # the partition went to another process: it redoes the batch
+
+
+class ReplayStage:
+    def __init__(self, settings: Settings, core: ReplayCore, health: Health):
+        self.settings, self.core, self.health = settings, core, health
+        self.replica = f"replay-{uuid.uuid4().hex[:8]}"
+        self.progress: dict[int, PartitionProgress] = {}
+        self.replayed = 0
+        self.dead_letters = 0
+
+    async def run(self) -> None:
+        k = self.settings.kafka
+        consumer = kafka_io.consumer(self.settings, k.topic, k.group_id, self.settings.replay.batch_size,
+                                     listener=_ForgetProgress(self.progress))  # fmt: skip
+        producer = kafka_io.producer(self.settings)
+        await until_done("kafka", self.health, consumer.start)
+        await until_done("kafka", self.health, producer.start)
+        diffs_partitions = sorted(await until_done("kafka", self.health, lambda: producer.partitions_for(k.diffs_topic)))
+        mirror_partitions = len(await until_done("kafka", self.health, lambda: producer.partitions_for(k.topic)))
+        last_report = 0.0
+        try:
+            while True:
+                fetched = await consumer.getmany(
+                    timeout_ms=int(self.settings.replay.batch_within_s * 1000), max_records=self.settings.replay.batch_size
+                )  # fmt: skip
+                messages = [Inbound(m.value, tp.partition, m.offset, tp.topic, m.key)
+                            for tp, msgs in fetched.items() for m in msgs]  # fmt: skip
+                if messages:
+                    await self._hand_over(consumer, producer, messages)
+                if time.monotonic() - last_report >= k.progress_interval_s:
+                    await self._report(consumer, producer, diffs_partitions, mirror_partitions)
+                    last_report = time.monotonic()
+        finally:
+            await consumer.stop()  # leaves the group; commits nothing (auto-commit is off)
+            await producer.stop()
+
+    async def _hand_over(self, consumer, producer, messages: list[Inbound]) -> None:
+        k = self.settings.kafka
+        out = self.core.replay(messages)
+
+        async def send_all() -> None:
+            futures = [await producer.send(k.diffs_topic, key=b.key, value=b.encode(), headers=[(TYPE_HEADER, TYPE_DIFFS)])
+                       for b in out.batches]  # fmt: skip
+            for letter in out.dead_letters:
+                key = f"{letter.topic}/{letter.partition}/{letter.offset}".encode()
+                futures.append(await producer.send(k.dead_letter_topic, key=key, value=letter.model_dump_json().encode()))
+            await asyncio.gather(*futures)
+
+        await until_done("kafka", self.health, send_all)
+        for letter in out.dead_letters:
+            log.warning("dead letter (%s) %s/%d@%d: %s", letter.error_type, letter.topic, letter.partition,
+                        letter.offset, letter.reason[:300])  # fmt: skip
+        offsets: dict[TopicPartition, int] = {}
+        for m in messages:
+            tp = TopicPartition(m.topic, m.partition)
+            offsets[tp] = max(offsets.get(tp, -1), m.offset)
+        now = time.time()
+        for tp, last in offsets.items():
+            old = self.progress.get(tp.partition)
+            sent = max(out.max_sent_ms.get(tp.partition, 0), old.max_sent_ms if old else 0)
+            highwater = consumer.highwater(tp)
+            self.progress[tp.partition] = PartitionProgress(last + 1, -1 if highwater is None else highwater, sent, now)
+        commit = {tp: OffsetAndMetadata(last + 1, "") for tp, last in offsets.items()}
+        try:
+            await until_done("kafka", self.health, lambda: consumer.commit(commit), give_up=_MOVED)
+        except _MOVED as exc:
+            log.warning("mirror partitions moved before commit (%s): their new owner replays them", exc)
+        self.replayed += out.requests
+        self.dead_letters += len(out.dead_letters)
+
+    async def _report(self, consumer, producer, diffs_partitions: list[int], mirror_partitions: int) -> None:
+        now = time.time()
+        report = Progress(self.replica, mirror_partitions, now)
+        for tp in consumer.assignment():
+            old = self.progress.get(tp.partition)
+            position = old.position if old else await consumer.position(tp)
+            highwater = consumer.highwater(tp)
+            report.partitions[tp.partition] = PartitionProgress(
+                position, -1 if highwater is None else highwater, old.max_sent_ms if old else 0,
+                old.advanced_wall if old else now,
+            )  # fmt: skip
+            if old is None:
+                self.progress[tp.partition] = report.partitions[tp.partition]
+        if not report.partitions:
+            return
+        value = report.encode()
+
+        async def send() -> None:
+            futures = [await producer.send(self.settings.kafka.diffs_topic, value=value, partition=p,
+                                           headers=[(TYPE_HEADER, TYPE_PROGRESS)]) for p in diffs_partitions]  # fmt: skip
+            await asyncio.gather(*futures)
+
+        await until_done("kafka", self.health, send)
+
+
+class JudgeStage:
+    def __init__(self, settings: Settings, core: JudgeCore, health: Health):
+        self.settings, self.core, self.health = settings, core, health
+        self.views: dict[int, SourceView] = {}  # diffs partition -> what it says of the mirror partitions
+        self.pair_partition: dict[str, int] = {}  # pair key -> diffs partition (and changelog partition)
+        self.rows = 0
+        self.fatal: BaseException | None = None  # set when state recovery failed
+
+    async def run(self) -> None:
+        k = self.settings.kafka
+        self.producer = kafka_io.producer(self.settings)
+        await until_done("kafka", self.health, self.producer.start)
+        consumer = kafka_io.consumer(self.settings, k.diffs_topic, k.judge_group, 64, listener=_Recovery(self))
+        await until_done("kafka", self.health, consumer.start)
+        last_close = 0.0
+        try:
+            while True:
+                fetched = await consumer.getmany(timeout_ms=500, max_records=64)
+                if self.fatal is not None:
+                    raise RuntimeError(f"pair state recovery failed: {self.fatal}") from self.fatal
+                if fetched:
+                    await self._apply(consumer, fetched)
+                if time.monotonic() - last_close >= 1.0:
+                    await self._close_due()
+                    last_close = time.monotonic()
+        finally:
+            await consumer.stop()
+            await self.producer.stop()
+
+    async def _apply(self, consumer, fetched) -> None:
+        batches: list[DiffBatch] = []
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for tp, msgs in fetched.items():
+            for m in msgs:
+                kind = dict(m.headers or ()).get(TYPE_HEADER)
+                try:
+                    if kind == TYPE_PROGRESS:
+                        self.views.setdefault(tp.partition, SourceView()).update(Progress.decode(m.value))
+                    else:
+                        batch = DiffBatch.decode(m.value)
+                        self.pair_partition[f"{batch.model}/{batch.candidate}"] = tp.partition
+                        batches.append(batch)
+                except Exception as exc:  # noqa: BLE001 - our own format; a foreign record is skipped, loudly
+                    log.error("diffs topic %s@%d: unreadable record skipped (%s)", tp, m.offset, exc)
+            offsets[tp] = OffsetAndMetadata(msgs[-1].offset + 1, "")
+        # Inline, not in a thread: a second Python thread would hold the GIL while a candidate's
+        # session.run is being timed in the replay stage of the same process, inflating latencies.
+        result = await until_done("clickhouse", self.health, _now(self.core.apply, batches))
+        await self._save(result.touched)
+        try:
+            await until_done("kafka", self.health, lambda: consumer.commit(offsets), give_up=_MOVED)
+        except _MOVED as exc:
+            log.warning("diffs partitions moved before commit (%s): their new owner re-applies them", exc)
+        self.rows += result.rows
+        if result.redelivered or result.duplicates:
+            log.info("skipped %d redelivered and %d duplicate rows", result.redelivered, result.duplicates)
+
+    async def _close_due(self) -> None:
+        def view_for(key: str) -> SourceView | None:
+            p = self.pair_partition.get(key)
+            return None if p is None else self.views.get(p)
+
+        verdicts, touched = await until_done("clickhouse", self.health, _now(self.core.close_due, view_for))
+        await self._save(touched)
+        for v in verdicts:
+            log.info("verdict %s/%s: %s (%d samples)", v.model, v.candidate, v.verdict, v.samples)
+
+    async def _save(self, keys: set[str]) -> None:
+        """Write the pairs' state to the changelog partition of their diffs partition; acknowledged."""
+        if not keys:
+            return
+        topic = self.settings.kafka.changelog_topic
+        values = {key: self.core.serialized(key) for key in keys}
+
+        async def send() -> None:
+            futures = [await self.producer.send(topic, key=key.encode(), value=value, partition=self.pair_partition[key])
+                       for key, value in values.items()]  # fmt: skip
+            await asyncio.gather(*futures)
+
+        await until_done("kafka", self.health, send)
+
+    async def restore(self, partitions: set[int]) -> None:
+        """Read the changelog partitions to their end: the last value per pair is its state."""
+        from aiokafka import AIOKafkaConsumer
+
+        if not partitions:
+            return
+        topic = self.settings.kafka.changelog_topic
+        reader = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap, enable_auto_commit=False,
+                                  fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20)  # fmt: skip
+        await until_done("kafka", self.health, reader.start)
+        try:
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            reader.assign(tps)
+            await reader.seek_to_beginning(*tps)
+            ends = await reader.end_offsets(tps)
+            restored = 0
+            while [tp for tp in tps if await reader.position(tp) < ends[tp]]:
+                for tp, msgs in (await reader.getmany(timeout_ms=1000)).items():
+                    for m in msgs:
+                        key = m.key.decode()
+                        self.core.restore(key, m.value)
+                        self.pair_partition[key] = tp.partition
+                        restored += 1
+            log.info("restored pair state from %s partitions %s (%d records)", topic, sorted(partitions), restored)
+        finally:
+            await reader.stop()
+
+
+def _now(fn, *args):
+    """A synchronous call as the awaitable factory ``until_done`` retries."""
+
+    async def call():
+        return fn(*args)
+
+    return call
+
+
+class _ForgetProgress(ConsumerRebalanceListener):
+    """A mirror partition that moves away is reported by its new owner, from its committed offset."""
+
+    def __init__(self, progress: dict[int, PartitionProgress]):
+        self.progress = progress
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        for tp in revoked:
+            self.progress.pop(tp.partition, None)
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        pass
+
+
+class _Recovery(ConsumerRebalanceListener):
+    """Pairs follow their diffs partition: forget revoked ones, restore assigned ones first."""
+
+    def __init__(self, stage: JudgeStage):
+        self.stage = stage
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        gone = {tp.partition for tp in revoked}
+        self.stage.core.forget({k for k, p in self.stage.pair_partition.items() if p in gone})
+        for p in gone:
+            self.stage.views.pop(p, None)
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        # aiokafka logs and swallows a listener's exception; judging without the restored state
+        # would count everything again, so a failure here stops the stage (see JudgeStage.run).
+        try:
+            await until_done("kafka", self.stage.health, lambda: self.stage.restore({tp.partition for tp in assigned}))
+        except BaseException as exc:
+            self.stage.fatal = exc
+            raise
