@@ -36,6 +36,9 @@ class MirrorCore:
         self.buffer: deque[BufferedRecord] = deque()
         self.pending: deque[BufferedRecord] = deque()  # taken by the sender, not yet handed to Kafka
         self.closed = False
+        # Whether the broker is reachable now (not just that a producer exists); kept by the
+        # sender: set on connect and delivery, cleared on close and on failures that mean the
+        # broker is gone (see mirror.sender). A plain bool: stats() reads it from any thread.
         self.connected = False
         # Set by the sender when it is about to sleep; publish then calls wake() once.
         self.sender_idle = False

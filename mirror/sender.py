@@ -8,6 +8,12 @@ and the buffer fills, so publish drops (counted). A producer that reports an err
 recover from by itself (idempotence state lost, e.g. the broker came back with a fresh log) or
 that delivered nothing for a whole delivery timeout while failing, is closed and recreated;
 that is how delivery resumes without restarting the client.
+
+``stats().connected`` says whether the broker is reachable now, not merely that a producer
+exists: aiokafka's producer stays "started" through an outage. It goes False when a delivery
+fails because no broker could take it (after aiokafka's own retries) or, while there is nothing
+to send, when the client has no connection to a partition leader and cannot open one; it goes
+True again on the next delivery or successful check.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import asyncio
 import functools
 import time
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka import errors as kafka_errors
 from aiokafka.partitioner import murmur2
 
@@ -34,6 +40,15 @@ _PRODUCER_BROKEN = (
     kafka_errors.ProducerClosed,
     kafka_errors.IllegalStateError,
 )
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether a failed send means the broker could not be reached (or had no leader to take
+    the records). Timeouts and aiokafka's retriable errors do; a broker's verdict on the records
+    themselves (too large, invalid, not authorised) does not, and neither does ``Abandoned``."""
+    if isinstance(exc, (TimeoutError, kafka_errors.KafkaTimeoutError, kafka_errors.RequestTimedOutError)):
+        return True
+    return isinstance(exc, kafka_errors.KafkaError) and exc.retriable
 
 
 class Abandoned(kafka_errors.KafkaError):
@@ -58,6 +73,7 @@ class KafkaSender:
         self._reset_requested = False
         self._failures_since_success = 0
         self._last_success = time.monotonic()
+        self._last_check = 0.0
         self._backoff_s = 0.1
 
     def wake(self) -> None:
@@ -87,6 +103,7 @@ class KafkaSender:
                     if self._stopping:
                         await self._flush()
                         return
+                    await self._check_connection()
                     await self._idle()
                     continue
                 await self._send_pending()
@@ -175,6 +192,7 @@ class KafkaSender:
         if exc is None:
             self._failures_since_success = 0
             self._last_success = time.monotonic()
+            core.connected = True  # a broker took it: whatever failed before, it is reachable now
         elif isinstance(exc, Abandoned):
             core.count(exc.reason, count)
         else:
@@ -186,6 +204,10 @@ class KafkaSender:
         """``count`` records failed delivery (0: nothing lost, the attempt failed)."""
         if count:
             self.core.count("delivery", count)
+        if _unreachable(exc):
+            # aiokafka retried for the whole delivery timeout, or we waited that long for metadata
+            # or for room: the broker is gone even though the producer is still "started".
+            self.core.connected = False
         self.core.log.warning("delivery", "mirror: delivery to %s failed: %r", self.config.topic, exc)
         self._failures_since_success += 1
         stuck_s = self.config.delivery_timeout_ms / 1000
@@ -208,6 +230,8 @@ class KafkaSender:
             raise
         except Exception as exc:
             await _stop_quietly(producer, None)
+            # A late delivery callback of the previous producer may have set it True.
+            self.core.connected = False
             self.core.log.warning("connect", "mirror: Kafka at %s unavailable (%r); retrying, records are "
                                   "buffered then dropped", self.config.bootstrap_servers, exc)
             return False
@@ -216,6 +240,39 @@ class KafkaSender:
         self.core.connected = True
         logger.info("mirror: connected to Kafka at %s, topic %s", self.config.bootstrap_servers, self.config.topic)
         return True
+
+    async def _check_connection(self) -> None:
+        """While idle, at most once per idle poll: ask aiokafka's client for a connection to each
+        leader of the topic's partitions; ``connected`` becomes whether it has or could open all.
+
+        Why: with nothing to send, no send failure would ever tell that the broker left (nor that it
+        came back). Cheap while connected: an open connection is reused and nothing is sent. While
+        the broker is down each check is one connection attempt, bounded by the idle poll.
+        """
+        now = time.monotonic()
+        producer = self._producer
+        if producer is None or now - self._last_check < _IDLE_POLL_S:
+            return
+        self._last_check = now
+        topic = self.config.topic
+        cluster = producer.client.cluster
+        partitions = cluster.partitions_for_topic(topic)
+        if not partitions:  # nothing sent yet: the bootstrap in _connect is all there is to go on
+            return
+        leaders = {cluster.leader_for_partition(TopicPartition(topic, p)) for p in partitions}
+        reachable = True
+        for node in leaders:
+            if node is None or node < 0:  # a partition without a leader takes no records
+                reachable = False
+                break
+            try:
+                if not await asyncio.wait_for(producer.client.ready(node), _IDLE_POLL_S):
+                    reachable = False
+                    break
+            except Exception:  # timed out, or anything else: a check must not reset the producer
+                reachable = False
+                break
+        self.core.connected = reachable
 
     async def _close_producer(self, abandon: str | None) -> None:
         producer, self._producer = self._producer, None

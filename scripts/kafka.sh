@@ -3,14 +3,19 @@
 # for tests, CI and local development. No Docker, no tarball download: the jars
 # come from Maven Central through `mvn dependency:copy-dependencies`.
 #
-# Usage: scripts/kafka.sh {start|stop|status|fetch|restart}
+# Usage: scripts/kafka.sh {start|stop|restart|clean|status|fetch|cluster-id [N]}
 #
-#   fetch    download the Kafka jars into the cache (done by `start` as needed)
-#   start    fetch, format storage, start the broker in the background, wait
-#            until it answers metadata requests, print KAFKA_BOOTSTRAP=host:port.
-#            If it is already running it only prints the bootstrap line.
-#   stop     stop the broker and delete its state dir (data, logs, pid file)
-#   status   print "running ..." (exit 0) or "not running" (exit 1)
+#   fetch       download the Kafka jars into the cache (done by `start` as needed)
+#   start       fetch, format the storage if it is not formatted yet, start the
+#               broker in the background, wait until it answers metadata
+#               requests, print KAFKA_BOOTSTRAP=host:port. Data left by an
+#               earlier run (topics, offsets, committed group offsets) is reused.
+#               If it is already running it only prints the bootstrap line.
+#   stop        stop the broker; its data stays in the state dir for the next start
+#   restart     stop + start, keeping the data (fault tests: "the broker restarts")
+#   clean       stop and delete the state dir: the next start begins empty
+#   status      print "running ..." (exit 0) or "not running" (exit 1)
+#   cluster-id  print N (default 1) new random KRaft cluster ids, one a line
 #
 # Environment (all optional):
 #   KAFKA_VERSION          Kafka version from Maven Central   (default 4.1.2)
@@ -224,7 +229,20 @@ EOF
 
 random_cluster_id() {
   # Kafka Uuid: 16 random bytes, URL-safe base64 without padding (22 chars).
-  head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'
+  # About 1 in 64 of those starts with '-', which `format -t -...` takes for an
+  # option and fails; Kafka's own Uuid.randomUuid() draws again in that case,
+  # and so do we.
+  local id
+  while :; do
+    id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+    [[ "$id" == -* ]] || break
+  done
+  echo "$id"
+}
+
+# Formatted storage has meta.properties in its log dir (KRaft writes it there).
+formatted() {
+  [[ -f "$KAFKA_STATE_DIR/data/meta.properties" ]]
 }
 
 # ----------------------------------------------------------------- start ----
@@ -242,13 +260,19 @@ start() {
     die "controller port $KAFKA_CONTROLLER_PORT is in use (set KAFKA_CONTROLLER_PORT)"
   fi
 
-  # Stale state from a crashed run: only wipe it if it is ours.
+  # State of an earlier run (stopped, or crashed) is reused so that topics and
+  # offsets survive stop/start; only a dir of ours, though.
   if [[ -e "$KAFKA_STATE_DIR" ]]; then
     [[ -f "$MARKER" ]] || die "$KAFKA_STATE_DIR exists and was not created by kafka.sh; refusing to use it"
-    rm -rf "$KAFKA_STATE_DIR"
   fi
   mkdir -p "$KAFKA_STATE_DIR/data"
   touch "$MARKER"
+  # A pid file left by a crashed run would read as "exited during start-up".
+  rm -f "$PID_FILE" "$BOOT_FILE"
+  # log4j appends: the old run's "started" line must not pass the readiness check.
+  if [[ -f "$LOG_FILE" ]]; then
+    mv -f "$LOG_FILE" "$LOG_FILE.1"
+  fi
   write_config
 
   local cp="$LIBS_DIR/*"
@@ -256,11 +280,17 @@ start() {
                     -Djava.awt.headless=true
                     "-Dlog4j2.configurationFile=$KAFKA_STATE_DIR/log4j2.properties")
   local t0=$SECONDS
-  if ! java -Xmx256m "${jvm_common[@]}" -cp "$cp" kafka.tools.StorageTool format \
-        -t "$(random_cluster_id)" -c "$KAFKA_STATE_DIR/server.properties" \
-        >"$KAFKA_STATE_DIR/format.log" 2>&1; then
-    cat "$KAFKA_STATE_DIR/format.log" >&2
-    die "kafka-storage format failed"
+  # Format only once: formatting again would need a new cluster id and the
+  # broker would no longer accept the data it has.
+  if ! formatted; then
+    if ! java -Xmx256m "${jvm_common[@]}" -cp "$cp" kafka.tools.StorageTool format \
+          -t "$(random_cluster_id)" -c "$KAFKA_STATE_DIR/server.properties" \
+          >"$KAFKA_STATE_DIR/format.log" 2>&1; then
+      cat "$KAFKA_STATE_DIR/format.log" >&2
+      die "kafka-storage format failed"
+    fi
+  else
+    log "reusing the data in $KAFKA_STATE_DIR/data (\`$0 clean\` deletes it)"
   fi
 
   # Background broker in its own session so it survives the calling shell and
@@ -287,7 +317,7 @@ start() {
       log "broker exited during start-up; last log lines:"
       tail -n 40 "$LOG_FILE" "$OUT_FILE" >&2 2>/dev/null || true
       rm -f "$PID_FILE"
-      die "start failed"
+      die "start failed (if the kept data is the problem, \`$0 clean\` deletes it)"
     fi
     if port_open "$KAFKA_PORT" && grep -q -E 'Kafka Server started|started \(kafka\.server' "$LOG_FILE" 2>/dev/null; then
       if [[ -z "$py" ]] || metadata_ok "$py"; then
@@ -297,7 +327,8 @@ start() {
     sleep 0.3
   done
   echo "127.0.0.1:$KAFKA_PORT" >"$BOOT_FILE"
-  log "Kafka $KAFKA_VERSION up in $((SECONDS - t0))s (pid $(cat "$PID_FILE"), state $KAFKA_STATE_DIR)"
+  log "Kafka $KAFKA_VERSION up in $((SECONDS - t0))s (pid $(cat "$PID_FILE"), state $KAFKA_STATE_DIR," \
+      "cluster id $(sed -n 's/^cluster\.id=//p' "$KAFKA_STATE_DIR/data/meta.properties" 2>/dev/null))"
   echo "KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT"
 }
 
@@ -320,9 +351,19 @@ stop() {
   else
     log "not running"
   fi
+  # The data stays (see `clean`); only what describes a running broker goes.
+  if [[ -f "$MARKER" ]]; then
+    rm -f "$PID_FILE" "$BOOT_FILE"
+  fi
+}
+
+# ----------------------------------------------------------------- clean ----
+clean() {
+  stop
   if [[ -d "$KAFKA_STATE_DIR" ]]; then
     if [[ -f "$MARKER" ]]; then
       rm -rf "$KAFKA_STATE_DIR"
+      log "deleted $KAFKA_STATE_DIR"
     else
       log "leaving $KAFKA_STATE_DIR alone (not created by kafka.sh)"
     fi
@@ -343,7 +384,12 @@ case "${1:-}" in
   start) lock; start ;;
   stop) lock; stop ;;
   restart) lock; stop; start ;;
+  clean) lock; clean ;;
   status) status ;;
   fetch) fetch; echo "$LIBS_DIR" ;;
-  *) echo "usage: $0 {start|stop|status|fetch|restart}" >&2; exit 2 ;;
+  cluster-id)
+    n="${2:-1}"
+    [[ "$n" =~ ^[0-9]+$ ]] || die "cluster-id takes a count, got '$n'"
+    for ((i = 0; i < n; i++)); do random_cluster_id; done ;;
+  *) echo "usage: $0 {start|stop|restart|clean|status|fetch|cluster-id [N]}" >&2; exit 2 ;;
 esac

@@ -61,7 +61,7 @@ def kafka_bootstrap():
     )
     yield bootstrap
     if not was_running and not os.environ.get("KAFKA_KEEP_RUNNING"):
-        subprocess.run(["bash", str(KAFKA_SH), "stop"], capture_output=True, timeout=60)
+        subprocess.run(["bash", str(KAFKA_SH), "clean"], capture_output=True, timeout=60)  # stop and drop its data
 
 
 def _run_coro(coro):

@@ -1,5 +1,5 @@
-"""The mirror SDK against a real Kafka broker: volume and order, an outage on a broker of its
-own (stopped and restarted), the middleware end to end, and backfill delivery."""
+"""The mirror SDK against a real Kafka broker: volume and order, outages on a broker of its
+own (stopped, then back empty or with its data), the middleware end to end, and backfill delivery."""
 
 from __future__ import annotations
 
@@ -34,18 +34,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- helpers ---
 
-async def _create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+async def _create_topic(bootstrap: str, topic: str, partitions: int, config: dict | None) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1,
+                                            topic_configs=config or {})])
     finally:
         await admin.close()
 
 
-def create_topic(bootstrap: str, partitions: int = 1) -> str:
+def create_topic(bootstrap: str, partitions: int = 1, config: dict | None = None) -> str:
     topic = f"mirror-test-{uuid.uuid4().hex[:8]}"
-    asyncio.run(_create_topic(bootstrap, topic, partitions))
+    asyncio.run(_create_topic(bootstrap, topic, partitions, config))
     return topic
 
 
@@ -129,10 +130,11 @@ def test_100k_records_consumed_intact_and_in_per_key_order(kafka_bootstrap):
 class Broker:
     """A second broker of the test's own, so stopping it does not disturb the shared one."""
 
-    def __init__(self) -> None:
+    def __init__(self, state_dir: Path) -> None:
         self.port = free_port_pair()
+        # In pytest's tmp dir: kafka.sh's lock file (<state dir>.lock) goes with it.
         self.env = {**os.environ, "KAFKA_PORT": str(self.port), "KAFKA_CONTROLLER_PORT": str(self.port + 1),
-                    "KAFKA_STATE_DIR": f"/tmp/shadowlens-kafka-mirror-outage-{os.getpid()}"}
+                    "KAFKA_STATE_DIR": str(state_dir)}
         self.bootstrap = f"127.0.0.1:{self.port}"
 
     def run(self, command: str) -> None:
@@ -141,11 +143,11 @@ class Broker:
 
 
 @pytest.fixture
-def own_broker():
-    broker = Broker()
+def own_broker(tmp_path):
+    broker = Broker(tmp_path / "kafka")
     broker.run("start")
     yield broker
-    broker.run("stop")
+    broker.run("clean")  # `stop` would keep the state dir
 
 
 def test_outage_publish_never_waits_drops_are_counted_and_delivery_resumes(own_broker):
@@ -167,19 +169,37 @@ def test_outage_publish_never_waits_drops_are_counted_and_delivery_resumes(own_b
         # The 500-record buffer filled and the rest was dropped and counted: publish never waits for
         # room. Its caller-side cost is measured by bench/bench_mirror.py, not asserted here.
         assert during.dropped >= 4_000, during
+        # The producer object outlives the broker; `connected` must not (sends fail -> False).
+        wait_until(lambda: not client.stats().connected, 60, "connected=False while the broker is down")
 
-        own_broker.run("start")  # a fresh broker on the same port (kafka.sh starts from an empty state dir)
+        # Back empty (the old log deleted): the producer's idempotence state is gone with it.
+        own_broker.run("clean")
+        own_broker.run("start")
         published_before = client.stats().published
         for i in range(100):
             client.publish(f"after-{i}", "digits", "v1", x, y, 1.0)
             time.sleep(0.01)
         wait_until(lambda: client.stats().published >= published_before + 100, 90, "delivery after the restart")
+        wait_until(lambda: client.stats().connected, 30, "connected=True once delivery resumed")
+
+        # An outage while idle: no send fails, the connection check must notice it and the return.
+        own_broker.run("stop")
+        wait_until(lambda: not client.stats().connected, 60, "connected=False while idle and the broker down")
+        own_broker.run("start")  # back with its data (kafka.sh keeps the state dir across stop/start)
+        wait_until(lambda: client.stats().connected, 60, "connected=True once the broker is back, still idle")
+        published_before = client.stats().published
+        for i in range(100):
+            client.publish(f"again-{i}", "digits", "v1", x, y, 1.0)
+        wait_until(lambda: client.stats().published >= published_before + 100, 90, "delivery after the 2nd restart")
+        assert client.stats().connected
     finally:
         stats = client.close()
-    calls = 100 + 5_000 + 100
+    calls = 100 + 5_000 + 100 + 100
     assert stats.published + stats.failed + stats.dropped == calls, stats  # every call accounted for
-    ids = {json.loads(m.value)["request_id"] for m in consume(own_broker.bootstrap, topic, 100, timeout_s=30)}
-    assert {f"after-{i}" for i in range(100)} <= ids
+    # The log holds what was published since the `clean`: the after-* records survived the stop.
+    messages = consume(own_broker.bootstrap, topic, stats.published - 100, timeout_s=30)
+    ids = {json.loads(m.value)["request_id"] for m in messages}
+    assert {f"after-{i}" for i in range(100)} | {f"again-{i}" for i in range(100)} <= ids
 
 
 # ------------------------------------------------------ middleware end to end -
@@ -258,7 +278,9 @@ def test_middleware_on_a_real_fastapi_server_mirrors_into_kafka(kafka_bootstrap)
 # ------------------------------------------------------------- backfill -----
 
 def test_backfill_delivers_valid_rows_and_reports_the_rest(kafka_bootstrap, tmp_path):
-    topic = create_topic(kafka_bootstrap)
+    # The rows are from 2024 and kafka.sh's brokers keep records 1 h by timestamp: the next
+    # retention check (every 60 s) would delete them before, or while, they are read back.
+    topic = create_topic(kafka_bootstrap, config={"retention.ms": "-1"})
     good = [{"request_id": f"bf-{i}", "model": "digits", "baseline_version": "v1", "sent_at": "2024-05-01T12:00:00Z",
              "inputs": {"x": {"dtype": "float32", "shape": [2], "data": [i, i + 1]}},
              "baseline_output": {"p": {"dtype": "float32", "shape": [2], "data": [0.5, 0.5]}},
