@@ -135,8 +135,11 @@ class Tensor(BaseModel):
 
     def to_array(self) -> np.ndarray:
         """The decoded array (read-only view; copy before writing to it)."""
-        assert self._array is not None
-        return self._array
+        # Read the private slot directly: pydantic's attribute lookup for private attributes costs
+        # more than the rest of this call on the replay hot path.
+        array = self.__pydantic_private__["_array"]
+        assert array is not None
+        return array
 
 
 def _array_fields(array: np.ndarray) -> dict[str, Any]:

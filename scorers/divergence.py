@@ -47,7 +47,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
-from scipy.spatial import distance
 
 DEFAULT_BINS = 10
 DEFAULT_SMOOTHING = 0.5

@@ -3,7 +3,7 @@
 Why our own implementation rather than the ``ddsketch`` package: the package adds values one at a
 time in Python (~1 µs each) and serialises through protobuf; the worker scores batches, so we update
 with one ``np.unique`` per batch (orders of magnitude faster, see bench/bench_scorers.py) and serialise
-to a small JSON dict for faust tables and ClickHouse. The bucket mapping is exactly DDSketch's
+to a small JSON dict for the changelog and ClickHouse. The bucket mapping is exactly DDSketch's
 logarithmic mapping (gamma = (1 + a) / (1 - a), key = ceil(log_gamma(x)), value = 2 gamma^key / (1 + gamma)),
 so quantiles agree with ``ddsketch.DDSketch`` bucket for bucket (tested), and any returned quantile is
 within relative error ``a`` of the exact order statistic ``x_(floor(q (n - 1)))`` (0-based), as long as

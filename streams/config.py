@@ -36,7 +36,6 @@ class KafkaConfig(_Section):
     dead_letter_topic: str = "shadowlens.mirror.dlq"
     group_id: str = "shadowlens-worker"
     partitions: int = Field(default=4, ge=1, description="partitions of topics the worker creates")
-    commit_interval_s: float = Field(default=2.8, gt=0, description="how often consumed offsets are committed")
     session_timeout_s: float = Field(
         default=30.0, ge=6, description="a worker silent this long leaves the group; its partitions move"
     )

@@ -1,7 +1,8 @@
-"""Run a real worker process against a real broker: shared by the e2e tests and benchmarks.
+"""Run real worker processes against a real broker: shared by the e2e and fault tests and benchmarks.
 
 Nothing here is mocked: it writes a worker config for the digits models, starts
-``shadowlens worker`` as a separate process, produces with aiokafka and polls the HTTP API.
+``shadowlens worker`` as separate processes (one ``--role all``, or replay and judge apart),
+produces with aiokafka, polls the HTTP API, and can run a broker of its own to stop and restart.
 """
 
 from __future__ import annotations
@@ -39,28 +40,31 @@ def window_aligned_start(requests: int, rate_per_s: float, window_s: float) -> d
 
 def write_worker_config(
     directory: Path, bootstrap: str, candidates: dict[str, Path], topic: str, api_port: int,
-    timing: str = "per_request", window_s: float = 20, idle_close_s: float = 4, commit_interval_s: float = 2.8,
+    timing: str = "per_request", window_s: float = 20, idle_close_s: float = 4,
+    chdb: Path | None = None, windows: dict[str, Any] | None = None, partitions: int = 3,
 ) -> Path:  # fmt: skip
-    """A TOML config replaying the digits v1 traffic against v2 candidates (name -> ONNX path)."""
+    """A TOML config replaying the digits v1 traffic against v2 candidates (name -> ONNX path).
+
+    ``windows``: more [windows] settings (e.g. partition_idle_s); ``chdb``: the data path
+    (default: ``directory/chdb``)."""
     policy = ", ".join(f"{k} = {v!r}" for k, v in DEMO_POLICY.items())
+    window_settings = {"size_s": window_s, "grace_s": 2, "idle_close_s": idle_close_s, **(windows or {})}
+    window_lines = "".join(f"{k} = {v!r}\n" for k, v in window_settings.items())
     text = f"""
 [kafka]
 bootstrap = "{bootstrap}"
 topic = "{topic}"
 dead_letter_topic = "{topic}.dlq"
 group_id = "worker-{topic}"
-partitions = 3
-commit_interval_s = {commit_interval_s}
+partitions = {partitions}
+diffs_partitions = 2
 session_timeout_s = 6  # a killed worker's partitions move quickly in tests
 
 [clickhouse]
-dsn = "chdb:///{directory / 'chdb'}"
+dsn = "chdb:///{chdb or directory / 'chdb'}"
 
 [windows]
-size_s = {window_s}
-grace_s = 2
-idle_close_s = {idle_close_s}
-
+{window_lines}
 [replay]
 batch_size = 250
 batch_within_s = 0.3
@@ -83,12 +87,18 @@ policy = {{ {policy} }}
     return path
 
 
-def produce(bootstrap: str, topic: str, messages: list[bytes]) -> None:
+def produce(bootstrap: str, topic: str, messages: list[bytes | None], partition: Callable[[int], int] | None = None,
+            max_request_size: int = 1 << 20) -> None:  # fmt: skip
+    """Send in order (key = index); ``partition(i)`` pins message i to a partition."""
+
     async def run() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, linger_ms=5)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, linger_ms=5,
+                                    max_request_size=max_request_size)  # fmt: skip
         await producer.start()
         try:
-            futures = [await producer.send(topic, value=m, key=str(i).encode()) for i, m in enumerate(messages)]
+            futures = [await producer.send(topic, value=m, key=str(i).encode(),
+                                           partition=None if partition is None else partition(i))
+                       for i, m in enumerate(messages)]  # fmt: skip
             await asyncio.gather(*futures)
         finally:
             await producer.stop()
@@ -117,12 +127,12 @@ def consume_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 30) 
 class WorkerProcess:
     """``shadowlens worker`` in its own process group, its output in a log file."""
 
-    def __init__(self, config: Path, log_path: Path):
+    def __init__(self, config: Path, log_path: Path, role: str = "all"):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("KAFKA_BOOTSTRAP", None)  # the config file names the broker
         self.log_path = log_path
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker", "--config", str(config)],
+            [sys.executable, "-m", "streams.cli", "worker", "--config", str(config), "--role", role, "--loglevel", os.environ.get("SHADOWLENS_TEST_LOGLEVEL", "info")],
             stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
 
@@ -137,6 +147,10 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def wait_for(self, predicate: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 1.0) -> Any:
         """Poll until predicate() is truthy; raise with the worker's log if it dies or time runs out."""
@@ -161,3 +175,75 @@ def window_totals(api: str, model: str, candidates: list[str]) -> dict[str, int]
         rows = httpx.get(f"{api}/v1/windows/{model}/{cand}", params={"limit": 10000}, timeout=5).json()
         totals[cand] = sum(r["requests"] for r in rows)
     return totals
+
+
+class Workers:
+    """The worker topology under test: ``"one"`` process (``--role all``) or ``"split"``
+    (``replays`` replay processes and one judge process, which serves the API)."""
+
+    def __init__(self, config: Path, directory: Path, topology: str = "one", replays: int = 2):
+        self.config, self.directory, self.topology = config, directory, topology
+        self.started = 0
+        self.judge = self._start("all" if topology == "one" else "judge")
+        self.replays = [] if topology == "one" else [self._start("replay") for _ in range(replays)]
+
+    def _start(self, role: str) -> WorkerProcess:
+        self.started += 1
+        return WorkerProcess(self.config, self.directory / f"worker-{self.started}-{role}.log", role=role)
+
+    @property
+    def processes(self) -> list[WorkerProcess]:
+        return [self.judge, *self.replays]
+
+    def restart_judge(self, sig: int = signal.SIGKILL) -> None:
+        self.judge.stop(sig)
+        self.judge = self._start("all" if self.topology == "one" else "judge")
+
+    def kill_replay(self, index: int = 0, sig: int = signal.SIGKILL) -> None:
+        self.replays[index].stop(sig)
+        self.replays[index] = self._start("replay")
+
+    def all_alive(self) -> bool:
+        return all(p.alive for p in self.processes)
+
+    def wait_for(self, predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+        for p in self.replays:
+            if not p.alive:
+                raise RuntimeError(f"replay process exited ({p.proc.returncode}):\n{p.log_tail()}")
+        return self.judge.wait_for(predicate, timeout_s, what)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text() for p in sorted(self.directory.glob("worker-*.log")))
+
+    def stop(self) -> None:
+        for p in self.processes:
+            p.stop()
+
+
+class OwnBroker:
+    """A Kafka broker of the caller's own (scripts/kafka.sh on another port and state dir), so a
+    test can stop and restart it without disturbing the shared one."""
+
+    def __init__(self, name: str):
+        port = free_port()
+        while port + 1 > 65535 or not _port_free(port + 1):
+            port = free_port()
+        self.bootstrap = f"127.0.0.1:{port}"
+        self.env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_CONTROLLER_PORT": str(port + 1),
+                    "KAFKA_STATE_DIR": f"/tmp/shadowlens-kafka-{name}-{os.getpid()}"}  # fmt: skip
+        self.env.pop("KAFKA_BOOTSTRAP", None)
+
+    def run(self, command: str) -> None:
+        script = Path(__file__).resolve().parent.parent / "scripts" / "kafka.sh"
+        proc = subprocess.run(["bash", str(script), command], env=self.env, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"kafka.sh {command} failed:\n{proc.stdout}\n{proc.stderr}")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True

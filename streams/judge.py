@@ -244,9 +244,13 @@ class JudgeCore:
         )  # fmt: skip
 
     # -- state --------------------------------------------------------------------------------
-    def serialized(self, key: str) -> bytes:
-        """The pair's state as stored in the changelog (compact JSON)."""
-        raw = json.dumps(self._pair(key).to_dict(), separators=(",", ":")).encode()
+    def serialized(self, key: str) -> bytes | None:
+        """The pair's state as stored in the changelog (compact JSON); None for a pair this judge
+        no longer owns (forgotten at a rebalance while a write was under way)."""
+        pw = self._pairs.get(key)
+        if pw is None:
+            return None
+        raw = json.dumps(pw.to_dict(), separators=(",", ":")).encode()
         self._sizes[key] = len(raw)
         return raw
 

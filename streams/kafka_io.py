@@ -79,6 +79,54 @@ async def until_done(component: str, health: Health, op: Callable[[], Awaitable[
         return result
 
 
+class Producer:
+    """An idempotent producer that survives broker restarts.
+
+    After an outage aiokafka's idempotent producer can fail for good (``OutOfOrderSequenceNumber``
+    when the broker lost the sequence state of timed-out batches), so a failed ``send_all``
+    throws the producer away and the next attempt starts a fresh one. Records a failed attempt
+    may still have delivered are sent again: the judge drops such redeliveries.
+    """
+
+    def __init__(self, settings: Settings, health: Health, component: str = "kafka"):
+        self.settings, self.health, self.component = settings, health, component
+        self._producer: AIOKafkaProducer | None = None
+
+    async def send_all(self, records: list[dict]) -> None:
+        """Send every record (``AIOKafkaProducer.send`` keyword arguments) and wait for all acks."""
+        if records:
+            await until_done(self.component, self.health, lambda: self._attempt(records))
+
+    async def _attempt(self, records: list[dict]) -> None:
+        if self._producer is None:
+            candidate = producer(self.settings)
+            try:
+                await candidate.start()
+            except BaseException:
+                await _quietly_stop(candidate)
+                raise
+            self._producer = candidate
+        try:
+            futures = [await self._producer.send(**r) for r in records]
+            await asyncio.gather(*futures)
+        except BaseException:
+            broken, self._producer = self._producer, None
+            await _quietly_stop(broken)
+            raise
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await _quietly_stop(self._producer, timeout_s=15)
+            self._producer = None
+
+
+async def _quietly_stop(p: AIOKafkaProducer, timeout_s: float = 3) -> None:
+    try:
+        await asyncio.wait_for(p.stop(), timeout_s)
+    except BaseException:  # noqa: BLE001 - a broken producer is being discarded
+        pass
+
+
 def producer(settings: Settings) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka.bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
@@ -99,12 +147,12 @@ def consumer(settings: Settings, topic: str, group_id: str, max_records: int, li
     return c
 
 
-async def ensure_topics(settings: Settings) -> None:
+async def ensure_topics(settings: Settings) -> dict[str, int]:
     """Create the mirror, dead-letter, diffs and changelog topics when missing.
 
     A topic that appears after a consumer subscribed is noticed only at the next metadata refresh
     (minutes), so they are created up front. The changelog is compacted with an explicit
-    ``max.message.bytes`` (state values are kept well below it).
+    ``max.message.bytes`` (state values are kept well below it). Returns each topic's partition count.
     """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -124,5 +172,12 @@ async def ensure_topics(settings: Settings) -> None:
         if missing:
             await admin.create_topics(missing)
             log.info("created topics %s", [t.name for t in missing])
+        for _ in range(100):  # until every partition has a leader
+            described = await admin.describe_topics([t.name for t in wanted])
+            counts = {d["topic"]: len(d["partitions"]) for d in described if d["error_code"] == 0}
+            if len(counts) == len(wanted) and all(p["leader"] >= 0 for d in described for p in d["partitions"]):
+                return counts
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"topics {[t.name for t in wanted]} have no leaders yet")
     finally:
         await admin.close()

@@ -137,6 +137,10 @@ class ReplayCore:
         stacked = {name: np.concatenate([_as_batch(ev.inputs[name].to_array()) for ev in events])
                    for name in events[0].inputs}  # fmt: skip
         try:
+            for name, array in stacked.items():
+                if array.shape[0] != len(events):
+                    raise ValueError(f"inputs.{name}: shape {list(events[0].inputs[name].shape)} holds "
+                                     f"{array.shape[0] // len(events)} rows; a mirrored request carries one")  # fmt: skip
             feeds = cand.adapter(stacked)
             cand.runner.check_row(feeds)
         except ValueError as exc:  # AdapterError, InputShapeError: the request does not fit this candidate
@@ -171,7 +175,8 @@ def _groups_by_signature(items):
     """Requests whose inputs stack (same names, dtypes, per-row shapes), in arrival order."""
     groups: dict[tuple, list] = {}
     for ev, msg in items:
-        sig = tuple(sorted((n, t.dtype, tuple(_as_batch(t.to_array()).shape[1:])) for n, t in ev.inputs.items()))
+        # Shapes as one row sees them: (64,) and (1, 64) stack alike; (5, 64) is its own group.
+        sig = tuple(sorted((n, t.dtype, tuple(t.shape if len(t.shape) >= 2 else [1, *t.shape])) for n, t in ev.inputs.items()))
         groups.setdefault(sig, []).append((ev, msg))
     return list(groups.values())
 

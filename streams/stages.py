@@ -17,7 +17,6 @@ and the uncommitted offsets guarantee that a crash meanwhile loses nothing.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -36,12 +35,14 @@ from streams.replay import Inbound, ReplayCore
 from streams.windows import SourceView
 
 log = logging.getLogger("shadowlens.stages")
+KAFKA, KAFKA_JUDGE = "kafka (replay stage)", "kafka (judge stage)"  # health components
 _MOVED = (CommitFailedError, IllegalStateError)  # the partition went to another process: it redoes the batch
 
 
 class ReplayStage:
-    def __init__(self, settings: Settings, core: ReplayCore, health: Health):
+    def __init__(self, settings: Settings, core: ReplayCore, health: Health, partitions: dict[str, int]):
         self.settings, self.core, self.health = settings, core, health
+        self.partitions = partitions  # topic -> partition count (streams.kafka_io.ensure_topics)
         self.replica = f"replay-{uuid.uuid4().hex[:8]}"
         self.progress: dict[int, PartitionProgress] = {}
         self.replayed = 0
@@ -51,11 +52,10 @@ class ReplayStage:
         k = self.settings.kafka
         consumer = kafka_io.consumer(self.settings, k.topic, k.group_id, self.settings.replay.batch_size,
                                      listener=_ForgetProgress(self.progress))  # fmt: skip
-        producer = kafka_io.producer(self.settings)
-        await until_done("kafka", self.health, consumer.start)
-        await until_done("kafka", self.health, producer.start)
-        diffs_partitions = sorted(await until_done("kafka", self.health, lambda: producer.partitions_for(k.diffs_topic)))
-        mirror_partitions = len(await until_done("kafka", self.health, lambda: producer.partitions_for(k.topic)))
+        producer = kafka_io.Producer(self.settings, self.health, KAFKA)
+        await until_done(KAFKA, self.health, consumer.start)
+        diffs_partitions = list(range(self.partitions[k.diffs_topic]))
+        mirror_partitions = self.partitions[k.topic]
         last_report = 0.0
         try:
             while True:
@@ -77,15 +77,12 @@ class ReplayStage:
         k = self.settings.kafka
         out = self.core.replay(messages)
 
-        async def send_all() -> None:
-            futures = [await producer.send(k.diffs_topic, key=b.key, value=b.encode(), headers=[(TYPE_HEADER, TYPE_DIFFS)])
-                       for b in out.batches]  # fmt: skip
-            for letter in out.dead_letters:
-                key = f"{letter.topic}/{letter.partition}/{letter.offset}".encode()
-                futures.append(await producer.send(k.dead_letter_topic, key=key, value=letter.model_dump_json().encode()))
-            await asyncio.gather(*futures)
-
-        await until_done("kafka", self.health, send_all)
+        records = [dict(topic=k.diffs_topic, key=b.key, value=b.encode(), headers=[(TYPE_HEADER, TYPE_DIFFS)])
+                   for b in out.batches]  # fmt: skip
+        for letter in out.dead_letters:
+            key = f"{letter.topic}/{letter.partition}/{letter.offset}".encode()
+            records.append(dict(topic=k.dead_letter_topic, key=key, value=letter.model_dump_json().encode()))
+        await producer.send_all(records)
         for letter in out.dead_letters:
             log.warning("dead letter (%s) %s/%d@%d: %s", letter.error_type, letter.topic, letter.partition,
                         letter.offset, letter.reason[:300])  # fmt: skip
@@ -101,7 +98,7 @@ class ReplayStage:
             self.progress[tp.partition] = PartitionProgress(last + 1, -1 if highwater is None else highwater, sent, now)
         commit = {tp: OffsetAndMetadata(last + 1, "") for tp, last in offsets.items()}
         try:
-            await until_done("kafka", self.health, lambda: consumer.commit(commit), give_up=_MOVED)
+            await until_done(KAFKA, self.health, lambda: consumer.commit(commit), give_up=_MOVED)
         except _MOVED as exc:
             log.warning("mirror partitions moved before commit (%s): their new owner replays them", exc)
         self.replayed += out.requests
@@ -123,13 +120,8 @@ class ReplayStage:
         if not report.partitions:
             return
         value = report.encode()
-
-        async def send() -> None:
-            futures = [await producer.send(self.settings.kafka.diffs_topic, value=value, partition=p,
-                                           headers=[(TYPE_HEADER, TYPE_PROGRESS)]) for p in diffs_partitions]  # fmt: skip
-            await asyncio.gather(*futures)
-
-        await until_done("kafka", self.health, send)
+        await producer.send_all([dict(topic=self.settings.kafka.diffs_topic, value=value, partition=p,
+                                      headers=[(TYPE_HEADER, TYPE_PROGRESS)]) for p in diffs_partitions])  # fmt: skip
 
 
 class JudgeStage:
@@ -138,20 +130,26 @@ class JudgeStage:
         self.views: dict[int, SourceView] = {}  # diffs partition -> what it says of the mirror partitions
         self.pair_partition: dict[str, int] = {}  # pair key -> diffs partition (and changelog partition)
         self.rows = 0
-        self.fatal: BaseException | None = None  # set when state recovery failed
+        self.assigned: set[int] | None = None  # diffs partitions assigned, not yet restored
 
     async def run(self) -> None:
         k = self.settings.kafka
-        self.producer = kafka_io.producer(self.settings)
-        await until_done("kafka", self.health, self.producer.start)
+        self.producer = kafka_io.Producer(self.settings, self.health, KAFKA_JUDGE)
         consumer = kafka_io.consumer(self.settings, k.diffs_topic, k.judge_group, 64, listener=_Recovery(self))
-        await until_done("kafka", self.health, consumer.start)
+        await until_done(KAFKA_JUDGE, self.health, consumer.start)
         last_close = 0.0
         try:
             while True:
                 fetched = await consumer.getmany(timeout_ms=500, max_records=64)
-                if self.fatal is not None:
-                    raise RuntimeError(f"pair state recovery failed: {self.fatal}") from self.fatal
+                if self.assigned is not None:
+                    # The assignment changed: nothing is applied until the pairs of the new
+                    # partitions are restored. Records fetched meanwhile are read again.
+                    for tp, msgs in fetched.items():
+                        if tp in consumer.assignment():
+                            consumer.seek(tp, msgs[0].offset)
+                    assigned, self.assigned = self.assigned, None
+                    await until_done(KAFKA_JUDGE, self.health, lambda: self.restore(assigned))
+                    continue
                 if fetched:
                     await self._apply(consumer, fetched)
                 if time.monotonic() - last_close >= 1.0:
@@ -182,10 +180,12 @@ class JudgeStage:
         result = await until_done("clickhouse", self.health, _now(self.core.apply, batches))
         await self._save(result.touched)
         try:
-            await until_done("kafka", self.health, lambda: consumer.commit(offsets), give_up=_MOVED)
+            await until_done(KAFKA_JUDGE, self.health, lambda: consumer.commit(offsets), give_up=_MOVED)
         except _MOVED as exc:
             log.warning("diffs partitions moved before commit (%s): their new owner re-applies them", exc)
         self.rows += result.rows
+        log.debug("applied %d batches: %d rows, %d redelivered, %d duplicates; pairs %s", len(batches), result.rows,
+                  result.redelivered, result.duplicates, sorted(result.touched))  # fmt: skip
         if result.redelivered or result.duplicates:
             log.info("skipped %d redelivered and %d duplicate rows", result.redelivered, result.duplicates)
 
@@ -195,6 +195,12 @@ class JudgeStage:
             return None if p is None else self.views.get(p)
 
         verdicts, touched = await until_done("clickhouse", self.health, _now(self.core.close_due, view_for))
+        if log.isEnabledFor(logging.DEBUG):
+            now = time.time()
+            for key, pw in self.core.pairs().items():
+                view = view_for(key)
+                log.debug("%s: %d open windows, idle %.1f s; %s", key, len(pw.open_windows), now - pw.last_event_wall,
+                          view.describe(now) if view else "no progress reports yet")  # fmt: skip
         await self._save(touched)
         for v in verdicts:
             log.info("verdict %s/%s: %s (%d samples)", v.model, v.candidate, v.verdict, v.samples)
@@ -204,14 +210,9 @@ class JudgeStage:
         if not keys:
             return
         topic = self.settings.kafka.changelog_topic
-        values = {key: self.core.serialized(key) for key in keys}
-
-        async def send() -> None:
-            futures = [await self.producer.send(topic, key=key.encode(), value=value, partition=self.pair_partition[key])
-                       for key, value in values.items()]  # fmt: skip
-            await asyncio.gather(*futures)
-
-        await until_done("kafka", self.health, send)
+        values = {key: v for key in keys if (v := self.core.serialized(key)) is not None}
+        await self.producer.send_all([dict(topic=topic, key=key.encode(), value=value, partition=self.pair_partition[key])
+                                      for key, value in values.items()])  # fmt: skip
 
     async def restore(self, partitions: set[int]) -> None:
         """Read the changelog partitions to their end: the last value per pair is its state."""
@@ -222,7 +223,7 @@ class JudgeStage:
         topic = self.settings.kafka.changelog_topic
         reader = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap, enable_auto_commit=False,
                                   fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20)  # fmt: skip
-        await until_done("kafka", self.health, reader.start)
+        await until_done(KAFKA_JUDGE, self.health, reader.start)
         try:
             tps = [TopicPartition(topic, p) for p in sorted(partitions)]
             reader.assign(tps)
@@ -234,6 +235,7 @@ class JudgeStage:
                     for m in msgs:
                         key = m.key.decode()
                         self.core.restore(key, m.value)
+                        log.debug("restored %s at %s@%d (%d bytes)", key, tp, m.offset, len(m.value or b""))
                         self.pair_partition[key] = tp.partition
                         restored += 1
             log.info("restored pair state from %s partitions %s (%d records)", topic, sorted(partitions), restored)
@@ -265,22 +267,19 @@ class _ForgetProgress(ConsumerRebalanceListener):
 
 
 class _Recovery(ConsumerRebalanceListener):
-    """Pairs follow their diffs partition: forget revoked ones, restore assigned ones first."""
+    """Pairs follow their diffs partition: forget revoked ones; restore assigned ones before any
+    record is applied. The restore itself runs in the stage's loop (JudgeStage.run), never beside
+    an apply: aiokafka may hand out records of a new assignment while this listener still runs."""
 
     def __init__(self, stage: JudgeStage):
         self.stage = stage
 
     async def on_partitions_revoked(self, revoked) -> None:
         gone = {tp.partition for tp in revoked}
+        log.debug("judge partitions revoked: %s", sorted(gone))
         self.stage.core.forget({k for k, p in self.stage.pair_partition.items() if p in gone})
         for p in gone:
             self.stage.views.pop(p, None)
 
     async def on_partitions_assigned(self, assigned) -> None:
-        # aiokafka logs and swallows a listener's exception; judging without the restored state
-        # would count everything again, so a failure here stops the stage (see JudgeStage.run).
-        try:
-            await until_done("kafka", self.stage.health, lambda: self.stage.restore({tp.partition for tp in assigned}))
-        except BaseException as exc:
-            self.stage.fatal = exc
-            raise
+        self.stage.assigned = {tp.partition for tp in assigned}

@@ -32,14 +32,14 @@ Role = Literal["all", "replay", "judge"]
 
 async def run_worker_async(settings: Settings, role: Role = "all") -> None:
     health = Health()
-    await until_done("kafka", health, lambda: ensure_topics(settings))
+    partitions = await until_done("kafka", health, lambda: ensure_topics(settings))
     tasks: list[asyncio.Task] = []
     sink = None
     if role in ("replay", "all"):
         from streams.replay import ReplayCore
         from streams.stages import ReplayStage
 
-        replay = ReplayStage(settings, ReplayCore(settings), health)
+        replay = ReplayStage(settings, ReplayCore(settings), health, partitions)
         tasks.append(asyncio.create_task(replay.run(), name="replay"))
     if role in ("judge", "all"):
         from streams.judge import JudgeCore

@@ -123,7 +123,7 @@ def test_worker_killed_mid_stream_loses_nothing_and_counts_nothing_twice(kafka_b
     topic = new_topic("crash", partitions=3)
     candidates = {"digits-v2": models["good"]}
     api_port = free_port()
-    config = write_worker_config(tmp_path, kafka_bootstrap, candidates, topic, api_port, commit_interval_s=60)
+    config = write_worker_config(tmp_path, kafka_bootstrap, candidates, topic, api_port)
     # The first 2,000 requests fill exactly two 20 s windows; the rest start a new one, so a
     # window the first worker closed (idle, before the kill) gets no later requests.
     start = window_aligned_start(total, rate_per_s=50, window_s=20)
