@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from schemas import Verdict, WindowStats
+from scorers.accumulate import PairAccumulator
 from scorers.diffs import ClassificationDiffs
 from scorers.judge import judge
 from streams.config import CandidateConfig, Settings
@@ -72,9 +73,8 @@ class JudgeCore:
         """Write the fresh rows of these batches, then count them. Raises (state untouched) when
         the insert fails; call again with the same batches."""
         result = ApplyResult()
-        fresh: list[tuple[PairWindows, DiffBatch, int]] = []  # (pair, fresh rows, duplicates)
+        kept: list[tuple[PairWindows, DiffBatch, int]] = []  # (pair, rows not redelivered, routed)
         pending: dict[str, dict[int, int]] = {}  # applied offsets including earlier batches of this call
-        seen: dict[str, set[str]] = {}
         for batch in batches:
             key = pair_key(batch.model, batch.candidate)
             if key not in self.configs:
@@ -85,50 +85,54 @@ class JudgeCore:
             if batch.covers and all(off <= applied.get(p, -1) for p, off in batch.covers.items()):
                 result.redelivered += len(batch)
                 continue
-            part = batch.columns["source_partition"]
-            limit = np.array([applied.get(int(p), -1) for p in part], dtype=np.int64)
+            limit = np.array([applied.get(int(p), -1) for p in batch.columns["source_partition"]], dtype=np.int64)
             keep = batch.columns["source_offset"] > limit
             skipped = int((~keep).sum())
             result.redelivered += skipped
-            rows = batch.take(np.flatnonzero(keep))
-            rows, dups = self._drop_producer_retries(rows, seen.setdefault(key, set()))
-            result.duplicates += len(dups)
             for p, off in batch.covers.items():
                 applied[p] = max(off, applied.get(p, -1))
-            # Requests routed to the candidate that are new to it, dead-lettered ones included.
-            fresh.append((pw, rows, max(0, batch.routed - skipped - len(dups)), dups))
+            kept.append((pw, batch if not skipped else batch.take(np.flatnonzero(keep)), batch.routed - skipped))
+        fresh = self._drop_producer_retries(kept)
         self.sink.insert_diff_batches([rows for _, rows, _, _ in fresh if len(rows)])
         # Written: now (and only now) count them.
         now = time.time()
         for pw, rows, routed, dups in fresh:
             key = pair_key(pw.model, pw.candidate)
             self._count(pw, rows, dups)
-            pw.received += routed
+            # Requests routed to the candidate that are new to it, dead-lettered ones included.
+            pw.received += max(0, routed - len(dups))
             pw.applied_offsets = pending[key]
             pw.last_event_wall = now
             result.rows += len(rows)
+            result.duplicates += len(dups)
             result.touched.add(key)
         return result
 
-    def _drop_producer_retries(self, rows: DiffBatch, seen: set[str]) -> tuple[DiffBatch, list[int]]:
-        """Rows whose request id was already scored from a *different* message are duplicates."""
-        if not len(rows):
-            return rows, []
-        sent = rows.columns["sent_ms"]
-        prior = self.sink.scored_positions(
-            rows.model, rows.candidate, rows.request_id,
-            since_ms=int(sent.min()) - self.horizon_ms, until_ms=int(sent.max()) + self.horizon_ms,
-        )  # fmt: skip
-        keep, dups = [], []
-        parts, offs = rows.columns["source_partition"].tolist(), rows.columns["source_offset"].tolist()
-        for i, rid in enumerate(rows.request_id):
-            earlier = prior.get(rid)
-            if rid in seen or (earlier is not None and earlier != (parts[i], offs[i])):
-                dups.append(int(rows.columns["sent_ms"][i]))
-                continue
-            seen.add(rid)
-            keep.append(i)
-        return (rows if len(keep) == len(rows) else rows.take(keep)), dups
+    def _drop_producer_retries(self, kept):
+        """Rows whose request id was already scored from a *different* message are duplicates
+        (a producer retry, a replayed backfill): one lookup for the whole call, within the horizon."""
+        ids = [rid for _, rows, _ in kept for rid in rows.request_id]
+        prior: dict = {}
+        if ids:
+            sent = np.concatenate([rows.columns["sent_ms"] for _, rows, _ in kept if len(rows)])
+            pairs = sorted({(pw.model, pw.candidate) for pw, _, _ in kept})
+            prior = self.sink.scored_positions(pairs, ids, since_ms=int(sent.min()) - self.horizon_ms,
+                                               until_ms=int(sent.max()) + self.horizon_ms)  # fmt: skip
+        seen: dict[str, set[str]] = {}
+        out = []
+        for pw, rows, routed in kept:
+            pair_seen = seen.setdefault(pair_key(pw.model, pw.candidate), set())
+            keep, dups = [], []
+            parts, offs = rows.columns["source_partition"].tolist(), rows.columns["source_offset"].tolist()
+            for i, rid in enumerate(rows.request_id):
+                earlier = prior.get((pw.model, pw.candidate, rid))
+                if rid in pair_seen or (earlier is not None and earlier != (parts[i], offs[i])):
+                    dups.append(int(rows.columns["sent_ms"][i]))
+                    continue
+                pair_seen.add(rid)
+                keep.append(i)
+            out.append((pw, rows if len(keep) == len(rows) else rows.take(keep), routed, dups))
+        return out
 
     def _count(self, pw: PairWindows, rows: DiffBatch, dups: list[int]) -> None:
         for sent_ms in dups:
@@ -145,12 +149,17 @@ class JudgeCore:
             idx = np.flatnonzero(starts == start)
             part = rows.take(idx) if len(idx) != len(rows) else rows
             diffs, kwargs = _accumulator_inputs(part)
-            pw.cumulative.update(diffs, **kwargs)
             window = pw.window_for(int(start))
             if window is None:
                 pw.late_events += len(idx)
-            else:
-                window.update(diffs, **kwargs)
+                pw.cumulative.update(diffs, **kwargs)
+                continue
+            # One pass over the rows, then two merges (cost of the state's size, not the rows'):
+            # exact, because accumulators merge exactly (scorers/accumulate.py).
+            delta = PairAccumulator()
+            delta.update(diffs, **kwargs)
+            window.merge(delta)
+            pw.cumulative.merge(delta)
 
     # -- windows and verdicts ---------------------------------------------------------------------
     def close_due(

@@ -89,7 +89,8 @@ class ReplayCore:
         out = ReplayOutput()
         by_model: dict[str, list[tuple[MirroredRequest, Inbound]]] = defaultdict(list)
         for msg in messages:
-            decoded = decode_request(msg.value)
+            # Inputs' finiteness is checked below, once per stacked group (cheaper than per message).
+            decoded = decode_request(msg.value, check_finite=False)
             if not isinstance(decoded, MirroredRequest):
                 out.dead_letters.append(_letter(msg, decoded.error_type, decoded.reason))
                 continue
@@ -100,47 +101,52 @@ class ReplayCore:
                 out.dead_letters.append(_letter(msg, "unknown_model", reason))
                 continue
             by_model[decoded.model].append((decoded, msg))
-            out.requests += 1
         scored_ms = int(time.time() * 1000)
         for model, items in by_model.items():
+            groups = []
+            for group in _groups_by_signature(items):
+                try:
+                    stacked, group, letters = _stack_finite(group)
+                except Exception as exc:  # noqa: BLE001 - never expected (same signature); never fatal
+                    stacked, letters = {}, [_letter(msg, "other", f"inputs: {_describe(exc)}") for _, msg in group]
+                    group = []
+                out.dead_letters.extend(letters)
+                if group:
+                    groups.append((group, stacked))
+            valid = [item for group, _ in groups for item in group]
+            out.requests += len(valid)
             for cand in self.candidates[model]:
-                batch, letters = self._replay_candidate(cand, items, scored_ms)
+                batch, letters = self._replay_candidate(cand, groups, scored_ms)
+                batch.routed = len(valid)
+                batch.covers = _covers(items)  # every message of the model, dead letters included
                 out.batches.append(batch)
                 out.dead_letters.extend(letters)
         return out
 
     # -- one candidate --------------------------------------------------------------------------
-    def _replay_candidate(self, cand: Candidate, items, scored_ms: int) -> tuple[DiffBatch, list[DeadLetter]]:
+    def _replay_candidate(self, cand: Candidate, groups, scored_ms: int) -> tuple[DiffBatch, list[DeadLetter]]:
         letters: list[DeadLetter] = []
         parts: list[DiffBatch] = []
-        for group in _groups_by_signature(items):
+        for group, stacked in groups:
             try:
-                parts.append(self._score(cand, group, scored_ms))
+                parts.append(self._score(cand, group, stacked, scored_ms))
             except Exception as exc:  # noqa: BLE001 - isolate the message that causes it
                 if len(group) == 1:
                     ev, msg = group[0]
                     reason = f"candidate {cand.config.name}: {_describe(exc)}"
                     letters.append(_letter(msg, getattr(exc, "error_type", "replay_failed"), reason, candidate=cand))
                     continue
-                for one in group:  # retry alone: only the poison message fails
-                    batch, more = self._replay_candidate(cand, [one], scored_ms)
+                for i in range(len(group)):  # retry alone: only the poison message fails
+                    one = {name: array[i : i + 1] for name, array in stacked.items()}
+                    batch, more = self._replay_candidate(cand, [([group[i]], one)], scored_ms)
                     parts.append(batch)
                     letters.extend(more)
-        batch = _concat(cand.config, scored_ms, [p for p in parts if len(p)])
-        batch.routed = len(items)
-        batch.covers = _covers(items)
-        return batch, letters
+        return _concat(cand.config, scored_ms, [p for p in parts if len(p)]), letters
 
-    def _score(self, cand: Candidate, group, scored_ms: int) -> DiffBatch:
+    def _score(self, cand: Candidate, group, stacked: dict[str, np.ndarray], scored_ms: int) -> DiffBatch:
         cfg = cand.config
         events = [ev for ev, _ in group]
-        stacked = {name: np.concatenate([_as_batch(ev.inputs[name].to_array()) for ev in events])
-                   for name in events[0].inputs}  # fmt: skip
         try:
-            for name, array in stacked.items():
-                if array.shape[0] != len(events):
-                    raise ValueError(f"inputs.{name}: shape {list(events[0].inputs[name].shape)} holds "
-                                     f"{array.shape[0] // len(events)} rows; a mirrored request carries one")  # fmt: skip
             feeds = cand.adapter(stacked)
             cand.runner.check_row(feeds)
         except ValueError as exc:  # AdapterError, InputShapeError: the request does not fit this candidate
@@ -156,7 +162,7 @@ class ReplayCore:
         cols["sent_ms"][:] = [_ms(ev) for ev in events]
         for name in ("baseline_label", "candidate_label", "label_flip", "confidence_delta", "l1", "linf",
                      "hellinger", "topk_overlap"):  # fmt: skip
-            cols[name][:] = getattr(diffs, name if name != "l1" else "l1")
+            cols[name][:] = getattr(diffs, name)
         cols["baseline_confidence"][:] = _top_confidence(base_rows, cfg.from_logits)
         cols["candidate_confidence"][:] = _top_confidence(cand_rows, cfg.from_logits)
         cols["baseline_latency_ms"][:] = [ev.baseline_latency_ms for ev in events]
@@ -169,6 +175,30 @@ class ReplayCore:
             [ev.baseline_version for ev in events], [str(e) for e in diffs.error.tolist()],
             [dict(ev.attributes) for ev in events], diffs.top_k,
         )  # fmt: skip
+
+
+def _stack_finite(group):
+    """Stack a group's inputs along axis 0 (one row per request); requests with NaN/infinite
+    float inputs become dead letters and leave the group. Returns (stacked, kept, letters)."""
+    events = [ev for ev, _ in group]
+    stacked = {name: np.concatenate([_as_batch(ev.inputs[name].to_array()) for ev in events])
+               for name in events[0].inputs}  # fmt: skip
+    letters, bad = [], np.zeros(len(events), dtype=bool)
+    for name, array in stacked.items():
+        if array.shape[0] != len(events):  # a request carrying several rows: its own group, refused
+            return stacked, [], [_letter(msg, "invalid_tensor", f"inputs.{name}: shape {list(ev.inputs[name].shape)} "
+                                 "holds several rows; a mirrored request carries one") for ev, msg in group]  # fmt: skip
+        if array.dtype.kind in "fc":
+            rows_bad = ~np.isfinite(array.reshape(len(events), -1)).all(axis=1)
+            for i in np.flatnonzero(rows_bad & ~bad).tolist():
+                n_bad = int(array[i].size - np.count_nonzero(np.isfinite(array[i])))
+                letters.append(_letter(group[i][1], "non_finite_input", f"inputs.{name}: {n_bad} of {array[i].size} "
+                                       "values are NaN or infinite; the producer must send finite inputs"))  # fmt: skip
+            bad |= rows_bad
+    if bad.any():
+        keep = np.flatnonzero(~bad)
+        return {name: array[keep] for name, array in stacked.items()}, [group[i] for i in keep.tolist()], letters
+    return stacked, group, letters
 
 
 def _groups_by_signature(items):

@@ -12,6 +12,7 @@ converts the column on insert, exact to the millisecond).
 from __future__ import annotations
 
 
+import json
 import os
 import threading
 from collections.abc import Sequence
@@ -138,23 +139,31 @@ class ClickHouseSink:
         return [dict(zip(cols, r, strict=True)) for r in rows]
 
     def scored_positions(
-        self, model: str, candidate: str, request_ids: list[str], since_ms: int, until_ms: int
-    ) -> dict[str, tuple[int, int]]:
-        """Request ids that already have a diff row sent within [since, until]: id -> (partition, offset).
+        self, pairs: Sequence[tuple[str, str]], request_ids: Sequence[str], since_ms: int, until_ms: int
+    ) -> dict[tuple[str, str, str], tuple[int, int]]:
+        """Request ids of these (model, candidate) pairs that already have a diff row sent within
+        [since, until]: (model, candidate, id) -> the (partition, offset) of the message that wrote it.
 
-        The ``sent_at`` range (the dedup horizon around the batch) prunes the table's daily
-        partitions, so the cost does not grow with history. FINAL is not needed: every copy of a
-        row carries the position of the message that first wrote it.
+        One query for a whole apply. The ``sent_at`` range (the dedup horizon around the batch)
+        prunes the table's daily partitions, so the cost does not grow with history; the ids travel
+        as one JSON string (binding thousands of literals costs more than the query). FINAL is not
+        needed: every copy of a row carries the position of the message that first wrote it.
         """
         if not request_ids:
             return {}
+        models = ", ".join(_literal(m) for m in sorted({m for m, _ in pairs}))
+        candidates = ", ".join(_literal(c) for c in sorted({c for _, c in pairs}))
+        # Literals built here, not bound: clickhouse-connect escapes bound strings one character at
+        # a time in Python, which cost more than the query for a few thousand ids.
         rows = self.query(
-            f"SELECT request_id, source_partition, source_offset FROM {self.database}.request_diffs "
-            "WHERE model = %(m)s AND candidate = %(c)s AND request_id IN %(ids)s "
-            "AND sent_at >= fromUnixTimestamp64Milli(%(lo)s, 'UTC') AND sent_at <= fromUnixTimestamp64Milli(%(hi)s, 'UTC')",
-            {"m": model, "c": candidate, "ids": list(request_ids), "lo": int(since_ms), "hi": int(until_ms)},
-        )
-        return {request_id: (partition, offset) for request_id, partition, offset in rows}
+            f"SELECT model, candidate, request_id, source_partition, source_offset FROM {self.database}.request_diffs "
+            f"WHERE model IN ({models}) AND candidate IN ({candidates}) "
+            f"AND request_id IN (SELECT arrayJoin(JSONExtract({_literal(json.dumps(list(set(request_ids))))}, 'Array(String)'))) "
+            f"AND sent_at >= fromUnixTimestamp64Milli({int(since_ms)}, 'UTC') "
+            f"AND sent_at <= fromUnixTimestamp64Milli({int(until_ms)}, 'UTC')"
+        )  # fmt: skip
+        wanted = set(pairs)
+        return {(m, c, r): (p, o) for m, c, r, p, o in rows if (m, c) in wanted}
 
     def diff_counts(self) -> dict[tuple[str, str], int]:
         """Distinct scored requests per (model, candidate), duplicates collapsed."""
@@ -162,6 +171,11 @@ class ClickHouseSink:
             f"SELECT model, candidate, count() FROM {self.database}.request_diffs FINAL GROUP BY model, candidate"
         )
         return {(m, c): n for m, c, n in rows}
+
+
+def _literal(text: str) -> str:
+    """A ClickHouse string literal (backslash and quote escaped; str.replace runs in C)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def resolve_dsn(dsn: str) -> str:

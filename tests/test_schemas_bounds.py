@@ -192,7 +192,7 @@ def test_oversized_respects_the_parameter():
 
 
 def test_unexpected_exceptions_are_other_and_named(monkeypatch):
-    def boom(request):
+    def boom(request, check_finite=True):
         raise RuntimeError("scorer bug")
 
     monkeypatch.setattr(schemas.decode, "check_scorable", boom)

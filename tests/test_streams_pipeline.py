@@ -151,17 +151,19 @@ def test_poison_messages_are_dead_letters_and_the_batch_is_scored(pipeline, traf
         json.dumps({**good, "request_id": "nan", "inputs": {"pixels": {"dtype": "float32", "shape": [1, 64], "data": [float("nan")] * 64}}}).encode(),
         json.dumps({**good, "request_id": "huge-attr", "attributes": {"country": "x" * 2_000_000}}).encode(),
         json.dumps({**good, "request_id": "u-1", "model": "unknown"}).encode(),
+        json.dumps({**good, "request_id": "rows", "inputs": {"pixels": {"dtype": "float32", "shape": [5, 64], "data": [0.0] * 320}}}).encode(),
     ]  # fmt: skip
     batch = traffic[:100] + poison + traffic[100:200]
     result = pipeline.process(batch)
-    kinds = [d.error_type for d in result.dead_letters]
+    letters = sorted(result.dead_letters, key=lambda d: d.offset)
+    kinds = [d.error_type for d in letters]
     assert kinds == ["tombstone", "invalid_json", "too_deep", "invalid_schema", "invalid_tensor", "invalid_tensor",
-                     "non_finite_input", "invalid_schema", "unknown_model"], [d.reason for d in result.dead_letters]
+                     "non_finite_input", "invalid_schema", "unknown_model", "invalid_tensor"], [d.reason for d in letters]
     assert result.diff_rows == 3 * 200  # every valid request, each candidate
-    assert [d.offset for d in result.dead_letters] == list(range(100, 100 + len(poison)))
-    big = next(d for d in result.dead_letters if d.original_size and d.original_size > 1_000_000)
+    assert [d.offset for d in letters] == list(range(100, 100 + len(poison)))
+    big = next(d for d in letters if d.original_size and d.original_size > 1_000_000)
     assert big.payload_truncated and len(big.model_dump_json()) < 100_000 and big.payload_sha256
-    assert "no candidate is configured" in result.dead_letters[-1].reason
+    assert "no candidate is configured" in letters[-2].reason and "carries one" in letters[-1].reason
 
 
 def test_a_request_that_does_not_fit_one_candidate_is_a_dead_letter_for_that_one(models, tmp_path, traffic):
