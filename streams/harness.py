@@ -8,6 +8,7 @@ produces with aiokafka, polls the HTTP API, and can run a broker of its own to s
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -42,22 +43,25 @@ def write_worker_config(
     directory: Path, bootstrap: str, candidates: dict[str, Path], topic: str, api_port: int,
     timing: str = "per_request", window_s: float = 20, idle_close_s: float = 4,
     chdb: Path | None = None, windows: dict[str, Any] | None = None, partitions: int = 3,
+    policy: dict[str, Any] | None = None, diffs_partitions: int = 2, kafka: dict[str, Any] | None = None,
+    name: str = "worker.toml",
 ) -> Path:  # fmt: skip
     """A TOML config replaying the digits v1 traffic against v2 candidates (name -> ONNX path).
 
     ``windows``: more [windows] settings (e.g. partition_idle_s); ``chdb``: the data path
     (default: ``directory/chdb``)."""
-    policy = ", ".join(f"{k} = {v!r}" for k, v in DEMO_POLICY.items())
+    policy_text = ", ".join(f"{k} = {v!r}" for k, v in {**DEMO_POLICY, **(policy or {})}.items())
     window_settings = {"size_s": window_s, "grace_s": 2, "idle_close_s": idle_close_s, **(windows or {})}
     window_lines = "".join(f"{k} = {v!r}\n" for k, v in window_settings.items())
+    kafka_settings = {"group_id": f"worker-{topic}", **(kafka or {})}
+    kafka_lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in kafka_settings.items())
     text = f"""
 [kafka]
 bootstrap = "{bootstrap}"
 topic = "{topic}"
 dead_letter_topic = "{topic}.dlq"
-group_id = "worker-{topic}"
-partitions = {partitions}
-diffs_partitions = 2
+{kafka_lines}partitions = {partitions}
+diffs_partitions = {diffs_partitions}
 session_timeout_s = 6  # a killed worker's partitions move quickly in tests
 
 [clickhouse]
@@ -80,9 +84,9 @@ name = "{name}"
 model = "digits"
 path = "{path}"
 adapter = {{ rename = {{ pixels = "image" }}, cast = {{ image = "float32" }}, scale = {{ image = 0.0625 }} }}
-policy = {{ {policy} }}
+policy = {{ {policy_text} }}
 """
-    path = directory / "worker.toml"
+    path = directory / name
     path.write_text(text)
     return path
 
@@ -102,6 +106,20 @@ def produce(bootstrap: str, topic: str, messages: list[bytes | None], partition:
             await asyncio.gather(*futures)
         finally:
             await producer.stop()
+
+    asyncio.run(run())
+
+
+def create_topic(bootstrap: str, name: str, partitions: int, config: dict | None = None) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    async def run() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=config or {})])
+        finally:
+            await admin.close()
 
     asyncio.run(run())
 

@@ -149,8 +149,13 @@ class ClickHouseSink:
         as one JSON string (binding thousands of literals costs more than the query). FINAL is not
         needed: every copy of a row carries the position of the message that first wrote it.
         """
-        if not request_ids:
-            return {}
+        ids = sorted(set(request_ids))
+        out: dict[tuple[str, str, str], tuple[int, int]] = {}
+        for lo in range(0, len(ids), 4000):  # keeps each query under ClickHouse's max_query_size
+            out.update(self._scored_positions(pairs, ids[lo : lo + 4000], since_ms, until_ms))
+        return out
+
+    def _scored_positions(self, pairs, request_ids, since_ms, until_ms):
         models = ", ".join(_literal(m) for m in sorted({m for m, _ in pairs}))
         candidates = ", ".join(_literal(c) for c in sorted({c for _, c in pairs}))
         # Literals built here, not bound: clickhouse-connect escapes bound strings one character at
@@ -158,7 +163,7 @@ class ClickHouseSink:
         rows = self.query(
             f"SELECT model, candidate, request_id, source_partition, source_offset FROM {self.database}.request_diffs "
             f"WHERE model IN ({models}) AND candidate IN ({candidates}) "
-            f"AND request_id IN (SELECT arrayJoin(JSONExtract({_literal(json.dumps(list(set(request_ids))))}, 'Array(String)'))) "
+            f"AND request_id IN (SELECT arrayJoin(JSONExtract({_literal(json.dumps(request_ids))}, 'Array(String)'))) "
             f"AND sent_at >= fromUnixTimestamp64Milli({int(since_ms)}, 'UTC') "
             f"AND sent_at <= fromUnixTimestamp64Milli({int(until_ms)}, 'UTC')"
         )  # fmt: skip

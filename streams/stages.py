@@ -91,7 +91,10 @@ class ReplayStage:
             tp = TopicPartition(m.topic, m.partition)
             offsets[tp] = max(offsets.get(tp, -1), m.offset)
         now = time.time()
+        assigned = consumer.assignment()
         for tp, last in offsets.items():
+            if tp not in assigned:  # moved during the batch: its new owner reports it
+                continue
             old = self.progress.get(tp.partition)
             sent = max(out.max_sent_ms.get(tp.partition, 0), old.max_sent_ms if old else 0)
             highwater = consumer.highwater(tp)
@@ -109,8 +112,11 @@ class ReplayStage:
         report = Progress(self.replica, mirror_partitions, now)
         for tp in consumer.assignment():
             old = self.progress.get(tp.partition)
-            position = old.position if old else await consumer.position(tp)
-            highwater = consumer.highwater(tp)
+            try:
+                position = old.position if old else await consumer.position(tp)
+                highwater = consumer.highwater(tp)
+            except (AssertionError, IllegalStateError):  # revoked meanwhile: its new owner reports it
+                continue
             report.partitions[tp.partition] = PartitionProgress(
                 position, -1 if highwater is None else highwater, old.max_sent_ms if old else 0,
                 old.advanced_wall if old else now,

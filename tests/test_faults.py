@@ -15,7 +15,6 @@ stages apart (two replay processes and a judge process).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import time
@@ -28,7 +27,8 @@ import pytest
 
 from streams.demo import TrafficGenerator
 from streams.harness import (
-    OwnBroker, Workers, consume_all, free_port, produce, window_aligned_start, window_totals, write_worker_config,
+    OwnBroker, Workers, consume_all, create_topic, free_port, produce, window_aligned_start, window_totals,
+    write_worker_config,
 )  # fmt: skip
 from streams.models import build_digits_models
 from streams.sink import ClickHouseSink
@@ -48,20 +48,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
 def traffic(models) -> list[bytes]:
     start = window_aligned_start(VALID, rate_per_s=50, window_s=20)
     return TrafficGenerator(models["baseline"], rate_per_s=50, seed=11).messages(VALID, start=start)
-
-
-def create_topic(bootstrap: str, name: str, partitions: int, config: dict | None = None) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    async def run() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=config or {})])
-        finally:
-            await admin.close()
-
-    asyncio.run(run())
 
 
 def setup(tmp_path, bootstrap, models, *, partitions=3, chdb=None, windows=None, big_messages=False):
@@ -165,11 +151,11 @@ def test_poison_is_isolated_and_nothing_valid_is_lost(kafka_bootstrap, tmp_path,
 
 
 def test_a_quiet_partition_does_not_hold_windows_open(kafka_bootstrap, tmp_path, models, traffic):
-    """Partition 2 gets nothing. With idle closing out of reach (1 h), only the watermark can close
-    windows: they close because a partition read to its end and silent for partition_idle_s stops
-    holding it back; every window but the newest is written while the stream is still open."""
+    """Partition 2 has the first requests, then goes quiet. With idle closing out of reach (1 h),
+    only the watermark can close windows: they close because a partition read to its end and
+    silent for partition_idle_s stops holding it back; every window but the newest is written."""
     topic, config, api = setup(tmp_path, kafka_bootstrap, models, windows={"idle_close_s": 3600, "partition_idle_s": 3})
-    produce(kafka_bootstrap, topic, traffic, partition=lambda i: i % 2)
+    produce(kafka_bootstrap, topic, traffic, partition=lambda i: i % 3 if i < 300 else i % 2)
     workers = Workers(config, tmp_path, "one")
     per_window = 20 * 50  # 20 s windows at 50 requests/s
     closed = VALID - VALID % per_window if VALID % per_window else VALID - per_window
@@ -182,11 +168,12 @@ def test_a_quiet_partition_does_not_hold_windows_open(kafka_bootstrap, tmp_path,
 
 
 def test_open_windows_are_capped_when_a_partition_holds_the_watermark(kafka_bootstrap, tmp_path, models, traffic):
-    """Partition 2 stays silent and never counts as quiet: the cap on open windows (2) closes the
-    oldest early instead of letting the state grow; the early closes are counted in the state."""
+    """Partition 2 has the first requests, then stays silent and never counts as quiet: the cap
+    on open windows (2) closes the oldest early instead of letting the state grow (the early
+    closes are logged and counted in the state)."""
     topic, config, api = setup(tmp_path, kafka_bootstrap, models,
                                windows={"idle_close_s": 3600, "partition_idle_s": 3600, "max_open_windows": 2})  # fmt: skip
-    produce(kafka_bootstrap, topic, traffic, partition=lambda i: i % 2)
+    produce(kafka_bootstrap, topic, traffic, partition=lambda i: i % 3 if i < 300 else i % 2)
     workers = Workers(config, tmp_path, "one")
     try:
         # 2,000 requests over 40 s of event time = 2 windows: nothing is over the cap yet.
@@ -270,6 +257,7 @@ def test_a_broker_outage_splits_no_window(tmp_path, models, topology):
 
     broker = OwnBroker(f"faults-{topology}")
     broker.run("start")
+    workers = None
     try:
         topic, config, api = setup(tmp_path, broker.bootstrap, models)
         source = [MirroredRequest.model_validate_json(m) for m in TrafficGenerator(
@@ -295,10 +283,10 @@ def test_a_broker_outage_splits_no_window(tmp_path, models, topology):
         assert saw_disconnected, "MirrorClient.stats().connected stayed True while the broker was down"
         delivered = consume_all(broker.bootstrap, topic, expect=len(source), timeout_s=30)
         valid_ids = request_ids(delivered)
-        try:
-            wait_exact(workers, api, len(valid_ids), timeout_s=180)  # a late event would leave a sum short
-        finally:
-            workers.stop()
+        wait_exact(workers, api, len(valid_ids), timeout_s=180)  # a late event would leave a sum short
+        workers.stop()
         check_rows(tmp_path / "chdb", valid_ids)
     finally:
+        if workers is not None:
+            workers.stop()
         broker.run("clean")

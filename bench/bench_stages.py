@@ -1,0 +1,243 @@
+"""Throughput of the two stages, each measured as it runs in production (separate processes, real
+Kafka, chDB), plus the embedded pipeline. Prints medians of --runs runs; none of this is a test.
+
+- pipeline: ReplayCore + JudgeCore in one process, no Kafka (what the demo runs), requests/s;
+- replay:   --role replay processes (1, then 2) draining a pre-filled mirror topic of --requests
+            digits requests against 2 candidates, requests/s from the group's first commit to its
+            last (start-up excluded);
+- judge:    a --role judge process draining the diffs topic those requests produced, diff rows/s
+            into chDB, with an empty table and with --stored-rows rows already stored;
+- e2e:      producer -> Kafka -> one replay process -> one judge process -> chDB, requests/s from
+            the first message produced to the last offset committed by the judge.
+
+Usage: KAFKA_BOOTSTRAP=127.0.0.1:19092 python bench/bench_stages.py [--requests 200000] [--runs 3]
+       [--stored-rows 20000000] [--only pipeline replay judge e2e]
+(without KAFKA_BOOTSTRAP it starts scripts/kafka.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from streams.demo import TrafficGenerator
+from streams.harness import WorkerProcess, create_topic, free_port, produce, write_worker_config
+from streams.models import build_digits_models
+
+ROOT = Path(__file__).resolve().parents[1]
+CANDIDATES = ("digits-v2", "digits-v2-degraded")
+MIRROR_PARTITIONS = 6
+
+
+def bootstrap() -> str:
+    if os.environ.get("KAFKA_BOOTSTRAP"):
+        return os.environ["KAFKA_BOOTSTRAP"]
+    out = subprocess.run(["bash", str(ROOT / "scripts/kafka.sh"), "start"], check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1].split("=", 1)[1]
+
+
+async def _progress(broker: str, topic: str, group: str) -> tuple[int, int]:
+    """(committed, end) summed over the topic's partitions for the group."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker)
+    await admin.start()
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            await consumer.topics()
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in parts]
+        end = sum((await consumer.end_offsets(tps)).values())
+        committed = await admin.list_consumer_group_offsets(group)
+        return sum(o.offset for tp, o in committed.items() if tp.topic == topic and o.offset > 0), end
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+def drain_rate(broker: str, topic: str, group: str, procs: list[WorkerProcess], what: str, timeout_s: float = 900):
+    """Wait until the group has committed the topic's end; items/s from its first commit."""
+    first: tuple[float, int] | None = None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for p in procs:
+            if not p.alive:
+                raise RuntimeError(f"{what}: a process exited:\n{p.log_tail()}")
+        committed, end = asyncio.run(_progress(broker, topic, group))
+        now = time.perf_counter()
+        if committed and first is None:
+            first = (now, committed)
+        if end and committed >= end:
+            assert first is not None
+            return (committed - first[1]) / max(now - first[0], 1e-9), now - first[0]
+        time.sleep(0.2)
+    raise TimeoutError(f"{what}: not drained in {timeout_s} s")
+
+
+def config_for(work: Path, broker: str, models: dict, topic: str, name: str, **kafka) -> Path:
+    return write_worker_config(
+        work, broker, {c: models["good" if c == "digits-v2" else "degraded"] for c in CANDIDATES}, topic, free_port(),
+        timing="per_request", window_s=3600, idle_close_s=3600, partitions=MIRROR_PARTITIONS, diffs_partitions=4,
+        kafka=kafka, name=name, chdb=work / name.replace(".toml", "-chdb"),
+    )  # fmt: skip
+
+
+def bench_pipeline(models: dict, messages: list[bytes], work: Path, runs: int) -> None:
+    from streams.demo import demo_settings
+    from streams.pipeline import Pipeline
+    from streams.sink import ClickHouseSink
+
+    rates = []
+    for i in range(runs):
+        settings = demo_settings(work / f"pipeline-{i}", models)
+        settings.candidates = [c for c in settings.candidates if not c.noise_reference]  # 2 candidates, as the others
+        sink = ClickHouseSink(settings.clickhouse.dsn)
+        pipeline = Pipeline(settings, sink)
+        start = time.perf_counter()
+        for lo in range(0, len(messages), 256):
+            pipeline.process(messages[lo : lo + 256])
+        pipeline.close_due(force=True)
+        rates.append(len(messages) / (time.perf_counter() - start))
+        sink.close()
+        print(f"  pipeline run {i + 1}: {rates[-1]:,.0f} requests/s")
+    print(f"pipeline (in process, no Kafka): median {statistics.median(rates):,.0f} requests/s, 2 candidates")
+
+
+def bench_replay(broker, models, mirror, n, work, runs, processes) -> str:
+    rates, diffs_topic = [], ""
+    for i in range(runs):
+        group = f"bench-replay-{uuid.uuid4().hex[:6]}"
+        diffs_topic = f"{mirror}.diffs-{group}"
+        config = config_for(work, broker, models, mirror, f"replay-{processes}-{i}.toml", group_id=group,
+                            diffs_topic=diffs_topic)  # fmt: skip
+        procs = [WorkerProcess(config, work / f"replay-{processes}-{i}-{k}.log", role="replay") for k in range(processes)]
+        try:
+            rate, took = drain_rate(broker, mirror, group, procs, "replay")
+        finally:
+            for p in procs:
+                p.stop()
+        rates.append(rate)
+        print(f"  replay x{processes} run {i + 1}: {rate:,.0f} requests/s ({took:.1f} s)")
+    print(f"replay stage, {processes} process(es): median {statistics.median(rates):,.0f} requests/s "
+          f"({n:,} requests x 2 candidates)")  # fmt: skip
+    return diffs_topic
+
+
+def prefill_rows(dsn_dir: Path, rows: int) -> None:
+    """``rows`` synthetic diff rows for the benchmark's pairs, spread over the last 5 days."""
+    code = f"""
+from streams.sink import ClickHouseSink
+s = ClickHouseSink("chdb:///{dsn_dir}")
+s.client.command('''INSERT INTO shadowlens.request_diffs (model, candidate, request_id, baseline_version, sent_at,
+  scored_at, baseline_label, candidate_label, label_flip, error, source_partition, source_offset)
+  SELECT 'digits', if(number % 2 = 0, 'digits-v2', 'digits-v2-degraded'), generateUUIDv4(), 'v1',
+  now64(3) - toIntervalMillisecond(number % 432000000), now64(3), number % 10, number % 10, 0, '', 99, number
+  FROM numbers({rows})''', settings={{"max_insert_threads": 2}})
+print(s.query("SELECT count() FROM shadowlens.request_diffs")[0][0])
+s.close()
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def bench_judge(broker, models, mirror, diffs_topic, rows, work, runs, stored) -> None:
+    template = work / "judge-stored"
+    if stored:
+        t = time.perf_counter()
+        prefill_rows(template, stored)
+        print(f"  ({stored:,} rows stored in {time.perf_counter() - t:.0f} s)")
+    rates = []
+    for i in range(runs):
+        group = f"bench-judge-{uuid.uuid4().hex[:6]}"
+        name = f"judge-{stored}-{i}.toml"
+        config = config_for(work, broker, models, mirror, name, judge_group_id=group, diffs_topic=diffs_topic)
+        chdb = work / name.replace(".toml", "-chdb")
+        if stored:
+            shutil.copytree(template, chdb)
+        proc = WorkerProcess(config, work / f"judge-{stored}-{i}.log", role="judge")
+        try:
+            rate, took = drain_rate(broker, diffs_topic, group, [proc], "judge")
+        finally:
+            proc.stop()
+        shutil.rmtree(chdb, ignore_errors=True)
+        # Kafka records per second -> diff rows per second (each record is one micro-batch of one pair).
+        rates.append(rate * rows / max(1, asyncio.run(_progress(broker, diffs_topic, group))[1]))
+        print(f"  judge run {i + 1} ({stored:,} rows stored): {rates[-1]:,.0f} diff rows/s ({took:.1f} s)")
+    print(f"judge stage, {stored:,} rows stored: median {statistics.median(rates):,.0f} diff rows/s into chDB")
+
+
+def bench_e2e(broker, models, messages, work, runs) -> None:
+    rates = []
+    for i in range(runs):
+        topic = f"bench-e2e-{uuid.uuid4().hex[:8]}"
+        create_topic(broker, topic, MIRROR_PARTITIONS)
+        config = config_for(work, broker, models, topic, f"e2e-{i}.toml")
+        procs = [WorkerProcess(config, work / f"e2e-{i}-{role}.log", role=role) for role in ("replay", "judge")]
+        try:
+            time.sleep(8)  # both processes up and in their groups
+            start = time.perf_counter()
+            produce(broker, topic, messages)
+            group = f"worker-{topic}-judge"
+            while True:
+                committed, end = asyncio.run(_progress(broker, f"{topic}.diffs", group))
+                replayed, produced = asyncio.run(_progress(broker, topic, f"worker-{topic}"))
+                if produced and replayed >= produced and end and committed >= end:
+                    break
+                if not all(p.alive for p in procs):
+                    raise RuntimeError("e2e: a process exited")
+                time.sleep(0.2)
+            rates.append(len(messages) / (time.perf_counter() - start))
+        finally:
+            for p in procs:
+                p.stop()
+        print(f"  e2e run {i + 1}: {rates[-1]:,.0f} requests/s")
+    print(f"end to end (one replay + one judge process): median {statistics.median(rates):,.0f} requests/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=200_000)
+    parser.add_argument("--e2e-requests", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--stored-rows", type=int, default=20_000_000)
+    parser.add_argument("--only", nargs="+", default=["pipeline", "replay", "judge", "e2e"])
+    args = parser.parse_args()
+    broker = bootstrap()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        work = Path(tmp)
+        models = build_digits_models(work / "models")
+        t = time.perf_counter()
+        messages = TrafficGenerator(models["baseline"], rate_per_s=1000).messages(args.requests)
+        print(f"{args.requests:,} mirrored digits requests generated in {time.perf_counter() - t:.0f} s; "
+              f"broker {broker}; {os.cpu_count()} cores")  # fmt: skip
+        if "pipeline" in args.only:
+            bench_pipeline(models, messages[:20_000], work, args.runs)
+        if {"replay", "judge"} & set(args.only):
+            mirror = f"bench-mirror-{uuid.uuid4().hex[:8]}"
+            create_topic(broker, mirror, MIRROR_PARTITIONS)
+            produce(broker, mirror, messages)
+            diffs_topic = bench_replay(broker, models, mirror, args.requests, work, args.runs, 1)
+            if "replay" in args.only:
+                bench_replay(broker, models, mirror, args.requests, work, args.runs, 2)
+            if "judge" in args.only:
+                rows = args.requests * len(CANDIDATES)
+                bench_judge(broker, models, mirror, diffs_topic, rows, work, args.runs, 0)
+                bench_judge(broker, models, mirror, diffs_topic, rows, work, args.runs, args.stored_rows)
+        if "e2e" in args.only:
+            bench_e2e(broker, models, messages[: args.e2e_requests], work, args.runs)
+
+
+if __name__ == "__main__":
+    main()
