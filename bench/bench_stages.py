@@ -55,11 +55,8 @@ async def _progress(broker: str, topic: str, group: str) -> tuple[int, int]:
     await admin.start()
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        if not parts:
-            await consumer.topics()
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in parts]
+        (described,) = await admin.describe_topics([topic])
+        tps = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
         end = sum((await consumer.end_offsets(tps)).values())
         committed = await admin.list_consumer_group_offsets(group)
         return sum(o.offset for tp, o in committed.items() if tp.topic == topic and o.offset > 0), end
@@ -87,11 +84,12 @@ def drain_rate(broker: str, topic: str, group: str, procs: list[WorkerProcess], 
     raise TimeoutError(f"{what}: not drained in {timeout_s} s")
 
 
-def config_for(work: Path, broker: str, models: dict, topic: str, name: str, **kafka) -> Path:
+def config_for(work: Path, broker: str, models: dict, topic: str, name: str, chdb: Path | None = None,
+               **kafka) -> Path:  # fmt: skip
     return write_worker_config(
         work, broker, {c: models["good" if c == "digits-v2" else "degraded"] for c in CANDIDATES}, topic, free_port(),
         timing="per_request", window_s=3600, idle_close_s=3600, partitions=MIRROR_PARTITIONS, diffs_partitions=4,
-        kafka=kafka, name=name, chdb=work / name.replace(".toml", "-chdb"),
+        kafka=kafka, name=name, chdb=chdb or work / name.replace(".toml", "-chdb"),
     )  # fmt: skip
 
 
@@ -162,16 +160,17 @@ def bench_judge(broker, models, mirror, diffs_topic, rows, work, runs, stored) -
     for i in range(runs):
         group = f"bench-judge-{uuid.uuid4().hex[:6]}"
         name = f"judge-{stored}-{i}.toml"
-        config = config_for(work, broker, models, mirror, name, judge_group_id=group, diffs_topic=diffs_topic)
-        chdb = work / name.replace(".toml", "-chdb")
-        if stored:
-            shutil.copytree(template, chdb)
+        # With stored rows, every run writes into the same pre-filled database (it only grows);
+        # chDB data directories cannot be copied (their metadata links point into the original).
+        chdb = template if stored else work / name.replace(".toml", "-chdb")
+        config = config_for(work, broker, models, mirror, name, chdb=chdb, judge_group_id=group, diffs_topic=diffs_topic)
         proc = WorkerProcess(config, work / f"judge-{stored}-{i}.log", role="judge")
         try:
             rate, took = drain_rate(broker, diffs_topic, group, [proc], "judge")
         finally:
             proc.stop()
-        shutil.rmtree(chdb, ignore_errors=True)
+        if not stored:
+            shutil.rmtree(chdb, ignore_errors=True)
         # Kafka records per second -> diff rows per second (each record is one micro-batch of one pair).
         rates.append(rate * rows / max(1, asyncio.run(_progress(broker, diffs_topic, group))[1]))
         print(f"  judge run {i + 1} ({stored:,} rows stored): {rates[-1]:,.0f} diff rows/s ({took:.1f} s)")
