@@ -39,6 +39,7 @@ from streams.models import build_digits_models
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = ("digits-v2", "digits-v2-degraded")
 MIRROR_PARTITIONS = 6
+TIMING = "per_request"  # --timing
 
 
 def bootstrap() -> str:
@@ -88,7 +89,7 @@ def config_for(work: Path, broker: str, models: dict, topic: str, name: str, chd
                **kafka) -> Path:  # fmt: skip
     return write_worker_config(
         work, broker, {c: models["good" if c == "digits-v2" else "degraded"] for c in CANDIDATES}, topic, free_port(),
-        timing="per_request", window_s=3600, idle_close_s=3600, partitions=MIRROR_PARTITIONS, diffs_partitions=4,
+        timing=TIMING, window_s=3600, idle_close_s=3600, partitions=MIRROR_PARTITIONS, diffs_partitions=4,
         kafka=kafka, name=name, chdb=chdb or work / name.replace(".toml", "-chdb"),
     )  # fmt: skip
 
@@ -101,6 +102,7 @@ def bench_pipeline(models: dict, messages: list[bytes], work: Path, runs: int) -
     rates = []
     for i in range(runs):
         settings = demo_settings(work / f"pipeline-{i}", models)
+        settings.replay.timing = TIMING
         settings.candidates = [c for c in settings.candidates if not c.noise_reference]  # 2 candidates, as the others
         sink = ClickHouseSink(settings.clickhouse.dsn)
         pipeline = Pipeline(settings, sink)
@@ -212,7 +214,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--stored-rows", type=int, default=20_000_000)
     parser.add_argument("--only", nargs="+", default=["pipeline", "replay", "judge", "e2e"])
+    parser.add_argument("--timing", default="per_request", choices=["per_request", "batched"],
+                        help="candidate timing: one session.run per row (default) or per micro-batch")
     args = parser.parse_args()
+    global TIMING
+    TIMING = args.timing
     broker = bootstrap()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         work = Path(tmp)
@@ -220,7 +226,7 @@ def main() -> None:
         t = time.perf_counter()
         messages = TrafficGenerator(models["baseline"], rate_per_s=1000).messages(args.requests)
         print(f"{args.requests:,} mirrored digits requests generated in {time.perf_counter() - t:.0f} s; "
-              f"broker {broker}; {os.cpu_count()} cores")  # fmt: skip
+              f"broker {broker}; {os.cpu_count()} cores; timing {TIMING}")  # fmt: skip
         if "pipeline" in args.only:
             bench_pipeline(models, messages[:20_000], work, args.runs)
         if {"replay", "judge"} & set(args.only):

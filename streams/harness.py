@@ -124,8 +124,10 @@ def create_topic(bootstrap: str, name: str, partitions: int, config: dict | None
     asyncio.run(run())
 
 
-def consume_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 30) -> list[bytes]:
-    async def run() -> list[bytes]:
+def consume_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 30, keys: bool = False) -> list:
+    """Every value in the topic (``keys``: (key, value) pairs), waiting up to ``timeout_s`` for ``expect``."""
+
+    async def run() -> list:
         consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                     group_id=f"check-{uuid.uuid4().hex[:6]}")  # fmt: skip
         await consumer.start()
@@ -134,7 +136,7 @@ def consume_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 30) 
             deadline = time.monotonic() + timeout_s
             while len(out) < expect and time.monotonic() < deadline:
                 batch = await consumer.getmany(timeout_ms=500)
-                out.extend(m.value for msgs in batch.values() for m in msgs)
+                out.extend((m.key, m.value) if keys else m.value for msgs in batch.values() for m in msgs)
         finally:
             await consumer.stop()
         return out
