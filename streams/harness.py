@@ -245,9 +245,7 @@ class OwnBroker:
     test can stop and restart it without disturbing the shared one."""
 
     def __init__(self, name: str):
-        port = free_port()
-        while port + 1 > 65535 or not _port_free(port + 1):
-            port = free_port()
+        port = free_port_pair()
         self.bootstrap = f"127.0.0.1:{port}"
         self.env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_CONTROLLER_PORT": str(port + 1),
                     "KAFKA_STATE_DIR": f"/tmp/shadowlens-kafka-{name}-{os.getpid()}"}  # fmt: skip
@@ -260,10 +258,14 @@ class OwnBroker:
             raise RuntimeError(f"kafka.sh {command} failed:\n{proc.stdout}\n{proc.stderr}")
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+def free_port_pair() -> int:
+    """A port p with p+1 also free (kafka.sh puts the controller on p+1)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair")

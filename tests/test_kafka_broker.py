@@ -11,7 +11,6 @@ import asyncio
 import base64
 import os
 import re
-import socket
 import subprocess
 import time
 import uuid
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from streams.harness import free_port_pair
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
 
@@ -137,26 +138,11 @@ def test_cluster_ids_are_valid_kafka_uuids_never_starting_with_a_dash():
         assert len(base64.urlsafe_b64decode(cluster_id + "==")) == 16, cluster_id
 
 
-def _free_port_pair() -> int:
-    """A port p with p+1 also free (kafka.sh puts the controller on p+1)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port pair")
-
-
 class _OwnBroker:
     """A broker of the test's own (port, state dir), so restarting it disturbs no other test."""
 
     def __init__(self, state_dir: Path) -> None:
-        port = _free_port_pair()
+        port = free_port_pair()
         self.state_dir = state_dir
         self.env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_CONTROLLER_PORT": str(port + 1),
                     "KAFKA_STATE_DIR": str(state_dir)}

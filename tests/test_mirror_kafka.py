@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from mirror import AsyncMirrorClient, MirrorClient, MirrorMiddleware
 from mirror.cli import app as mirror_cli
 from schemas import MirroredRequest
+from streams.harness import free_port_pair
 
 pytestmark = pytest.mark.kafka
 
@@ -78,21 +79,6 @@ def wait_until(predicate, timeout_s: float, what: str):
             return value
         time.sleep(0.1)
     pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-
-
-def free_port_pair() -> int:
-    """A port p with p+1 also free (kafka.sh puts the controller on p+1)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port pair")
 
 
 # --------------------------------------------------- volume and per-key order -
