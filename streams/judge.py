@@ -232,10 +232,6 @@ class JudgeCore:
             **{k: s[k] for k in WINDOW_SUMMARY_FIELDS},
         )  # fmt: skip
 
-    def verdict(self, key: str) -> Verdict | None:
-        pw = self._pair(key)
-        return self._verdict(pw, pw.closed_upto_ms - self.size_ms) if pw.cumulative.requests else None
-
     def _verdict(self, pw: PairWindows, last_start: int) -> Verdict:
         cfg = self.configs[pair_key(pw.model, pw.candidate)]
         noise = None
@@ -262,9 +258,6 @@ class JudgeCore:
         raw = json.dumps(pw.to_dict(), separators=(",", ":")).encode()
         self._sizes[key] = len(raw)
         return raw
-
-    def state_bytes(self) -> dict[str, int]:
-        return dict(self._sizes)
 
     def restore(self, key: str, raw: bytes | None) -> None:
         """Replace a pair's state with a stored one (changelog recovery); None forgets it."""

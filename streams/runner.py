@@ -60,22 +60,9 @@ class OnnxRunner:
         self, rows: Sequence[Mapping[str, np.ndarray]], output: str, timing: Literal["per_request", "batched"]
     ) -> tuple[list[np.ndarray], np.ndarray]:
         """Outputs (one array per row, without batch dim) and latencies in ms, for checked rows."""
-        if timing == "batched":
-            feeds = {name: np.concatenate([_as_batch(r[name]) for r in rows]) for name in self.inputs}
-            start = time.perf_counter()
-            result = self.session.run([output], feeds)[0]
-            elapsed_ms = (time.perf_counter() - start) * 1e3
-            return list(result), np.full(len(rows), elapsed_ms / max(len(rows), 1))
-        outs: list[np.ndarray] = []
-        latencies = np.empty(len(rows))
-        run = self.session.run
-        for i, row in enumerate(rows):
-            feeds = {name: _as_batch(row[name]) for name in self.inputs}
-            start = time.perf_counter()
-            result = run([output], feeds)[0]
-            latencies[i] = (time.perf_counter() - start) * 1e3
-            outs.append(result[0])
-        return outs, latencies
+        feeds = {name: np.concatenate([_as_batch(r[name]) for r in rows]) for name in self.inputs}
+        outputs, latencies = self.run_stacked(feeds, len(rows), output, timing)
+        return list(outputs), latencies
 
     def run_stacked(
         self, feeds: Mapping[str, np.ndarray], n: int, output: str, timing: Literal["per_request", "batched"]
