@@ -40,6 +40,10 @@ DEFAULT_DEAD_LETTER_PAYLOAD_BYTES = 64 * 1024
 MAX_DEAD_LETTER_KEY_BYTES = 1024
 
 VerdictName = Literal["promote", "hold", "rollback"]
+# judged: the judge's latest decision; waiting_for_traffic: configured, nothing scored yet (hold);
+# scoring: traffic scored, no window closed yet (hold); stale: the latest decision is older than the
+# API's limit (hold, decision in last_decision); retired: the pair is not configured any more (hold).
+VerdictState = Literal["judged", "waiting_for_traffic", "scoring", "stale", "retired"]
 Decision = Literal["pass", "fail", "inconclusive"]
 
 
@@ -238,6 +242,17 @@ class Verdict(BaseModel):
     requests_needed: int | None = Field(default=None, description="estimated more requests to decide (hold only)")
     worst_slices: list[SliceJudgement] = Field(default_factory=list)
     example_request_ids: list[str] = Field(default_factory=list, description="largest diffs, to pull from ClickHouse")
+    # Added in 1.1 (all optional, so 1.0 readers and rows stay valid):
+    state: VerdictState = Field(default="judged", description="what the verdict rests on; see VerdictState")
+    age_s: float | None = Field(default=None, description="seconds since the judge wrote it, when served")
+    last_decision: VerdictName | None = Field(
+        default=None, description="the judge's own decision when the served verdict is a stale/retired hold"
+    )
+    blocking_metric: str | None = Field(default=None, description="hold: the metric the decision waits for")
+    failed_slices: int = Field(default=0, description="slices confidently above their margin (e-BH)")
+    unscorable: int = Field(
+        default=0, description="requests that could not be compared (producer payload or config; dead letters)"
+    )
 
     _utc = field_validator("window_start", "window_end", "updated_at")(_utc)
 
@@ -252,6 +267,7 @@ DeadLetterErrorType = Literal[
     "non_finite_input",  # NaN or infinity in an input tensor: the producer's data is bad
     "unknown_model",  # valid, but no candidate is configured for its model
     "adapter",  # the candidate's input adapter (or input check) refused the request
+    "baseline_mismatch",  # baseline_output lacks the configured output, or its shape differs from the candidate's
     "replay_failed",  # the candidate failed on this request alone (``candidate`` names it)
     "other",  # anything unexpected; the reason names the exception
 ]

@@ -117,6 +117,8 @@ class Judgement:
     worst_slices: list[SliceJudgement] = field(default_factory=list)
     example_request_ids: list[str] = field(default_factory=list)
     data_checks: dict[str, bool] = field(default_factory=dict)
+    blocking_metric: str | None = None  # hold: the metric (or data check) the decision waits for
+    failed_slices: int = 0
 
     def metric(self, name: str) -> MetricJudgement:
         return next(m for m in self.metrics if m.name == name)
@@ -125,7 +127,8 @@ class Judgement:
         return Verdict(model=model, candidate=candidate, verdict=self.verdict, reasons=self.reasons,
                        metrics=self.metrics, samples=self.samples, window_start=window_start,
                        window_end=window_end, updated_at=updated_at, requests_needed=self.requests_needed,
-                       worst_slices=self.worst_slices, example_request_ids=self.example_request_ids)
+                       worst_slices=self.worst_slices, example_request_ids=self.example_request_ids,
+                       blocking_metric=self.blocking_metric, failed_slices=self.failed_slices)
 
 
 def decide(lower, upper, margin) -> np.ndarray:
@@ -163,9 +166,10 @@ def _latency_metric(acc: PairAccumulator, policy: JudgePolicy, a_r, a_p, critica
     name, margin, q = policy.latency_metric, policy.latency_p99_ratio_margin, policy.latency_quantile
     b, c = acc.baseline_latency, acc.candidate_latency
     if b.count == 0 or c.count == 0:
-        return MetricJudgement(name=name, estimate=None, lower=None, upper=None, margin=margin,
-                               decision="inconclusive", samples=min(b.count, c.count), critical=critical,
-                               detail="no latency data")
+        m = MetricJudgement(name=name, estimate=None, lower=None, upper=None, margin=margin,
+                            decision="inconclusive", samples=min(b.count, c.count), critical=critical,
+                            detail="no latency data")
+        return m, _latency_requests_needed(m, q, min(a_r, a_p) / 2, c.relative_accuracy)
     # Ratio bounds from four order-statistic bounds, each at half the side's level; the sketch's
     # relative accuracy a widens each one (a returned value v has the true order statistic in
     # [v / (1 + a), v / (1 - a)]).
@@ -180,10 +184,38 @@ def _latency_metric(acc: PairAccumulator, policy: JudgePolicy, a_r, a_p, critica
     hi = c_hi / b_lo if b_lo > 0 else math.inf
     bq, cq = b.quantile(q), c.quantile(q)
     est = cq / bq if bq else None
-    return MetricJudgement(
+    m = MetricJudgement(
         name=name, estimate=est, lower=_finite(lo), upper=_finite(hi), margin=margin,
         decision=str(decide(lo, hi, margin)), samples=int(min(b.count, c.count)), critical=critical,
         detail=f"p{q * 100:g} baseline {bq:.4g} ms, candidate {cq:.4g} ms")
+    return m, _latency_requests_needed(m, q, min(a_r, a_p) / 2, ra)
+
+
+def _latency_requests_needed(m: MetricJudgement, q: float, alpha: float, relative_accuracy: float) -> int | None:
+    """Extra requests for an inconclusive quantile ratio to decide, if the ratio stayed where it is.
+
+    Two parts: the sample must first be large enough for the extreme order statistic to exist at
+    this level (q**n <= alpha: ~440 requests for p99 at alpha 1.25 %); then the interval's
+    half-width on the log scale shrinks like 1/sqrt(n) (order-statistic bounds are asymptotically
+    normal in the rank). None when the ratio sits within the sketch's accuracy of the margin (the
+    bounds can never separate) or when there is no estimate yet and no sample at all.
+    """
+    if m.decision != "inconclusive":
+        return None
+    n = m.samples
+    n_exist = math.ceil(math.log(alpha) / math.log(q)) if 0 < q < 1 else 1
+    if m.estimate is None or m.lower is None or m.upper is None or m.estimate <= 0:
+        return max(n_exist - n, 1)
+    est, margin = m.estimate, m.margin
+    floor = (1 + relative_accuracy) / (1 - relative_accuracy)
+    if max(est, margin) / min(est, margin) <= floor:
+        return None
+    if est < margin:  # heading to pass: the upper bound must come below the margin
+        half, room = math.log(m.upper / est), math.log(margin / est)
+    else:  # heading to fail: the lower bound must rise above it
+        half, room = math.log(est / max(m.lower, 1e-12)), math.log(est / margin)
+    total = n * (half / room) ** 2
+    return max(math.ceil(max(total, n_exist) - n), 1)
 
 
 def _accuracy_metric(acc: PairAccumulator, margin, a_r, a_p, critical):
@@ -233,8 +265,15 @@ def _slices(acc: PairAccumulator, policy: JudgePolicy, noise: PairAccumulator | 
 
 
 def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise: PairAccumulator | None = None,
-          expected_requests: int | None = None) -> Judgement:
-    """Judge the cumulative statistics of one pair (see module doc for the exact semantics)."""
+          expected_requests: int | None = None, unscorable: dict[str, int] | None = None) -> Judgement:
+    """Judge the cumulative statistics of one pair (see module doc for the exact semantics).
+
+    ``expected_requests``: requests routed to the candidate (for the sample-ratio check).
+    ``unscorable``: requests that could not be compared, by reason ("baseline_mismatch",
+    "adapter", ...): the producer's payload or the configuration, never the candidate's fault.
+    Over ``max_missing_fraction`` of the traffic they hold the verdict with a data-sufficiency
+    reason that names them; they are never counted as candidate errors.
+    """
     policy = policy or JudgePolicy()
     acc = cumulative
     a_r, a_p = policy.rollback_alpha(), policy.promote_alpha()
@@ -257,7 +296,8 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
             noise.sums["abs_confidence_delta"] if noise_ok else 0.0, ABS_DELTA in critical)
         metrics.append(m)
     if policy.latency_metric in margins:
-        metrics.append(_latency_metric(acc, policy, a_r, a_p, policy.latency_metric in critical))
+        m, needed[policy.latency_metric] = _latency_metric(acc, policy, a_r, a_p, policy.latency_metric in critical)
+        metrics.append(m)
     if ACCURACY in margins:
         metrics.append(_accuracy_metric(acc, margins[ACCURACY], a_r, a_p, ACCURACY in critical))
         if acc.labelled < policy.min_labelled:
@@ -276,12 +316,22 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
                        f"(n={m.samples}, {role}).")
 
     # data sufficiency and quality
-    checks = {"min_samples": acc.scored >= policy.min_samples, "sample_ratio": True, "latency_present": True}
+    checks = {"min_samples": acc.scored >= policy.min_samples, "sample_ratio": True, "latency_present": True,
+              "comparable": True}
     quality_reasons = []
+    lost = sum((unscorable or {}).values())
+    if lost and (acc.requests + lost) and lost / (acc.requests + lost) > policy.max_missing_fraction:
+        checks["comparable"] = False
+        top = max(unscorable, key=unscorable.get)
+        quality_reasons.append(
+            f"Not comparable: {lost} of {acc.requests + lost} requests ({lost / (acc.requests + lost):.1%}) could "
+            f"not be compared ({', '.join(f'{k} {v}' for k, v in sorted(unscorable.items()))}); mostly {top}: the "
+            f"producer's payload or this candidate's config, not the candidate. They are on the dead-letter topic "
+            f"with their reason (tolerance {policy.max_missing_fraction:.0%}).")
     if not checks["min_samples"]:
         reasons.append(f"Insufficient data: {acc.scored} scored requests of the {policy.min_samples} required.")
-    if expected_requests is not None and expected_requests > 0:
-        ratio = acc.requests / expected_requests
+    if expected_requests is not None and expected_requests > 0 and checks["comparable"]:
+        ratio = (acc.requests + lost) / expected_requests
         if abs(1 - ratio) > policy.max_missing_fraction:
             checks["sample_ratio"] = False
             quality_reasons.append(f"Sample-ratio mismatch: {acc.requests} requests replayed of {expected_requests} "
@@ -299,7 +349,7 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
     if noise is not None and not noise_ok:
         reasons.append("Noise run given but empty: judged without a noise floor.")
     reasons.extend(quality_reasons)
-    quality_ok = checks["sample_ratio"] and checks["latency_present"]
+    quality_ok = checks["sample_ratio"] and checks["latency_present"] and checks["comparable"]
 
     worst, failed_slices = _slices(acc, policy, noise if noise_ok else None)
     worst = worst[: policy.max_worst_slices]
@@ -312,13 +362,14 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
     failed_critical = [m.name for m in metrics if m.critical and m.decision == "fail"]
     failed_gating = [n for n in gating if by_name[n].decision == "fail"]
     all_pass = bool(gating) and all(by_name[n].decision == "pass" for n in gating)
-    requests_needed = None
+    requests_needed, blocking = None, None
     if failed_critical:
         verdict = "rollback"
         reasons.insert(0, f"Rollback: critical metric(s) {', '.join(failed_critical)} confidently worse than margin.")
     elif not quality_ok:
         verdict = "hold"
-        reasons.insert(0, "Hold: data quality checks failed; no decision on a biased or incomplete sample.")
+        blocking = next(k for k in ("comparable", "sample_ratio", "latency_present") if not checks[k])
+        reasons.insert(0, f"Hold on data quality ({blocking}): {quality_reasons[0]}")
     elif failed_gating:
         verdict = "rollback"
         reasons.insert(0, f"Rollback: {', '.join(sorted(failed_gating))} confidently worse than margin.")
@@ -330,17 +381,44 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
         reasons.insert(0, "Promote: every gating metric is confidently within its margin.")
     else:
         verdict = "hold"
-        pending = [n for n in gating if by_name[n].decision == "inconclusive"]
-        heading_bad = [needed.get(n) for n in pending if by_name[n].estimate is not None
-                       and by_name[n].estimate > by_name[n].margin and needed.get(n) is not None]
-        if heading_bad:
-            requests_needed = int(min(heading_bad))
-        else:  # every pending metric must pass; latency gives no estimate and is left out of it
-            known = [needed[n] for n in pending if needed.get(n) is not None]
-            if known or not pending or not checks["min_samples"]:
-                requests_needed = max(known + [policy.min_samples - acc.scored, 0])
-        tail = "" if requests_needed is None else f" About {requests_needed} more requests may decide it."
-        reasons.insert(0, "Hold: not yet confident either way." + tail)
+        blocking, requests_needed, why = _blocking(gating, by_name, needed, failed_slices, checks, acc, policy)
+        tail = "" if requests_needed is None else f"; about {requests_needed} more requests may decide it"
+        reasons.insert(0, f"Hold: waiting for {why}{tail}.")
     return Judgement(verdict=verdict, reasons=reasons, metrics=metrics, samples=acc.scored,
                      requests_needed=requests_needed, worst_slices=worst,
-                     example_request_ids=acc.example_request_ids, data_checks=checks)
+                     example_request_ids=acc.example_request_ids, data_checks=checks,
+                     blocking_metric=blocking, failed_slices=failed_slices)
+
+
+def _blocking(gating, by_name, needed, failed_slices, checks, acc, policy):
+    """(blocking metric, requests_needed, phrase) of a hold.
+
+    A metric heading for failure decides first (the fewest requests among those); otherwise every
+    pending gating metric must pass, so the slowest one blocks. Metrics without an estimate of
+    the requests they need (a ratio within the sketch's accuracy of its margin) block last.
+    """
+    pending = [n for n in gating if by_name[n].decision == "inconclusive"]
+    heading_bad = [n for n in pending if by_name[n].estimate is not None and by_name[n].estimate > by_name[n].margin
+                   and needed.get(n) is not None]
+    short = max(policy.min_samples - acc.scored, 0)
+    if heading_bad:
+        name = min(heading_bad, key=lambda n: needed[n])
+        return name, int(needed[name]), _phrase(by_name[name], "to confirm it is worse than")
+    if pending:
+        unknown = [n for n in pending if needed.get(n) is None]
+        name = unknown[0] if unknown else max(pending, key=lambda n: needed[n])
+        n_needed = None if unknown else max(int(needed[name]), short)
+        return name, n_needed, _phrase(by_name[name], "to settle against")
+    if failed_slices:
+        return "slices", None, f"{failed_slices} slice(s) confidently above margin (slice_failure_verdict = hold)"
+    if not checks["min_samples"]:
+        return "min_samples", short, f"min_samples: {acc.scored} scored of {policy.min_samples} required"
+    return None, None, "a gating metric (none configured)"
+
+
+def _phrase(m: MetricJudgement, verb: str) -> str:
+    if m.estimate is None:
+        return f"{m.name} (no data yet: {m.detail})"
+    hi = "inf" if m.upper is None else f"{m.upper:.4g}"
+    lo = "0" if m.lower is None else f"{m.lower:.4g}"
+    return f"{m.name} = {m.estimate:.4g} [{lo}, {hi}] {verb} margin {m.margin:g} (n={m.samples})"

@@ -1,116 +1,192 @@
-"""Verdicts API: read-only HTTP for promotion gates and people.
+"""Verdicts API: read-only HTTP for promotion gates and people; the transport over VerdictBoard.
 
-Argo Rollouts' ``web`` metric provider treats a non-2xx answer as a measurement *error*, not a
-failure, so a known pair always answers 200 with the verdict in the body and gates key on
-``result.verdict``; an unknown pair is 404. The typed core is ``ClickHouseSink``; this module
-is only the transport.
+Status codes are chosen for the controllers that poll them (deploy/README.md has the manifests):
+
+- Argo Rollouts' ``web`` provider counts a non-2xx answer as a measurement *error* (4 in a row abort
+  the rollout by default), so every configured pair answers 200 and the decision is in the body:
+  ``verdict`` promote / hold / rollback, ``state`` and ``age_s`` saying what it rests on. 404 only
+  for a pair neither configured nor ever seen.
+- Flagger's webhooks pass on 200-202 and fail otherwise and cannot send headers: the gate
+  endpoints answer 200 or 412, and take the bearer token from the payload's ``metadata.token``.
+
+Verdict endpoints answer from memory (streams/board.py): no database call, nothing shared with the
+worker's writes. ``/v1/windows`` reads ClickHouse in the thread pool, never on the event loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-from datetime import UTC, datetime
-from typing import Any
+import hmac
+import socket
+import threading
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import uvicorn
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 
-from schemas import Verdict, WindowSummary
-from streams.sink import ClickHouseSink
+from schemas import MAX_NAME_CHARS, Verdict, WindowSummary
+from streams.board import VerdictBoard
+
+MAX_WINDOWS = 1000
+Name = Annotated[str, PathParam(min_length=1, max_length=MAX_NAME_CHARS)]
 
 
 class Health(BaseModel):
     status: str
 
 
-def create_app(sink: ClickHouseSink, health: Any = None) -> FastAPI:
-    """``health``: the worker's ``streams.kafka_io.Health`` when served from a worker process."""
+def create_app(
+    board: VerdictBoard, sink: Any = None, health: Any = None, tokens: Sequence[str] = ()
+) -> FastAPI:
+    """``board``: the verdicts to serve; ``sink``: ClickHouseSink for windows and readiness (None:
+    those answer 503); ``health``: the worker's ``streams.kafka_io.Health`` when served from a
+    worker; ``tokens``: accepted bearer tokens (empty: no authentication)."""
     app = FastAPI(
         title="shadowlens verdicts API",
-        version="1",
-        description="Latest promote / hold / rollback verdict per (model, candidate), with its evidence.",
+        version="1.1",
+        description="Latest promote / hold / rollback verdict per (model, candidate), with its evidence, its age "
+        "and the state it rests on.",
     )
+    accepted = [t.encode() for t in tokens]
+    bearer = HTTPBearer(auto_error=False, description="one of [api] tokens (SHADOWLENS_API_TOKENS)")
+
+    async def authorize(request: Request, credentials=Depends(bearer)) -> None:  # noqa: B008 - FastAPI idiom
+        if not accepted:
+            return
+        offered = credentials.credentials if credentials is not None else None
+        if offered is None and request.method == "POST":
+            # Flagger webhooks cannot set headers: the token rides in the payload's metadata.
+            with contextlib.suppress(Exception):
+                body = await request.json()
+                meta = body.get("metadata") if isinstance(body, dict) else None
+                offered = meta.get("token") if isinstance(meta, dict) else None
+        if isinstance(offered, str) and any(hmac.compare_digest(offered.encode(), t) for t in accepted):
+            return
+        raise HTTPException(
+            status_code=401, headers={"WWW-Authenticate": "Bearer"},
+            detail="missing or wrong token: send 'Authorization: Bearer <token>' (Flagger: metadata.token) "
+                   "with one of the API's [api] tokens",
+        )  # fmt: skip
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
     @app.get("/healthz", response_model=Health, tags=["ops"])
-    def healthz() -> Health:
+    async def healthz() -> Health:
         return Health(status="ok")
 
     @app.get("/readyz", response_model=Health, tags=["ops"])
     def readyz() -> Health:
         if health is not None and not health.ready:
             # The worker is waiting out a failure (database full or down, broker away); it keeps
-            # serving the last verdicts meanwhile.
+            # serving the last verdicts meanwhile, and their age shows it.
             raise HTTPException(status_code=503, detail="; ".join(health.reasons()))
+        if sink is None:
+            return Health(status="ready")
         try:
             sink.query("SELECT 1")
         except Exception as exc:  # any database failure means not ready
             raise HTTPException(status_code=503, detail=f"clickhouse not reachable: {exc}") from exc
         return Health(status="ready")
 
-    @app.get("/v1/verdicts", response_model=list[Verdict], tags=["verdicts"])
-    def list_verdicts() -> list[Verdict]:
-        """The latest verdict of every (model, candidate) pair."""
-        return sink.latest_verdicts()
+    @v1.get("/verdicts", response_model=list[Verdict], tags=["verdicts"])
+    async def list_verdicts(
+        all: bool = Query(False, description="also pairs that are not configured (retired, other workers')"),  # noqa: A002
+    ) -> list[Verdict]:
+        """The latest verdict of every configured pair (hold while waiting for traffic)."""
+        return board.verdicts(include_all=all)
 
-    @app.get(
-        "/v1/verdicts/{model}/{candidate}",
+    @v1.get(
+        "/verdicts/{model}/{candidate}",
         response_model=Verdict,
         tags=["verdicts"],
-        responses={404: {"description": "no traffic has been scored for this pair"}},
+        responses={404: {"description": "neither configured nor ever scored"}},
     )
-    def get_verdict(model: str, candidate: str) -> Verdict:
+    async def get_verdict(model: Name, candidate: Name) -> Verdict:
         """Latest verdict. Argo Rollouts: ``successCondition: result.verdict == "promote"``,
         ``failureCondition: result.verdict == "rollback"``; hold is inconclusive."""
-        verdict = sink.latest_verdict(model, candidate)
-        if verdict is not None:
-            return verdict
-        if sink.pair_known(model, candidate):
-            # Scored but no window closed yet: 200 with hold, so a gate waits instead of erroring.
-            now = datetime.now(UTC)
-            return Verdict(
-                model=model, candidate=candidate, verdict="hold", metrics=[], samples=0,
-                reasons=["traffic is being scored but no window has closed yet"],
-                window_start=now, window_end=now, updated_at=now,
-            )  # fmt: skip
-        raise HTTPException(status_code=404, detail=f"unknown pair {model}/{candidate}: no scored traffic")
+        verdict = board.verdict(model, candidate)
+        if verdict is None:
+            raise HTTPException(
+                status_code=404,
+                detail=f"unknown pair {model}/{candidate}: not configured in [[candidates]] and never scored",
+            )
+        return verdict
 
     def gate(model: str, candidate: str, response: Response, passes_on: str) -> Verdict:
-        # Flagger advances (or, for a rollback hook, rolls back) on any 2xx and halts otherwise.
-        verdict = get_verdict(model, candidate)
+        verdict = board.verdict(model, candidate)
+        if verdict is None:
+            raise HTTPException(status_code=404, detail=f"unknown pair {model}/{candidate}")
         if verdict.verdict != passes_on:
             response.status_code = 412
         return verdict
 
     not_now = {412: {"description": "the verdict is something else; it is in the body"}}
 
-    @app.post("/v1/gates/flagger/{model}/{candidate}", response_model=Verdict, tags=["gates"], responses=not_now)
-    def flagger_confirm_promotion(model: str, candidate: str, response: Response) -> Verdict:
-        """Flagger ``confirm-promotion`` webhook: 200 only on promote, else 412 halts the canary."""
+    @v1.post("/gates/flagger/{model}/{candidate}", response_model=Verdict, tags=["gates"], responses=not_now)
+    async def flagger_confirm_promotion(model: Name, candidate: Name, response: Response) -> Verdict:
+        """Flagger ``confirm-promotion`` webhook: 200 only on promote; 412 halts the canary at maxWeight."""
         return gate(model, candidate, response, passes_on="promote")
 
-    @app.post(
-        "/v1/gates/flagger-rollback/{model}/{candidate}", response_model=Verdict, tags=["gates"], responses=not_now
-    )
-    def flagger_rollback(model: str, candidate: str, response: Response) -> Verdict:
+    @v1.post("/gates/flagger-rollback/{model}/{candidate}", response_model=Verdict, tags=["gates"], responses=not_now)
+    async def flagger_rollback(model: Name, candidate: Name, response: Response) -> Verdict:
         """Flagger ``rollback`` webhook: 200 (which rolls the canary back) only on rollback."""
         return gate(model, candidate, response, passes_on="rollback")
 
-    @app.get("/v1/windows/{model}/{candidate}", response_model=list[WindowSummary], tags=["windows"])
-    def get_windows(model: str, candidate: str, limit: int = 100) -> list[dict[str, Any]]:
-        """Closed windows, newest first."""
+    @v1.get("/windows/{model}/{candidate}", response_model=list[WindowSummary], tags=["windows"])
+    def get_windows(
+        model: Name, candidate: Name, limit: int = Query(100, ge=1, le=MAX_WINDOWS, description="newest first")
+    ) -> list[dict[str, Any]]:
+        """Closed windows, newest first (read from ClickHouse in the thread pool)."""
+        if sink is None:
+            raise HTTPException(status_code=503, detail="no database attached to this API")
         return sink.windows(model, candidate, limit=limit)
 
+    app.include_router(v1)
     return app
 
 
-def serve_in_loop(app: FastAPI, host: str, port: int) -> uvicorn.Server:
-    """A uvicorn server to run as a task inside another asyncio program (the worker),
-    leaving signal handling to the host program."""
+def bind(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound before anything else starts, so a port in use is one
+    clear error at startup."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"API address {host}:{port} is not available ({exc.strerror}): "
+                                 "stop the process that uses it or set [api] port") from exc  # fmt: skip
+    sock.listen(2048)
+    return sock
 
-    class EmbeddedServer(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):
-            yield
 
-    return EmbeddedServer(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+class ApiThread:
+    """uvicorn on its own thread and event loop: the worker's blocking steps (a ClickHouse insert,
+    a candidate's session.run) never delay an answer, and API traffic never runs on the worker's
+    loop."""
+
+    def __init__(self, app: FastAPI, sock: socket.socket):
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        self.server = _QuietServer(config)
+        self.sock = sock
+        self.thread = threading.Thread(target=self._run, name="verdicts-api", daemon=True)
+
+    def _run(self) -> None:
+        self.server.run(sockets=[self.sock])
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+class _QuietServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # the host program handles signals
+        yield

@@ -20,7 +20,9 @@ except ImportError:  # pragma: no cover - mirror is part of the same distributio
 
 @app.command()
 def demo(
-    data_dir: Path = typer.Option(Path("shadowlens-data"), help="where models and the chDB data go"),
+    data_dir: Path = typer.Option(
+        Path("shadowlens-demo"), help="where the demo's models and chDB data go (apart from a worker's shadowlens-data)"
+    ),
     requests: int = typer.Option(6000, min=100, help="mirrored requests to generate"),
 ) -> None:
     """Build real models, mirror held-out traffic, replay it into chDB and print the verdicts."""
@@ -35,7 +37,7 @@ def demo(
     table = Table(title="Verdicts (latest per candidate)")
     for col in ("model", "candidate", "verdict", "samples", "label flip rate", "|Δ confidence|", "reason"):
         table.add_column(col)
-    for v in pipeline.sink.latest_verdicts():
+    for v in pipeline.board.verdicts():
         metrics = {m.name: m for m in v.metrics}
         flip = metrics.get("label_flip_rate")
         conf = metrics.get("abs_confidence_delta")
@@ -73,15 +75,24 @@ def worker(
 
 @app.command()
 def api(config: Path = typer.Option(..., "--config", "-c", help="TOML config file")) -> None:
-    """Serve the verdicts API alone (for an http:// ClickHouse DSN; with chDB the worker serves it)."""
+    """Serve the verdicts API alone, from ClickHouse (an http:// DSN; with chDB the worker serves it).
+
+    Its board is re-read every [api] refresh_s; run it where several judge processes write."""
     import uvicorn
 
-    from streams.api import create_app
+    from streams.api import bind, create_app
+    from streams.board import BoardRefresher, VerdictBoard
     from streams.sink import ClickHouseSink
 
     settings = _settings(config)
+    sock = bind(settings.api.host, settings.api.port)
     sink = ClickHouseSink(settings.clickhouse.dsn, settings.clickhouse.database)
-    uvicorn.run(create_app(sink), host=settings.api.host, port=settings.api.port)
+    board = VerdictBoard.from_settings(settings)
+    refresher = BoardRefresher(board, sink, settings.api.refresh_s)
+    refresher.start()
+    app_ = create_app(board, sink, tokens=settings.api.tokens)
+    uvicorn.Server(uvicorn.Config(app_, log_level="warning", access_log=False)).run(sockets=[sock])
+    refresher.stop()
 
 
 @app.command()

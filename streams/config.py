@@ -97,6 +97,29 @@ class ApiConfig(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    tokens: list[str] = Field(
+        default_factory=list,
+        description="bearer tokens accepted on /v1 (several: rotation); empty = no auth. Env: SHADOWLENS_API_TOKENS=a,b",
+    )
+    stale_after_windows: float = Field(
+        default=3.0, gt=0, description="a verdict older than this many windows is served as hold (stale)"
+    )
+    refresh_s: float = Field(default=2.0, gt=0, description="standalone API: how often it re-reads the verdicts")
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):  # from the environment: comma-separated
+            value = [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @field_validator("tokens")
+    @classmethod
+    def _long_enough(cls, value: list[str]) -> list[str]:
+        for i, token in enumerate(value):
+            if len(token) < 16:
+                raise ValueError(f"token {i} has {len(token)} characters; use at least 16 (e.g. openssl rand -hex 24)")
+        return value
 
 
 class CandidateConfig(_Section):
@@ -185,6 +208,8 @@ def _env_overrides() -> dict[str, Any]:
             out.setdefault(section, {})[field] = value
     if os.environ.get("KAFKA_BOOTSTRAP"):
         out.setdefault("kafka", {})["bootstrap"] = os.environ["KAFKA_BOOTSTRAP"]
+    if os.environ.get("SHADOWLENS_API_TOKENS"):
+        out.setdefault("api", {})["tokens"] = os.environ["SHADOWLENS_API_TOKENS"]
     if os.environ.get("SHADOWLENS_CLICKHOUSE_DSN"):
         out.setdefault("clickhouse", {})["dsn"] = os.environ["SHADOWLENS_CLICKHOUSE_DSN"]
     return out

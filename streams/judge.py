@@ -32,6 +32,7 @@ from schemas import Verdict, WindowStats
 from scorers.accumulate import PairAccumulator
 from scorers.diffs import ClassificationDiffs
 from scorers.judge import judge
+from streams.board import VerdictBoard
 from streams.config import CandidateConfig, Settings
 from streams.records import DiffBatch
 from streams.sink import ClickHouseSink
@@ -64,6 +65,8 @@ class JudgeCore:
         self.configs: dict[str, CandidateConfig] = {pair_key(c.model, c.name): c for c in settings.candidates}
         self._pairs: dict[str, PairWindows] = {}  # the live state, by pair key
         self._sizes: dict[str, int] = {}  # bytes of each pair's state when last serialised
+        # What the API serves: current as soon as a verdict is written, no database read.
+        self.board = VerdictBoard.from_settings(settings)
         w = settings.windows
         self.size_ms, self.grace_ms = int(w.size_s * 1000), int(w.grace_s * 1000)
         self.horizon_ms = int(w.dedup_horizon_s * 1000)
@@ -75,6 +78,7 @@ class JudgeCore:
         result = ApplyResult()
         kept: list[tuple[PairWindows, DiffBatch, int]] = []  # (pair, rows not redelivered, routed)
         pending: dict[str, dict[int, int]] = {}  # applied offsets including earlier batches of this call
+        unscorable: list[tuple[PairWindows, dict[str, int]]] = []
         for batch in batches:
             key = pair_key(batch.model, batch.candidate)
             if key not in self.configs:
@@ -92,6 +96,7 @@ class JudgeCore:
             for p, off in batch.covers.items():
                 applied[p] = max(off, applied.get(p, -1))
             kept.append((pw, batch if not skipped else batch.take(np.flatnonzero(keep)), batch.routed - skipped))
+            unscorable.append((pw, batch.unscorable))
         fresh = self._drop_producer_retries(kept)
         self.sink.insert_diff_batches([rows for _, rows, _, _ in fresh if len(rows)])
         # Written: now (and only now) count them.
@@ -106,6 +111,10 @@ class JudgeCore:
             result.rows += len(rows)
             result.duplicates += len(dups)
             result.touched.add(key)
+        self.board.mark_scoring((pw.model, pw.candidate) for pw, _, _, _ in fresh)
+        for pw, counts in unscorable:  # counted per batch (a batch partly redelivered counts again: rare)
+            for kind, n in counts.items():
+                pw.unscorable[kind] = pw.unscorable.get(kind, 0) + n
         return result
 
     def _drop_producer_retries(self, kept):
@@ -198,6 +207,7 @@ class JudgeCore:
             verdicts.append(self._verdict(pw, due[-1]))
         self.sink.insert_windows(windows)
         self.sink.insert_verdicts(verdicts)
+        self.board.publish(verdicts)
         for key, pw, due in plan:  # written: now drop them from the state
             for start in due:
                 pw.pop(start, self.size_ms)
@@ -239,13 +249,15 @@ class JudgeCore:
             ref = next((c for c in self.configs.values() if c.model == pw.model and c.noise_reference), None)
             if ref is not None and pair_key(pw.model, ref.name) in self._pairs:
                 noise = self._pair(pair_key(pw.model, ref.name)).cumulative
-        j = judge(pw.cumulative, cfg.judge_policy(), noise=noise, expected_requests=pw.received)
+        j = judge(pw.cumulative, cfg.judge_policy(), noise=noise, expected_requests=pw.received,
+                  unscorable=pw.unscorable)
         return Verdict(
             model=pw.model, candidate=pw.candidate, verdict=j.verdict, reasons=j.reasons, metrics=j.metrics,
             samples=j.samples, window_start=ms_to_datetime(last_start),
             window_end=ms_to_datetime(last_start + self.size_ms), updated_at=datetime.now(UTC),
             requests_needed=j.requests_needed, worst_slices=j.worst_slices,
-            example_request_ids=j.example_request_ids,
+            example_request_ids=j.example_request_ids, blocking_metric=j.blocking_metric,
+            failed_slices=j.failed_slices, unscorable=sum(pw.unscorable.values()),
         )  # fmt: skip
 
     # -- state --------------------------------------------------------------------------------

@@ -74,5 +74,10 @@ class Pipeline:
         verdicts, _ = self.judge.close_due(lambda _key: self.view, now_wall=now_wall, force=force)
         return verdicts
 
+    @property
+    def board(self):
+        """The latest verdicts as the API serves them (streams/board.py)."""
+        return self.judge.board
+
     def pair(self, model: str, candidate: str) -> PairWindows:
         return self.judge.pairs()[pair_key(model, candidate)]

@@ -69,6 +69,9 @@ class DiffBatch:
     # whose rows were all dead-lettered still says which messages it stands for.
     routed: int = 0
     covers: dict[int, int] = field(default_factory=dict)
+    # Requests routed to the candidate that could not be compared, by dead-letter error type
+    # ("baseline_mismatch", "adapter"): the payload's or the config's fault, not the candidate's.
+    unscorable: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.request_id)
@@ -84,7 +87,7 @@ class DiffBatch:
             self.model, self.candidate, self.scored_ms, {k: v[idx] for k, v in self.columns.items()},
             [self.request_id[i] for i in pick], [self.baseline_version[i] for i in pick],
             [self.error[i] for i in pick], [self.attributes[i] for i in pick], self.top_k, self.routed,
-            dict(self.covers),
+            dict(self.covers), dict(self.unscorable),
         )  # fmt: skip
 
     def encode(self) -> bytes:
@@ -92,7 +95,7 @@ class DiffBatch:
             "model": self.model, "candidate": self.candidate, "scored_ms": self.scored_ms, "n": len(self),
             "top_k": self.top_k, "request_id": self.request_id, "baseline_version": self.baseline_version,
             "error": self.error, "attributes": self.attributes, "routed": self.routed,
-            "covers": {str(p): o for p, o in self.covers.items()},
+            "covers": {str(p): o for p, o in self.covers.items()}, "unscorable": self.unscorable,
         }  # fmt: skip
         head = json.dumps(header, separators=(",", ":")).encode()
         buffers = [np.ascontiguousarray(self.columns[name], dtype=dt).tobytes() for name, dt in NUMERIC.items()]
@@ -117,6 +120,7 @@ class DiffBatch:
             header["model"], header["candidate"], int(header["scored_ms"]), columns, header["request_id"],
             header["baseline_version"], header["error"], header["attributes"], int(header.get("top_k", 3)),
             int(header.get("routed", n)), {int(p): int(o) for p, o in header.get("covers", {}).items()},
+            {str(k): int(v) for k, v in header.get("unscorable", {}).items()},
         )  # fmt: skip
 
 

@@ -36,6 +36,9 @@ from streams.records import DiffBatch, empty_columns
 from streams.runner import OnnxRunner
 
 log = logging.getLogger("shadowlens.replay")
+# Dead letters that are nobody's fault but the payload's or the config's: counted per pair so the
+# verdict can say why it cannot decide, never as candidate errors.
+UNSCORABLE = ("adapter", "baseline_mismatch")
 
 
 @dataclass
@@ -84,6 +87,7 @@ class ReplayCore:
             for cfg in settings.candidates:
                 candidates[cfg.model].append(Candidate.load(cfg, settings.replay.providers))
         self.candidates = candidates
+        self._warned: dict[tuple[str, str, str], tuple[int, float]] = {}
 
     def replay(self, messages: Sequence[Inbound]) -> ReplayOutput:
         out = ReplayOutput()
@@ -125,25 +129,62 @@ class ReplayCore:
 
     # -- one candidate --------------------------------------------------------------------------
     def _replay_candidate(self, cand: Candidate, groups, scored_ms: int) -> tuple[DiffBatch, list[DeadLetter]]:
+        """Who is to blame decides where a request ends up: a request that does not fit the
+        candidate's adapter or whose baseline output cannot be compared is a dead letter and counts
+        as *unscorable* (the producer's payload or our config); an exception in the candidate's
+        own run is a diff row with the error (a *candidate error*, judged by error_rate)."""
         letters: list[DeadLetter] = []
         parts: list[DiffBatch] = []
         for group, stacked in groups:
             try:
-                parts.append(self._score(cand, group, stacked, scored_ms))
+                part, more = self._score(cand, group, stacked, scored_ms)
+                parts.append(part)
+                letters.extend(more)
             except Exception as exc:  # noqa: BLE001 - isolate the message that causes it
                 if len(group) == 1:
                     ev, msg = group[0]
                     reason = f"candidate {cand.config.name}: {_describe(exc)}"
-                    letters.append(_letter(msg, getattr(exc, "error_type", "replay_failed"), reason, candidate=cand))
+                    if getattr(exc, "error_type", None) == "adapter":
+                        letters.append(_letter(msg, "adapter", reason, candidate=cand))
+                    else:
+                        parts.append(self._failed(cand, group, scored_ms, reason))
                     continue
                 for i in range(len(group)):  # retry alone: only the poison message fails
                     one = {name: array[i : i + 1] for name, array in stacked.items()}
                     batch, more = self._replay_candidate(cand, [([group[i]], one)], scored_ms)
                     parts.append(batch)
                     letters.extend(more)
-        return _concat(cand.config, scored_ms, [p for p in parts if len(p)]), letters
+        batch = _concat(cand.config, scored_ms, [p for p in parts if len(p)])
+        for letter in letters:
+            if letter.error_type in UNSCORABLE:
+                batch.unscorable[letter.error_type] = batch.unscorable.get(letter.error_type, 0) + 1
+        self._warn(cand, letters)
+        return batch, letters
 
-    def _score(self, cand: Candidate, group, stacked: dict[str, np.ndarray], scored_ms: int) -> DiffBatch:
+    def _warn(self, cand: Candidate, letters: list[DeadLetter]) -> None:
+        """One log line per candidate and reason a minute, with the count since the last one."""
+        now = time.monotonic()
+        for letter in letters:
+            key = (cand.config.model, cand.config.name, letter.error_type)
+            count, last = self._warned.get(key, (0, -1e9))
+            count += 1
+            if now - last >= 60.0:
+                log.warning("%s/%s: %d request(s) dead-lettered as %s, e.g. %s", key[0], key[1], count, key[2],
+                            letter.reason)  # fmt: skip
+                count, last = 0, now
+            self._warned[key] = (count, last)
+
+    def _failed(self, cand: Candidate, group, scored_ms: int, reason: str) -> DiffBatch:
+        """The candidate raised on this request alone: a diff row carrying the error."""
+        cfg = cand.config
+        events = [ev for ev, _ in group]
+        base_rows, problems = _baseline_rows(events, cfg, None)
+        if problems:  # the baseline is unusable too: not the candidate's error to count
+            raise _Unscorable(problems[0])
+        cand_rows = np.full(base_rows.shape, np.nan)
+        return self._columns(cand, group, scored_ms, base_rows, cand_rows, np.full(len(events), np.nan), reason)
+
+    def _score(self, cand: Candidate, group, stacked: dict[str, np.ndarray], scored_ms: int):
         cfg = cand.config
         events = [ev for ev, _ in group]
         try:
@@ -155,9 +196,21 @@ class ReplayCore:
         outputs, latencies = cand.runner.run_stacked(feeds, len(events), cfg.output, self.settings.replay.timing)
         cand_rows = np.asarray(outputs, dtype=np.float64).reshape(len(events), -1)
         base_rows, problems = _baseline_rows(events, cfg, cand_rows.shape[1])
+        letters = [_letter(group[i][1], "baseline_mismatch", f"{reason}; the producer must send it, or fix "
+                           f"candidates.{cfg.name}.baseline_output", candidate=cand)
+                   for i, reason in problems.items()]  # fmt: skip
+        if problems:
+            keep = [i for i in range(len(events)) if i not in problems]
+            group, base_rows, cand_rows = [group[i] for i in keep], base_rows[keep], cand_rows[keep]
+            latencies = np.asarray(latencies, dtype=np.float64)[keep]
+        return self._columns(cand, group, scored_ms, base_rows, cand_rows, latencies), letters
+
+    def _columns(self, cand: Candidate, group, scored_ms, base_rows, cand_rows, latencies, failure: str = ""):
+        cfg = cand.config
+        events = [ev for ev, _ in group]
         diffs = classification_diffs(base_rows, cand_rows, from_logits=cfg.from_logits)
-        for i, reason in problems.items():
-            diffs.error[i] = reason  # the specific reason replaces the scorer's generic NaN one
+        if failure:
+            diffs.error[:] = failure  # the exception replaces the scorer's generic NaN reason
         cols = empty_columns(len(events))
         cols["sent_ms"][:] = [_ms(ev) for ev in events]
         for name in ("baseline_label", "candidate_label", "label_flip", "confidence_delta", "l1", "linf",
@@ -211,21 +264,30 @@ def _groups_by_signature(items):
     return list(groups.values())
 
 
-def _baseline_rows(events: list[MirroredRequest], cfg: CandidateConfig, width: int):
-    """The baseline's outputs as an (n, width) array; a missing or mis-shaped one is a row problem."""
-    base = np.full((len(events), width), np.nan)
-    problems: dict[int, str] = {}
+def _baseline_rows(events: list[MirroredRequest], cfg: CandidateConfig, width: int | None):
+    """The baseline's outputs as an (n, width) array (width None: the first request's); a missing
+    or mis-shaped one is a row problem (index -> reason naming the field)."""
+    base, problems = None, {}
     for i, ev in enumerate(events):
         tensor = ev.baseline_output.get(cfg.baseline_output)
         if tensor is None:
-            problems[i] = f"baseline_output.{cfg.baseline_output}: missing in the request"
+            have = ", ".join(sorted(ev.baseline_output)) or "none"
+            problems[i] = f"baseline_output.{cfg.baseline_output}: missing in the request (it has: {have})"
             continue
         row = np.asarray(tensor.to_array(), dtype=np.float64).reshape(-1)
+        width = row.shape[0] if width is None else width
+        if base is None:
+            base = np.full((len(events), width), np.nan)
         if row.shape[0] != width:
-            problems[i] = f"shape mismatch: baseline ({row.shape[0]},) candidate ({width},)"
+            problems[i] = (f"baseline_output.{cfg.baseline_output}: {row.shape[0]} values, the candidate's "
+                           f"{cfg.output} has {width}; shape mismatch")  # fmt: skip
             continue
         base[i] = row
-    return base, problems
+    return (np.full((len(events), width or 1), np.nan) if base is None else base), problems
+
+
+class _Unscorable(ValueError):
+    error_type = "adapter"
 
 
 def _concat(cfg: CandidateConfig, scored_ms: int, parts: list[DiffBatch]) -> DiffBatch:

@@ -122,6 +122,11 @@ class ClickHouseSink:
         )
         return [Verdict.model_validate_json(r[0]) for r in rows]
 
+    def scored_pairs(self) -> list[tuple[str, str]]:
+        """(model, candidate) pairs with at least one diff row (read from the primary key only)."""
+        rows = self.query(f"SELECT model, candidate FROM {self.database}.request_diffs GROUP BY model, candidate")
+        return [(m, c) for m, c in rows]
+
     def pair_known(self, model: str, candidate: str) -> bool:
         rows = self.query(
             f"SELECT count() FROM {self.database}.request_diffs WHERE model = %(m)s AND candidate = %(c)s",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from typing import Literal
 
 from streams.config import Settings
@@ -41,24 +42,30 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
 
         replay = ReplayStage(settings, ReplayCore(settings), health, partitions)
         tasks.append(asyncio.create_task(replay.run(), name="replay"))
+    api = None
     if role in ("judge", "all"):
         from streams.judge import JudgeCore
         from streams.sink import ClickHouseSink
         from streams.stages import JudgeStage
 
+        sock = None
+        if settings.api.enabled:
+            from streams.api import bind
+
+            sock = bind(settings.api.host, settings.api.port)  # first: a port in use is a startup error
         ch = settings.clickhouse
         sink = await until_done("clickhouse", health, lambda: asyncio.to_thread(
             ClickHouseSink, ch.dsn, ch.database, ch.retention_days))  # fmt: skip
-        judge = JudgeStage(settings, JudgeCore(settings, sink), health)
+        core = JudgeCore(settings, sink)
+        # The last verdicts survive a restart, with their true age (stale if the pause was long).
+        await until_done("clickhouse", health, lambda: asyncio.to_thread(core.board.load, sink))
+        judge = JudgeStage(settings, core, health)
         tasks.append(asyncio.create_task(judge.run(), name="judge"))
-        if settings.api.enabled:
-            from streams.api import create_app, serve_in_loop
+        if sock is not None:
+            from streams.api import ApiThread, create_app
 
-            server = serve_in_loop(create_app(sink, health=health), settings.api.host, settings.api.port)
-            tasks.append(asyncio.create_task(server.serve(), name="api"))
-    log.info("worker started: role %s, mirror topic %s, diffs topic %s, %d candidate(s)%s", role,
-             settings.kafka.topic, settings.kafka.diffs_topic, len(settings.candidates),
-             f", API on {settings.api.host}:{settings.api.port}" if sink is not None and settings.api.enabled else "")  # fmt: skip
+            api = ApiThread(create_app(core.board, sink, health=health, tokens=settings.api.tokens), sock)
+            api.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -74,6 +81,8 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if api is not None:
+            api.stop()
         if sink is not None:
             sink.close()
         log.info("worker stopped")
@@ -81,5 +90,8 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
 
 def run_worker(settings: Settings, role: Role = "all", loglevel: str = "info") -> None:
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The API thread waits at most this long for the GIL while a stage runs Python code (default
+    # 5 ms): a poll is answered in about a millisecond even while the worker is busy.
+    sys.setswitchinterval(0.001)
     logging.getLogger("aiokafka").setLevel(logging.ERROR)  # its retries are ours to report, once
     asyncio.run(run_worker_async(settings, role))

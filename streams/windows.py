@@ -46,6 +46,7 @@ class PairWindows:
     closed_upto_ms: int = 0  # every window starting before this has been emitted
     last_event_wall: float = 0.0
     early_closes: int = 0  # windows closed before they were final (open-window cap, state budget)
+    unscorable: dict[str, int] = field(default_factory=dict)  # not comparable, by dead-letter type
 
     def to_dict(self) -> dict:
         return {
@@ -61,6 +62,7 @@ class PairWindows:
             "closed_upto_ms": self.closed_upto_ms,
             "last_event_wall": self.last_event_wall,
             "early_closes": self.early_closes,
+            "unscorable": self.unscorable,
         }
 
     @classmethod
@@ -78,6 +80,7 @@ class PairWindows:
             closed_upto_ms=int(data["closed_upto_ms"]),
             last_event_wall=float(data["last_event_wall"]),
             early_closes=int(data.get("early_closes", 0)),
+            unscorable={str(k): int(v) for k, v in data.get("unscorable", {}).items()},
         )
 
     def window_for(self, window_start_ms: int) -> PairAccumulator | None:

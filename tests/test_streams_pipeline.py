@@ -182,20 +182,26 @@ def test_a_request_that_does_not_fit_one_candidate_is_a_dead_letter_for_that_one
         sink.close()
 
 
-def test_mismatched_baseline_shape_is_an_error_row_not_an_average(pipeline, traffic):
+def test_mismatched_baseline_shape_is_a_dead_letter_not_a_candidate_error(pipeline, traffic):
     good = json.loads(traffic[0])
     ninefold = Tensor.from_array(np.full((1, 9), 1 / 9, dtype=np.float32))  # baseline answered 9 classes
     event = MirroredRequest.model_validate({**good, "request_id": "odd", "baseline_output": {"probabilities": ninefold}})
-    pipeline.process([event.model_dump_json().encode()])
-    errors = pipeline.sink.query("SELECT DISTINCT error FROM shadowlens.request_diffs WHERE request_id = 'odd'")
-    assert errors and "shape mismatch" in errors[0][0]
+    result = pipeline.process([event.model_dump_json().encode(), traffic[1]])
+    assert result.diff_rows == 3  # the good request, for each candidate
+    assert {(d.error_type, d.candidate) for d in result.dead_letters} == {
+        ("baseline_mismatch", c.name) for c in pipeline.settings.candidates}
+    assert "baseline_output.probabilities: 9 values" in result.dead_letters[0].reason
+    assert pipeline.sink.query("SELECT count() FROM shadowlens.request_diffs WHERE request_id = 'odd'") == [(0,)]
+    assert pipeline.pair("digits", "digits-v2").unscorable == {"baseline_mismatch": 1}
+    assert pipeline.pair("digits", "digits-v2").cumulative.errors == 0  # not the candidate's fault
 
 
 def test_api_answers_gates(pipeline, traffic):
     pipeline.process(traffic[:400])
-    client = TestClient(create_app(pipeline.sink))
+    client = TestClient(create_app(pipeline.board, pipeline.sink))
     pending = client.get("/v1/verdicts/digits/digits-v2")
     assert pending.status_code == 200 and pending.json()["verdict"] == "hold"  # scored, no window closed yet
+    assert pending.json()["state"] == "scoring"
     pipeline.close_due(force=True)
     body = client.get("/v1/verdicts/digits/digits-v2-degraded").json()
     assert body["verdict"] == "rollback" and body["samples"] == 400
