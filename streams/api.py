@@ -149,6 +149,10 @@ def create_app(
     return app
 
 
+class AddressUnavailable(OSError):
+    """The API's host:port cannot be bound (in use, or not an address of this machine)."""
+
+
 def bind(host: str, port: int) -> socket.socket:
     """The API's listening socket, bound before anything else starts, so a port in use is one
     clear error at startup."""
@@ -158,8 +162,8 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"API address {host}:{port} is not available ({exc.strerror}): "
-                                 "stop the process that uses it or set [api] port") from exc  # fmt: skip
+        raise AddressUnavailable(f"API address {host}:{port} is not available ({exc.strerror}): stop the process "
+                                 "that uses it, or set [api] port / SHADOWLENS_API__PORT") from exc  # fmt: skip
     sock.listen(2048)
     return sock
 

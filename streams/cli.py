@@ -70,7 +70,13 @@ def worker(
     if role not in ("all", "replay", "judge"):
         typer.secho(f"--role: {role!r} is not a role; use replay, judge or all", fg="red", err=True)
         raise typer.Exit(2)
-    run_worker(_settings(config), role=role, loglevel=loglevel)  # type: ignore[arg-type]
+    from streams.api import AddressUnavailable
+
+    try:
+        run_worker(_settings(config), role=role, loglevel=loglevel)  # type: ignore[arg-type]
+    except AddressUnavailable as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -84,8 +90,14 @@ def api(config: Path = typer.Option(..., "--config", "-c", help="TOML config fil
     from streams.board import BoardRefresher, VerdictBoard
     from streams.sink import ClickHouseSink
 
+    from streams.api import AddressUnavailable
+
     settings = _settings(config)
-    sock = bind(settings.api.host, settings.api.port)
+    try:
+        sock = bind(settings.api.host, settings.api.port)
+    except AddressUnavailable as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
     sink = ClickHouseSink(settings.clickhouse.dsn, settings.clickhouse.database)
     board = VerdictBoard.from_settings(settings)
     refresher = BoardRefresher(board, sink, settings.api.refresh_s)

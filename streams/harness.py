@@ -44,12 +44,13 @@ def write_worker_config(
     timing: str = "per_request", window_s: float = 20, idle_close_s: float = 4,
     chdb: Path | None = None, windows: dict[str, Any] | None = None, partitions: int = 3,
     policy: dict[str, Any] | None = None, diffs_partitions: int = 2, kafka: dict[str, Any] | None = None,
-    name: str = "worker.toml",
+    name: str = "worker.toml", api: dict[str, Any] | None = None, extra: dict[str, dict[str, Any]] | None = None,
 ) -> Path:  # fmt: skip
     """A TOML config replaying the digits v1 traffic against v2 candidates (name -> ONNX path).
 
     ``windows``: more [windows] settings (e.g. partition_idle_s); ``chdb``: the data path
-    (default: ``directory/chdb``)."""
+    (default: ``directory/chdb``); ``api``: more [api] settings; ``extra``: more fields of a
+    candidate, by name (e.g. ``{"v2": {"baseline_output": "probs"}}``)."""
     policy_text = ", ".join(f"{k} = {v!r}" for k, v in {**DEMO_POLICY, **(policy or {})}.items())
     window_settings = {"size_s": window_s, "grace_s": 2, "idle_close_s": idle_close_s, **(windows or {})}
     window_lines = "".join(f"{k} = {v!r}\n" for k, v in window_settings.items())
@@ -76,16 +77,16 @@ timing = "{timing}"
 
 [api]
 port = {api_port}
-"""
-    for name, path in candidates.items():
+{"".join(f"{k} = {json.dumps(v)}{chr(10)}" for k, v in (api or {}).items())}"""
+    for cand, path in candidates.items():
+        more = {"model": "digits", **(extra or {}).get(cand, {})}
         text += f"""
 [[candidates]]
-name = "{name}"
-model = "digits"
+name = "{cand}"
 path = "{path}"
 adapter = {{ rename = {{ pixels = "image" }}, cast = {{ image = "float32" }}, scale = {{ image = 0.0625 }} }}
 policy = {{ {policy_text} }}
-"""
+{"".join(f"{k} = {json.dumps(v)}{chr(10)}" for k, v in more.items())}"""
     path = directory / name
     path.write_text(text)
     return path

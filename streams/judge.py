@@ -78,7 +78,7 @@ class JudgeCore:
         result = ApplyResult()
         kept: list[tuple[PairWindows, DiffBatch, int]] = []  # (pair, rows not redelivered, routed)
         pending: dict[str, dict[int, int]] = {}  # applied offsets including earlier batches of this call
-        unscorable: list[tuple[PairWindows, dict[str, int]]] = []
+        unscorable: list[tuple[PairWindows, DiffBatch]] = []
         for batch in batches:
             key = pair_key(batch.model, batch.candidate)
             if key not in self.configs:
@@ -96,7 +96,7 @@ class JudgeCore:
             for p, off in batch.covers.items():
                 applied[p] = max(off, applied.get(p, -1))
             kept.append((pw, batch if not skipped else batch.take(np.flatnonzero(keep)), batch.routed - skipped))
-            unscorable.append((pw, batch.unscorable))
+            unscorable.append((pw, batch))
         fresh = self._drop_producer_retries(kept)
         self.sink.insert_diff_batches([rows for _, rows, _, _ in fresh if len(rows)])
         # Written: now (and only now) count them.
@@ -112,9 +112,13 @@ class JudgeCore:
             result.duplicates += len(dups)
             result.touched.add(key)
         self.board.mark_scoring((pw.model, pw.candidate) for pw, _, _, _ in fresh)
-        for pw, counts in unscorable:  # counted per batch (a batch partly redelivered counts again: rare)
-            for kind, n in counts.items():
+        for pw, batch in unscorable:  # counted per batch (a batch partly redelivered counts again: rare)
+            for kind, n in batch.unscorable.items():
                 pw.unscorable[kind] = pw.unscorable.get(kind, 0) + n
+            for sent_ms in batch.unscorable_ms:  # their windows exist, so the pair is judged when they close
+                pw.window_for(sent_ms - sent_ms % self.size_ms)
+            if batch.unscorable_ms:
+                pw.last_event_wall = now
         return result
 
     def _drop_producer_retries(self, kept):

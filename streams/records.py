@@ -72,6 +72,7 @@ class DiffBatch:
     # Requests routed to the candidate that could not be compared, by dead-letter error type
     # ("baseline_mismatch", "adapter"): the payload's or the config's fault, not the candidate's.
     unscorable: dict[str, int] = field(default_factory=dict)
+    unscorable_ms: list[int] = field(default_factory=list)  # their sent_at: their windows open and close
 
     def __len__(self) -> int:
         return len(self.request_id)
@@ -87,7 +88,7 @@ class DiffBatch:
             self.model, self.candidate, self.scored_ms, {k: v[idx] for k, v in self.columns.items()},
             [self.request_id[i] for i in pick], [self.baseline_version[i] for i in pick],
             [self.error[i] for i in pick], [self.attributes[i] for i in pick], self.top_k, self.routed,
-            dict(self.covers), dict(self.unscorable),
+            dict(self.covers), dict(self.unscorable), list(self.unscorable_ms),
         )  # fmt: skip
 
     def encode(self) -> bytes:
@@ -96,6 +97,7 @@ class DiffBatch:
             "top_k": self.top_k, "request_id": self.request_id, "baseline_version": self.baseline_version,
             "error": self.error, "attributes": self.attributes, "routed": self.routed,
             "covers": {str(p): o for p, o in self.covers.items()}, "unscorable": self.unscorable,
+            "unscorable_ms": self.unscorable_ms,
         }  # fmt: skip
         head = json.dumps(header, separators=(",", ":")).encode()
         buffers = [np.ascontiguousarray(self.columns[name], dtype=dt).tobytes() for name, dt in NUMERIC.items()]
@@ -121,6 +123,7 @@ class DiffBatch:
             header["baseline_version"], header["error"], header["attributes"], int(header.get("top_k", 3)),
             int(header.get("routed", n)), {int(p): int(o) for p, o in header.get("covers", {}).items()},
             {str(k): int(v) for k, v in header.get("unscorable", {}).items()},
+            [int(t) for t in header.get("unscorable_ms", [])],
         )  # fmt: skip
 
 

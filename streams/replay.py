@@ -155,9 +155,11 @@ class ReplayCore:
                     parts.append(batch)
                     letters.extend(more)
         batch = _concat(cand.config, scored_ms, [p for p in parts if len(p)])
+        sent = {(msg.partition, msg.offset): _ms(ev) for group, _ in groups for ev, msg in group}
         for letter in letters:
             if letter.error_type in UNSCORABLE:
                 batch.unscorable[letter.error_type] = batch.unscorable.get(letter.error_type, 0) + 1
+                batch.unscorable_ms.append(sent.get((letter.partition, letter.offset), 0))
         self._warn(cand, letters)
         return batch, letters
 

@@ -33,6 +33,11 @@ Role = Literal["all", "replay", "judge"]
 
 async def run_worker_async(settings: Settings, role: Role = "all") -> None:
     health = Health()
+    sock = None
+    if role in ("judge", "all") and settings.api.enabled:
+        from streams.api import bind
+
+        sock = bind(settings.api.host, settings.api.port)  # before anything: a port in use is a startup error
     partitions = await until_done("kafka", health, lambda: ensure_topics(settings))
     tasks: list[asyncio.Task] = []
     sink = None
@@ -48,11 +53,6 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
         from streams.sink import ClickHouseSink
         from streams.stages import JudgeStage
 
-        sock = None
-        if settings.api.enabled:
-            from streams.api import bind
-
-            sock = bind(settings.api.host, settings.api.port)  # first: a port in use is a startup error
         ch = settings.clickhouse
         sink = await until_done("clickhouse", health, lambda: asyncio.to_thread(
             ClickHouseSink, ch.dsn, ch.database, ch.retention_days))  # fmt: skip
