@@ -34,7 +34,7 @@ def backfill_command(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True,
                                 help="JSONL (one MirroredRequest JSON object per line; tensor data may be lists) "
                                      "or Parquet (.parquet, needs pyarrow)"),
-    bootstrap: str = typer.Option("127.0.0.1:9092", envvar="KAFKA_BOOTSTRAP", help="Kafka bootstrap servers"),
+    bootstrap: str = typer.Option("127.0.0.1:19092", envvar="KAFKA_BOOTSTRAP", help="Kafka bootstrap servers"),
     topic: str = typer.Option(DEFAULT_TOPIC, help="mirror topic"),
     model: str | None = typer.Option(None, help="publish under this model name (default: each row's model)"),
     compression: str = typer.Option("lz4", help="lz4, zstd, gzip or none"),

@@ -42,7 +42,7 @@ class MirrorConfig:
     registry: prometheus_client registry to export counters to (a private one when None).
     """
 
-    bootstrap_servers: str = field(default_factory=lambda: os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+    bootstrap_servers: str = field(default_factory=lambda: os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:19092"))
     topic: str = DEFAULT_TOPIC
     client_id: str = "shadowlens-mirror"
     strict: bool = field(default_factory=lambda: _env_flag("SHADOWLENS_MIRROR_STRICT"))

@@ -241,9 +241,12 @@ def _slices(acc: PairAccumulator, policy: JudgePolicy, noise: PairAccumulator | 
     if margin is None:
         return [], 0
     s_alpha = policy.slice_alpha if policy.slice_alpha is not None else policy.alpha / 2
-    shift = 0.0
-    if noise is not None and noise.scored:  # slices are judged above margin + an upper noise bound
+    shift = shift_low = 0.0
+    if noise is not None and noise.scored:
+        # A slice fails only above margin + the noise floor's *upper* bound; it passes only when its
+        # upper bound minus the floor's *lower* bound is below the margin (each side conservative).
         shift = float(upper_bound(noise.scored, noise.label_flips, s_alpha / 2))
+        shift_low = float(lower_bound(noise.scored, noise.label_flips, s_alpha / 2))
         s_alpha /= 2
     rows = [(k, v, st) for k, t in acc.slices.items() for v, st in t.items()
             if st.scored >= policy.slice_min_samples]
@@ -254,12 +257,13 @@ def _slices(acc: PairAccumulator, policy: JudgePolicy, noise: PairAccumulator | 
     log_e = log_evalue_above(n, s, margin + shift)
     rejected = ebh(np.exp(np.minimum(log_e, 700)), s_alpha)
     a_disp = s_alpha / len(rows)  # display interval: Bonferroni over the slices shown
-    lo, hi = lower_bound(n, s, a_disp) - shift, upper_bound(n, s, a_disp) - shift
+    lo, hi = lower_bound(n, s, a_disp) - shift, upper_bound(n, s, a_disp) - shift_low
     out = []
     for i in np.lexsort((-(s / n), -log_e)):
         k, v, st = rows[i]
         dec = "fail" if rejected[i] else ("pass" if hi[i] < margin else "inconclusive")
-        out.append(SliceJudgement(attribute=k, value=v, metric=FLIP, estimate=s[i] / n[i] - shift,
+        noise_est = noise.label_flips / noise.scored if shift else 0.0
+        out.append(SliceJudgement(attribute=k, value=v, metric=FLIP, estimate=s[i] / n[i] - noise_est,
                                   lower=float(lo[i]), upper=float(hi[i]), samples=int(n[i]), decision=dec))
     return out, int(rejected.sum())
 

@@ -149,6 +149,21 @@ def _colour(verdict: str) -> str:
     return {"promote": "[green]promote[/]", "rollback": "[red]rollback[/]"}.get(verdict, "[yellow]hold[/]")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"shadowlens {version('shadowlens')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+) -> None:
+    """shadowlens: shadow-traffic diff and evaluation for ML models."""
+
+
 def main() -> None:
     app()
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ class WorkerProcess:
 def window_totals(api: str, model: str, candidates: list[str]) -> dict[str, int]:
     totals = {}
     for cand in candidates:
-        rows = httpx.get(f"{api}/v1/windows/{model}/{cand}", params={"limit": 10000}, timeout=5).json()
+        rows = httpx.get(f"{api}/v1/windows/{model}/{cand}", params={"limit": 1000}, timeout=5).json()
         totals[cand] = sum(r["requests"] for r in rows)
     return totals
 

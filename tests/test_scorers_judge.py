@@ -155,3 +155,52 @@ def test_empty_accumulator_holds():
     j = judge(PairAccumulator(), DEMO)
     assert j.verdict == "hold" and j.samples == 0
     json.dumps([m.model_dump() for m in j.metrics])
+
+
+def test_a_hold_names_the_metric_it_waits_for_first():
+    acc, verdicts = run(0.08, windows=2)  # flip rate 8 % against a 10 % margin: not yet separable
+    j = verdicts[-1]
+    assert j.verdict == "hold" and j.blocking_metric in {m.name for m in j.metrics}
+    assert j.reasons[0].startswith(f"Hold: waiting for {j.blocking_metric} = ")
+    assert j.requests_needed is not None and f"about {j.requests_needed} more requests" in j.reasons[0]
+
+
+def test_latency_quantile_hold_estimates_the_requests_it_needs():
+    """Only the p99 latency ratio gates; its estimate is checked by feeding that many more requests
+    at the same rates (tolerance: the decision within 2x the estimate; seed fixed)."""
+    policy = JudgePolicy(label_flip_rate_margin=None, abs_confidence_delta_margin=None, accuracy_drop_margin=None,
+                         latency_p99_ratio_margin=1.5, min_samples=100, max_error_rate=0.5)  # fmt: skip
+    rng = np.random.default_rng(4)
+    acc = feed(PairAccumulator(), rng, 300, flip_rate=0.0)  # too few for a finite p99 upper bound
+    j = judge(acc, policy)
+    assert j.verdict == "hold" and j.blocking_metric == policy.latency_metric
+    assert j.requests_needed is not None and j.requests_needed > 0
+    feed(acc, rng, 2 * j.requests_needed, flip_rate=0.0, start=300)
+    assert judge(acc, policy).verdict == "promote"
+
+
+def test_unscorable_requests_hold_with_their_reason_and_never_count_as_errors():
+    acc, _ = run(0.04)  # 2,500 scored requests that would promote
+    j = judge(acc, DEMO, expected_requests=5000, unscorable={"baseline_mismatch": 2500})
+    assert j.verdict == "hold" and j.blocking_metric == "comparable" and not j.data_checks["comparable"]
+    assert "baseline_mismatch" in j.reasons[0] and "not the candidate" in j.reasons[0]
+    assert j.metric("error_rate").estimate == 0.0  # the candidate made no error
+    # Within tolerance (2 %, under max_missing_fraction 5 %) the verdict stands, and the sample ratio
+    # counts them as received.
+    j = judge(acc, DEMO, expected_requests=2550, unscorable={"adapter": 50})
+    assert j.verdict == "promote" and j.data_checks["sample_ratio"]
+
+
+def test_slice_under_a_noise_floor_subtracts_the_lower_noise_bound_from_its_upper_bound():
+    """A 6 % slice against a 4 % noise floor with margin 2 %: its excess (about 2 %) is not
+    confidently within the margin, so it must not show "pass" (it did when the noise floor's
+    upper bound was subtracted from the slice's upper bound)."""
+    policy = JudgePolicy(label_flip_rate_margin=0.02, slice_min_samples=100)
+    rng = np.random.default_rng(7)
+    acc = feed(PairAccumulator(), rng, 3000, flip_rate=0.06, country="de")
+    noise = feed(PairAccumulator(), rng, 3000, flip_rate=0.04)
+    j = judge(acc, policy, noise=noise)
+    (de,) = [s for s in j.worst_slices if s.value == "de"]
+    assert de.decision != "pass" and de.upper > policy.label_flip_rate_margin
+    assert de.estimate == pytest.approx(0.06 - noise.label_flips / noise.scored, abs=0.02)
+    assert de.lower <= de.estimate <= de.upper

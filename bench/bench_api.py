@@ -1,0 +1,148 @@
+"""Verdicts API under load while the worker runs at full speed. Not a test; prints medians.
+
+One ``--role all`` worker process (replay + judge + API, chDB) drains a pre-filled mirror topic of
+--requests digits requests against 2 candidates. In alternate runs a separate poller process sends
+GET /v1/verdicts/{model}/{candidate} (with a bearer token) at --rate requests/s over --connections
+keep-alive connections for as long as the worker drains. Reported:
+
+- API latency p50 / p99 / max, measured from each request's *scheduled* send time (so a stalled
+  server shows up as queueing, not as a lower rate), and the rate achieved;
+- the worker's drain rate (requests/s from its first commit to its last) with and without polling,
+  and their ratio, side by side in one run.
+
+Usage: KAFKA_BOOTSTRAP=127.0.0.1:19092 python bench/bench_api.py [--requests 60000] [--runs 3]
+       [--rate 1000] [--connections 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_stages import CANDIDATES, MIRROR_PARTITIONS, bootstrap, drain_rate  # noqa: E402
+
+from streams.demo import TrafficGenerator  # noqa: E402
+from streams.harness import WorkerProcess, create_topic, free_port, produce, write_worker_config  # noqa: E402
+from streams.models import build_digits_models  # noqa: E402
+
+TOKEN = "bench-token-0123456789abcdef"
+
+
+# -- the poller (its own process) ------------------------------------------------------------------
+async def _poll(port: int, path: str, rate: float, connections: int, stop_file: Path) -> dict:
+    request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n").encode()
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter() + 0.5
+
+    async def connection(k: int) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = 0
+        while not stop_file.exists():
+            due = start + (i * connections + k) / rate
+            i += 1
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))  # fmt: skip
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - due)
+            errors += not head.startswith(b"HTTP/1.1 200")
+        writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(connection(k) for k in range(connections)))
+    elapsed = time.perf_counter() - t0
+    return {"latencies_ms": [x * 1000 for x in latencies], "errors": errors, "elapsed_s": elapsed}
+
+
+def poller_main(port: int, path: str, rate: float, connections: int, stop_file: str, out: str) -> None:
+    result = asyncio.run(_poll(port, path, rate, connections, Path(stop_file)))
+    Path(out).write_text(json.dumps(result))
+
+
+# -- the benchmark ------------------------------------------------------------------------------------
+def run_once(broker, models, messages, work: Path, i: int, poll: bool, rate: float, connections: int) -> dict:
+    topic = f"bench-api-{uuid.uuid4().hex[:8]}"
+    create_topic(broker, topic, MIRROR_PARTITIONS)
+    produce(broker, topic, messages)
+    port = free_port()
+    config = write_worker_config(
+        work, broker, {c: models["good" if c == "digits-v2" else "degraded"] for c in CANDIDATES}, topic, port,
+        window_s=10, idle_close_s=3600, partitions=MIRROR_PARTITIONS, diffs_partitions=4, name=f"api-{i}.toml",
+        chdb=work / f"api-{i}-chdb", api={"tokens": [TOKEN]},
+    )  # fmt: skip
+    worker = WorkerProcess(config, work / f"api-{i}.log")
+    stop_file, out = work / f"stop-{i}", work / f"poll-{i}.json"
+    poller = None
+    try:
+        if poll:
+            time.sleep(6)  # the API is up (it binds first); the poller starts before the drain
+            poller = subprocess.Popen([sys.executable, __file__, "--poller", str(port), "/v1/verdicts/digits/digits-v2",
+                                       str(rate), str(connections), str(stop_file), str(out)])  # fmt: skip
+        rate_rps, _ = drain_rate(broker, topic, f"worker-{topic}", [worker], "api bench")
+    finally:
+        stop_file.touch()
+        if poller is not None:
+            poller.wait(timeout=60)
+        worker.stop()
+    result = {"drain_rps": rate_rps}
+    if poll:
+        polled = json.loads(out.read_text())
+        lat = sorted(polled["latencies_ms"])
+        result.update(p50=lat[len(lat) // 2], p99=lat[int(len(lat) * 0.99)], max=lat[-1], errors=polled["errors"],
+                      achieved=len(lat) / polled["elapsed_s"])  # fmt: skip
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=60_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=1000)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--poller", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.poller:
+        port, path, rate, conns, stop_file, out = args.poller
+        poller_main(int(port), path, float(rate), int(conns), stop_file, out)
+        return
+    broker = bootstrap()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        work = Path(tmp)
+        models = build_digits_models(work / "models")
+        messages = TrafficGenerator(models["baseline"], rate_per_s=1000).messages(args.requests)
+        print(f"{args.requests:,} requests, 2 candidates, one --role all worker; poller {args.rate:g} req/s over "
+              f"{args.connections} connections; {os.cpu_count()} cores")  # fmt: skip
+        quiet, polled = [], []
+        for i in range(args.runs):
+            quiet.append(run_once(broker, models, messages, work, 2 * i, False, args.rate, args.connections))
+            polled.append(run_once(broker, models, messages, work, 2 * i + 1, True, args.rate, args.connections))
+            q, p = quiet[-1], polled[-1]
+            print(f"  run {i + 1}: worker {q['drain_rps']:,.0f} req/s unpolled, {p['drain_rps']:,.0f} polled "
+                  f"({p['drain_rps'] / q['drain_rps']:.0%}); API p50 {p['p50']:.2f} ms, p99 {p['p99']:.2f} ms, "
+                  f"max {p['max']:.1f} ms at {p['achieved']:,.0f} req/s, {p['errors']} non-200")  # fmt: skip
+        med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
+        print(f"median: API p50 {med(polled, 'p50'):.2f} ms, p99 {med(polled, 'p99'):.2f} ms at "
+              f"{med(polled, 'achieved'):,.0f} req/s; worker {med(quiet, 'drain_rps'):,.0f} -> "
+              f"{med(polled, 'drain_rps'):,.0f} req/s while polled "
+              f"({med(polled, 'drain_rps') / med(quiet, 'drain_rps'):.0%})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
