@@ -41,6 +41,7 @@ class VerdictBoard:
         self.clock = clock
         self._latest: dict[Pair, Verdict] = {}
         self._scoring: set[Pair] = set()
+        self._json: dict[Pair, bytes] = {}  # latest verdict's JSON body, age_s null
         self._lock = threading.Lock()
 
     @classmethod
@@ -57,6 +58,7 @@ class VerdictBoard:
                 old = self._latest.get(key)
                 if old is None or v.updated_at >= old.updated_at:
                     self._latest[key] = v
+                    self._json[key] = v.model_copy(update={"age_s": None}).model_dump_json().encode()
                 self._scoring.add(key)
 
     def mark_scoring(self, pairs: Iterable[Pair]) -> None:
@@ -74,6 +76,19 @@ class VerdictBoard:
         with self._lock:
             latest, scoring = self._latest.get(key), key in self._scoring
         return self._served(key, latest, scoring)
+
+    def verdict_json(self, model: str, candidate: str) -> bytes | None:
+        """``verdict()`` as the API's JSON body; a fresh judged verdict costs no serialisation (its
+        JSON is made once, when published, and only ``age_s`` is filled in)."""
+        key = (model, candidate)
+        with self._lock:
+            latest, scoring, raw = self._latest.get(key), key in self._scoring, self._json.get(key)
+        if latest is not None and raw is not None and key in self.configured:
+            age = max(0.0, self.clock() - latest.updated_at.timestamp())
+            if age <= self.stale_after_s:
+                return raw.replace(b'"age_s":null', b'"age_s":%.3f' % age, 1)
+        served = self._served(key, latest, scoring)
+        return None if served is None else served.model_dump_json().encode()
 
     def verdicts(self, include_all: bool = False) -> list[Verdict]:
         with self._lock:

@@ -247,3 +247,25 @@ def test_flagger_confirm_promotion_and_rollback_hooks(world):
     clock.now += 60
     publish(board, clock, "rollback")
     assert flagger_call(client, hooks["rollback"]) and not flagger_call(client, hooks["confirm-promotion"])
+
+
+def test_fast_path_answers_exactly_as_the_fastapi_route(world):
+    """GET /v1/verdicts/{m}/{c} is served by an ASGI fast path; the FastAPI route is the contract."""
+    board, fast, clock = world
+    route = TestClient(fast.app.app)  # the FastAPI app behind the fast path
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def same(path: str, headers: dict) -> dict:
+        a, b = fast.get(path, headers=headers), route.get(path, headers=headers)
+        assert (a.status_code, a.json()) == (b.status_code, b.json()), (a.text, b.text)
+        return a.json()
+
+    assert same("/v1/verdicts/digits/digits-v2", auth)["state"] == "waiting_for_traffic"
+    publish(board, clock, "promote")
+    clock.now += 42.5
+    assert same("/v1/verdicts/digits/digits-v2", auth)["age_s"] == pytest.approx(42.5)
+    clock.now += 600
+    assert same("/v1/verdicts/digits/digits-v2", auth)["state"] == "stale"
+    same("/v1/verdicts/digits/digits-v2", {"Authorization": "Bearer nope"})  # 401 both ways
+    same("/v1/verdicts/digits/unknown", auth)  # 404
+    same(f"/v1/verdicts/digits/{'x' * 300}", auth)  # 422
