@@ -146,8 +146,10 @@ class ReplayCore:
                     reason = f"candidate {cand.config.name}: {_describe(exc)}"
                     if getattr(exc, "error_type", None) == "adapter":
                         letters.append(_letter(msg, "adapter", reason, candidate=cand))
-                    else:
-                        parts.append(self._failed(cand, group, scored_ms, reason))
+                        continue
+                    failed, letter = self._failed(cand, group, scored_ms, reason)
+                    parts.extend([failed] if failed is not None else [])
+                    letters.extend([letter] if letter is not None else [])
                     continue
                 for i in range(len(group)):  # retry alone: only the poison message fails
                     one = {name: array[i : i + 1] for name, array in stacked.items()}
@@ -176,15 +178,19 @@ class ReplayCore:
                 count, last = 0, now
             self._warned[key] = (count, last)
 
-    def _failed(self, cand: Candidate, group, scored_ms: int, reason: str) -> DiffBatch:
-        """The candidate raised on this request alone: a diff row carrying the error."""
+    def _failed(self, cand: Candidate, group, scored_ms: int, reason: str):
+        """The candidate raised on this one request: (a diff row carrying the error, None), or
+        (None, a baseline_mismatch letter) when the baseline is unusable too: then the request
+        could not have been compared anyway, and it is not counted against the candidate."""
         cfg = cand.config
         events = [ev for ev, _ in group]
         base_rows, problems = _baseline_rows(events, cfg, None)
-        if problems:  # the baseline is unusable too: not the candidate's error to count
-            raise _Unscorable(problems[0])
+        if problems:
+            return None, _letter(group[0][1], "baseline_mismatch", f"{problems[0]}; the producer must send it, or fix "
+                                 f"candidates.{cfg.name}.baseline_output", candidate=cand)  # fmt: skip
         cand_rows = np.full(base_rows.shape, np.nan)
-        return self._columns(cand, group, scored_ms, base_rows, cand_rows, np.full(len(events), np.nan), reason)
+        batch = self._columns(cand, group, scored_ms, base_rows, cand_rows, np.full(len(events), np.nan), reason)
+        return batch, None
 
     def _score(self, cand: Candidate, group, stacked: dict[str, np.ndarray], scored_ms: int):
         cfg = cand.config
@@ -287,9 +293,6 @@ def _baseline_rows(events: list[MirroredRequest], cfg: CandidateConfig, width: i
         base[i] = row
     return (np.full((len(events), width or 1), np.nan) if base is None else base), problems
 
-
-class _Unscorable(ValueError):
-    error_type = "adapter"
 
 
 def _concat(cfg: CandidateConfig, scored_ms: int, parts: list[DiffBatch]) -> DiffBatch:

@@ -127,13 +127,6 @@ class ClickHouseSink:
         rows = self.query(f"SELECT model, candidate FROM {self.database}.request_diffs GROUP BY model, candidate")
         return [(m, c) for m, c in rows]
 
-    def pair_known(self, model: str, candidate: str) -> bool:
-        rows = self.query(
-            f"SELECT count() FROM {self.database}.request_diffs WHERE model = %(m)s AND candidate = %(c)s",
-            {"m": model, "c": candidate},
-        )
-        return rows[0][0] > 0
-
     def windows(self, model: str, candidate: str, limit: int = 100) -> list[dict[str, Any]]:
         cols = [c for c in WINDOW_COLUMNS if c != "state"]
         rows = self.query(

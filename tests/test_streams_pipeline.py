@@ -297,3 +297,30 @@ def test_cuda_provider_is_chosen_and_agrees_with_cpu(models):
     on_gpu, _ = cuda.run(rows, "probabilities", "batched")
     on_cpu, _ = cpu.run(rows, "probabilities", "batched")
     np.testing.assert_allclose(np.stack(on_gpu), np.stack(on_cpu), atol=1e-4)
+
+
+class _CrashesOnAllZeros(OnnxRunner):
+    """A faulty candidate (the fault is injected in the candidate itself): raises on one input."""
+
+    def run_stacked(self, feeds, n, output, timing):
+        if any((~array.reshape(n, -1).any(axis=1)).any() for array in feeds.values()):  # a row of zeros
+            raise RuntimeError("kernel crashed on this input")
+        return super().run_stacked(feeds, n, output, timing)
+
+
+def test_a_candidate_exception_is_a_candidate_error_not_a_dead_letter(pipeline, traffic):
+    from streams.replay import Candidate
+
+    for cands in pipeline.replay.candidates.values():
+        for cand in cands:
+            runner = _CrashesOnAllZeros(str(cand.config.path))
+            cands[cands.index(cand)] = Candidate(cand.config, cand.adapter, runner)
+    good = json.loads(traffic[0])
+    zeros = {"dtype": "float32", "shape": [1, 64], "data": [0.0] * 64}
+    crash = json.dumps({**good, "request_id": "zeros", "inputs": {"pixels": zeros}}).encode()
+    result = pipeline.process([crash, *traffic[1:4]])
+    assert result.dead_letters == [] and result.diff_rows == 3 * 4  # the batch survives; one row each
+    errors = pipeline.sink.query("SELECT DISTINCT error FROM shadowlens.request_diffs WHERE request_id = 'zeros'")
+    assert {e for (e,) in errors} == {f"candidate {c.name}: RuntimeError: kernel crashed on this input"
+                                      for c in pipeline.settings.candidates}  # fmt: skip
+    assert pipeline.pair("digits", "digits-v2").cumulative.errors == 1
