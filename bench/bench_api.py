@@ -1,6 +1,6 @@
 """Verdicts API under load while the worker runs at full speed. Not a test; prints medians.
 
-One ``--role all`` worker process (replay + judge + API, chDB) drains a pre-filled mirror topic of
+One ``--role all`` worker (replay + judge in one process, its API in a child process; chDB) drains a pre-filled mirror topic of
 --requests digits requests against 2 candidates. In alternate runs a separate poller process sends
 GET /v1/verdicts/{model}/{candidate} (with a bearer token) at --rate requests/s over --connections
 keep-alive connections for as long as the worker drains. Reported:
@@ -95,7 +95,7 @@ def run_once(broker, models, messages, work: Path, i: int, poll: bool, rate: flo
             time.sleep(6)  # the API is up (it binds first); the poller starts before the drain
             poller = subprocess.Popen([sys.executable, __file__, "--poller", str(port), "/v1/verdicts/digits/digits-v2",
                                        str(rate), str(connections), str(stop_file), str(out)])  # fmt: skip
-        rate_rps, _ = drain_rate(broker, topic, f"worker-{topic}", [worker], "api bench")
+        rate_rps, _ = drain_rate(broker, topic, f"worker-{topic}", [worker], "api bench", poll_s=1.0)
     finally:
         stop_file.touch()
         if poller is not None:

@@ -10,7 +10,8 @@ Status codes are chosen for the controllers that poll them (deploy/README.md has
   endpoints answer 200 or 412, and take the bearer token from the payload's ``metadata.token``.
 
 Verdict endpoints answer from memory (streams/board.py): no database call, nothing shared with the
-worker's writes. ``/v1/windows`` reads ClickHouse in the thread pool, never on the event loop.
+worker's writes. A worker serves this app from a process of its own (streams/api_process.py);
+``/v1/windows`` is a database read, in the thread pool, never on an event loop.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ from __future__ import annotations
 import contextlib
 import hmac
 import socket
-import threading
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.security import HTTPBearer
@@ -84,7 +83,7 @@ def create_app(
             # The worker is waiting out a failure (database full or down, broker away); it keeps
             # serving the last verdicts meanwhile, and their age shows it.
             raise HTTPException(status_code=503, detail="; ".join(health.reasons()))
-        if sink is None:
+        if sink is None or health is not None:  # a worker's health already covers its database
             return Health(status="ready")
         try:
             sink.query("SELECT 1")
@@ -116,10 +115,8 @@ def create_app(
             )
         return verdict
 
-    def gate(model: str, candidate: str, response: Response, passes_on: str) -> Verdict:
-        verdict = board.verdict(model, candidate)
-        if verdict is None:
-            raise HTTPException(status_code=404, detail=f"unknown pair {model}/{candidate}")
+    async def gate(model: str, candidate: str, response: Response, passes_on: str) -> Verdict:
+        verdict = await get_verdict(model, candidate)
         if verdict.verdict != passes_on:
             response.status_code = 412
         return verdict
@@ -129,12 +126,12 @@ def create_app(
     @v1.post("/gates/flagger/{model}/{candidate}", response_model=Verdict, tags=["gates"], responses=not_now)
     async def flagger_confirm_promotion(model: Name, candidate: Name, response: Response) -> Verdict:
         """Flagger ``confirm-promotion`` webhook: 200 only on promote; 412 halts the canary at maxWeight."""
-        return gate(model, candidate, response, passes_on="promote")
+        return await gate(model, candidate, response, passes_on="promote")
 
     @v1.post("/gates/flagger-rollback/{model}/{candidate}", response_model=Verdict, tags=["gates"], responses=not_now)
     async def flagger_rollback(model: Name, candidate: Name, response: Response) -> Verdict:
         """Flagger ``rollback`` webhook: 200 (which rolls the canary back) only on rollback."""
-        return gate(model, candidate, response, passes_on="rollback")
+        return await gate(model, candidate, response, passes_on="rollback")
 
     @v1.get("/windows/{model}/{candidate}", response_model=list[WindowSummary], tags=["windows"])
     def get_windows(
@@ -202,31 +199,3 @@ def bind(host: str, port: int) -> socket.socket:
                                  "that uses it, or set [api] port / SHADOWLENS_API__PORT") from exc  # fmt: skip
     sock.listen(2048)
     return sock
-
-
-class ApiThread:
-    """uvicorn on its own thread and event loop: the worker's blocking steps (a ClickHouse insert,
-    a candidate's session.run) never delay an answer, and API traffic never runs on the worker's
-    loop."""
-
-    def __init__(self, app: FastAPI, sock: socket.socket):
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
-        self.server = _QuietServer(config)
-        self.sock = sock
-        self.thread = threading.Thread(target=self._run, name="verdicts-api", daemon=True)
-
-    def _run(self) -> None:
-        self.server.run(sockets=[self.sock])
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-
-
-class _QuietServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):  # the host program handles signals
-        yield

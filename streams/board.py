@@ -42,6 +42,7 @@ class VerdictBoard:
         self._latest: dict[Pair, Verdict] = {}
         self._scoring: set[Pair] = set()
         self._json: dict[Pair, bytes] = {}  # latest verdict's JSON body, age_s null
+        self._subscribers: list[Callable[[tuple], None]] = []
         self._lock = threading.Lock()
 
     @classmethod
@@ -51,7 +52,20 @@ class VerdictBoard:
         return cls(((c.model, c.name) for c in settings.candidates), stale)
 
     # -- written by the judge (or a refresher) ------------------------------------------------
+    def subscribe(self, send: Callable[[tuple], None]) -> None:
+        """``send(("publish", [verdict JSON, ...]))`` and ``send(("scoring", [new pairs]))``: the
+        board's content now, then every change: how the worker's API process
+        (streams/api_process.py) keeps its board current."""
+        with self._lock:
+            raws, scoring = list(self._json.values()), sorted(self._scoring)
+            self._subscribers.append(send)
+        if raws:  # what the board holds already (loaded at startup)
+            send(("publish", raws))
+        if scoring:
+            send(("scoring", scoring))
+
     def publish(self, verdicts: Sequence[Verdict]) -> None:
+        raws = []
         with self._lock:
             for v in verdicts:
                 key = (v.model, v.candidate)
@@ -59,11 +73,17 @@ class VerdictBoard:
                 if old is None or v.updated_at >= old.updated_at:
                     self._latest[key] = v
                     self._json[key] = v.model_copy(update={"age_s": None}).model_dump_json().encode()
+                    raws.append(self._json[key])
                 self._scoring.add(key)
+        for send in self._subscribers if raws else ():
+            send(("publish", raws))
 
     def mark_scoring(self, pairs: Iterable[Pair]) -> None:
         with self._lock:
-            self._scoring.update(pairs)
+            new = set(pairs) - self._scoring
+            self._scoring.update(new)
+        for send in self._subscribers if new else ():
+            send(("scoring", sorted(new)))
 
     def load(self, sink) -> None:
         """Fill the board from the database (a restarted worker, a standalone API)."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 from typing import Literal
 
 from streams.config import Settings
@@ -62,10 +61,15 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
         judge = JudgeStage(settings, core, health)
         tasks.append(asyncio.create_task(judge.run(), name="judge"))
         if sock is not None:
-            from streams.api import ApiThread, create_app
+            from streams.api_process import ApiProcess
 
-            api = ApiThread(create_app(core.board, sink, health=health, tokens=settings.api.tokens), sock)
+            api = ApiProcess(settings, core.board, sink, sock)
             api.start()
+            tasks.append(asyncio.create_task(_watch_api(api, health), name="api"))
+    log.info("worker started: role %s, mirror topic %s, diffs topic %s, %d candidate(s)%s", role,
+             settings.kafka.topic, settings.kafka.diffs_topic, len(settings.candidates),
+             f", API on {settings.api.host}:{settings.api.port}{' (token required)' if settings.api.tokens else ''}"
+             if api is not None else "")  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -88,10 +92,18 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
         log.info("worker stopped")
 
 
+async def _watch_api(api, health: Health) -> None:
+    """Report health to the API process each second; its death stops the worker (loudly), so a
+    supervisor restarts both instead of gates polling a dead port."""
+    while True:
+        if not api.alive:
+            raise RuntimeError(f"the verdicts API process exited (code {api.process.exitcode}); see its log above")
+        api.report(health)
+        await asyncio.sleep(1.0)
+
+
 def run_worker(settings: Settings, role: Role = "all", loglevel: str = "info") -> None:
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # The API thread waits at most this long for the GIL while a stage runs Python code (default
-    # 5 ms): a poll is answered in about a millisecond even while the worker is busy.
-    sys.setswitchinterval(0.001)
+
     logging.getLogger("aiokafka").setLevel(logging.ERROR)  # its retries are ours to report, once
     asyncio.run(run_worker_async(settings, role))
