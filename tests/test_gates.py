@@ -10,6 +10,8 @@ hold that says so), never a rollback; a verdict older than the stale limit is se
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -123,6 +125,16 @@ def test_gate_states_auth_blame_and_staleness_on_a_live_worker(kafka_bootstrap, 
         assert old["verdict"] == "hold" and old["last_decision"] == decision and old["age_s"] > 17
         assert old["reasons"][0].startswith("Hold: stale")
         assert httpx.post(gate, json=hook, timeout=5).status_code == 412  # a stale promote never promotes
+
+        # -- the worker hangs (SIGSTOP, its API process keeps running): not ready, verdicts served --
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+        try:
+            hung = worker.wait_for(lambda: (r := get("/readyz")).status_code == 503 and r, 30, "readyz to notice")
+            assert "no health report" in hung.json()["detail"]
+            assert get("/v1/verdicts/digits/digits-v2", headers=AUTH).json()["state"] == "stale"
+        finally:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+        worker.wait_for(lambda: get("/readyz").status_code == 200, 30, "readyz after SIGCONT")
         assert worker.alive
     finally:
         worker.stop()
