@@ -78,7 +78,8 @@ class WindowConfig(_Section):
     idle_close_s: float = Field(default=10.0, gt=0, description="close open windows after this long without events")
     dedup_horizon_s: float = Field(default=3600.0, gt=0, description="how long request ids are remembered")
     partition_idle_s: float = Field(
-        default=30.0, gt=0, description="a mirror partition read to its end and silent this long stops holding windows open"
+        default=30.0, gt=0, description="a mirror partition read to its end and silent this long stops holding windows open; "
+        "also how long idle closing waits after a broker outage, while producers flush what they buffered"
     )
     max_open_windows: int = Field(default=16, ge=1, description="per pair; beyond it the oldest close early (logged)")
     progress_fresh_s: float = Field(

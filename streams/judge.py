@@ -191,7 +191,7 @@ class JudgeCore:
             else:
                 view = view_for(key)
                 watermark = view.watermark_ms(now_wall, w.partition_idle_s) if view else None
-                idle = bool(view) and view.drained(now_wall, w.progress_fresh_s) and (
+                idle = bool(view) and view.drained(now_wall, w.progress_fresh_s, w.partition_idle_s) and (
                     now_wall - pw.last_event_wall >= w.idle_close_s)  # fmt: skip
                 due = pw.due(self.size_ms, self.grace_ms, watermark, idle, w.max_open_windows)
                 due = self._over_budget(pw, due)

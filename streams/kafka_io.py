@@ -35,6 +35,7 @@ class Health:
     """What the worker would tell an operator: the failures it is waiting out, by component."""
 
     waiting: dict[str, tuple[str, float]] = field(default_factory=dict)  # component -> (error, since)
+    recovered_at: dict[str, float] = field(default_factory=dict)  # component -> when its last failure cleared
 
     def failing(self, component: str, error: BaseException | str) -> None:
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
@@ -47,6 +48,7 @@ class Health:
 
     def recovered(self, component: str) -> None:
         if self.waiting.pop(component, None) is not None:
+            self.recovered_at[component] = time.time()
             log.warning("%s available again; resuming", component)
 
     @property
@@ -92,10 +94,12 @@ class Producer:
         self.settings, self.health, self.component = settings, health, component
         self._producer: AIOKafkaProducer | None = None
 
-    async def send_all(self, records: list[dict]) -> None:
-        """Send every record (``AIOKafkaProducer.send`` keyword arguments) and wait for all acks."""
-        if records:
-            await until_done(self.component, self.health, lambda: self._attempt(records))
+    async def send_all(self, records: list[dict] | Callable[[], list[dict]]) -> None:
+        """Send every record (``AIOKafkaProducer.send`` keyword arguments) and wait for all acks.
+        A callable is asked for the records at each attempt (records that say when they were made)."""
+        make = records if callable(records) else lambda: records
+        if make():
+            await until_done(self.component, self.health, lambda: self._attempt(make()))
 
     async def _attempt(self, records: list[dict]) -> None:
         if self._producer is None:

@@ -153,10 +153,14 @@ class Progress:
     mirror_partitions: int  # how many partitions the mirror topic has
     wall: float  # when the report was made
     partitions: dict[int, PartitionProgress] = field(default_factory=dict)
+    # Since when this process reaches the broker without interruption (0: since it started). After
+    # a broker outage, producers flush what they buffered: "drained" means nothing until they could.
+    reachable_since: float = 0.0
 
     def encode(self) -> bytes:
         return json.dumps({
             "replica": self.replica, "mirror_partitions": self.mirror_partitions, "wall": self.wall,
+            "reachable_since": self.reachable_since,
             "partitions": {str(p): [v.position, v.highwater, v.max_sent_ms, v.advanced_wall]
                            for p, v in self.partitions.items()},
         }).encode()  # fmt: skip
@@ -165,4 +169,5 @@ class Progress:
     def decode(cls, raw: bytes) -> Progress:
         d = json.loads(raw)
         parts = {int(p): PartitionProgress(int(a), int(b), int(c), float(w)) for p, (a, b, c, w) in d["partitions"].items()}
-        return cls(d["replica"], int(d["mirror_partitions"]), float(d["wall"]), parts)
+        return cls(d["replica"], int(d["mirror_partitions"]), float(d["wall"]), parts,
+                   float(d.get("reachable_since", 0.0)))

@@ -47,6 +47,7 @@ class ReplayStage:
         self.progress: dict[int, PartitionProgress] = {}
         self.replayed = 0
         self.dead_letters = 0
+        self.reachable_since = 0.0  # restarted after a failed or stalled send (see _send)
 
     async def run(self) -> None:
         k = self.settings.kafka
@@ -82,7 +83,7 @@ class ReplayStage:
         for letter in out.dead_letters:
             key = f"{letter.topic}/{letter.partition}/{letter.offset}".encode()
             records.append(dict(topic=k.dead_letter_topic, key=key, value=letter.model_dump_json().encode()))
-        await producer.send_all(records)
+        await self._send(producer, records)
         for letter in out.dead_letters:
             log.warning("dead letter (%s) %s/%d@%d: %s", letter.error_type, letter.topic, letter.partition,
                         letter.offset, letter.reason[:300])  # fmt: skip
@@ -125,9 +126,25 @@ class ReplayStage:
                 self.progress[tp.partition] = report.partitions[tp.partition]
         if not report.partitions:
             return
-        value = report.encode()
-        await producer.send_all([dict(topic=self.settings.kafka.diffs_topic, value=value, partition=p,
-                                      headers=[(TYPE_HEADER, TYPE_PROGRESS)]) for p in diffs_partitions])  # fmt: skip
+
+        def records() -> list[dict]:
+            # Made at each attempt: a report that waited out an outage says so when it lands.
+            report.wall = time.time()
+            report.reachable_since = report.wall if KAFKA in self.health.waiting else self.reachable_since
+            value = report.encode()
+            return [dict(topic=self.settings.kafka.diffs_topic, value=value, partition=p,
+                         headers=[(TYPE_HEADER, TYPE_PROGRESS)]) for p in diffs_partitions]  # fmt: skip
+
+        await self._send(producer, records)
+
+    async def _send(self, producer, records) -> None:
+        """Send and wait for the acks; a send that failed or stalled (the broker was away: aiokafka
+        may just wait for it) restarts the 'reachable since' clock the progress reports carry."""
+        started = time.time()
+        await producer.send_all(records)
+        stalled = time.time() - started > self.settings.windows.progress_fresh_s
+        if stalled or self.health.recovered_at.get(KAFKA, 0.0) >= started:
+            self.reachable_since = time.time()
 
 
 class JudgeStage:

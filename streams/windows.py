@@ -123,9 +123,11 @@ class SourceView:
         self.partitions: dict[int, PartitionProgress] = {}
         self.mirror_partitions: int | None = None
         self.reported_wall: dict[int, float] = {}  # mirror partition -> when its latest report was made
+        self.reachable_since = 0.0  # latest broker recovery any replay process reported
 
     def update(self, progress: Progress) -> None:
         self.mirror_partitions = progress.mirror_partitions
+        self.reachable_since = max(self.reachable_since, progress.reachable_since)
         for p, new in progress.partitions.items():
             old = self.partitions.get(p)
             # After a rebalance two replay processes may report one partition; the furthest wins
@@ -146,15 +148,17 @@ class SourceView:
             return None
         active = [
             v.max_sent_ms for v in self.partitions.values()
-            if not (v.caught_up and now_wall - v.advanced_wall >= partition_idle_s)
+            if not (v.caught_up and now_wall - max(v.advanced_wall, self.reachable_since) >= partition_idle_s)
         ]  # fmt: skip
         if not active:  # every partition is quiet: the furthest event time stands for all
             return max(v.max_sent_ms for v in self.partitions.values())
         return min(active)
 
-    def drained(self, now_wall: float, fresh_s: float) -> bool:
-        """Every mirror partition read to its end, as reported within ``fresh_s`` seconds."""
-        return self.complete() and all(
+    def drained(self, now_wall: float, fresh_s: float, settle_s: float = 0.0) -> bool:
+        """Every mirror partition read to its end, as reported within ``fresh_s`` seconds, and the
+        broker reachable for ``settle_s`` since a replay process last recovered from an outage (the
+        producers' buffered requests land after the broker returns, not before)."""
+        return self.complete() and now_wall - self.reachable_since >= settle_s and all(
             v.caught_up and now_wall - self.reported_wall[p] <= fresh_s for p, v in self.partitions.items()
         )
 

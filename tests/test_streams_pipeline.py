@@ -324,3 +324,23 @@ def test_a_candidate_exception_is_a_candidate_error_not_a_dead_letter(pipeline, 
     assert {e for (e,) in errors} == {f"candidate {c.name}: RuntimeError: kernel crashed on this input"
                                       for c in pipeline.settings.candidates}  # fmt: skip
     assert pipeline.pair("digits", "digits-v2").cumulative.errors == 1
+
+
+def test_after_a_broker_outage_idle_closing_waits_for_the_producers_to_flush():
+    """A replay process that waited out an outage reports since when the broker is reachable;
+    until partition_idle_s after that, the source is not 'drained' and a quiet partition still
+    holds the watermark (the mirror SDK flushes what it buffered only after the broker returns)."""
+    from streams.records import PartitionProgress, Progress
+    from streams.windows import SourceView
+
+    now = 1_000_000.0
+    view = SourceView()
+    view.update(Progress("r", 2, now, {0: PartitionProgress(10, 10, 5_000, now - 100),
+                                       1: PartitionProgress(10, 10, 9_000, now - 100)}, reachable_since=now))  # fmt: skip
+    assert not view.drained(now + 1, fresh_s=5, settle_s=30)
+    assert view.watermark_ms(now + 1, partition_idle_s=30) == 5_000  # both still hold it
+    view.update(Progress("r", 2, now + 31, {0: PartitionProgress(10, 10, 5_000, now - 100),
+                                            1: PartitionProgress(10, 10, 9_000, now - 100)}))  # fmt: skip
+    assert view.drained(now + 31, fresh_s=5, settle_s=30)
+    assert view.watermark_ms(now + 31, partition_idle_s=30) == 9_000  # quiet for long enough: released
+    assert Progress.decode(Progress("r", 1, now, reachable_since=now).encode()).reachable_since == now
