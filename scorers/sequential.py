@@ -1,29 +1,36 @@
-"""Anytime-valid confidence sequences for means of [0, 1]-bounded observations, and for quantiles.
+"""Anytime-valid confidence sequences for running means of [0, 1]-bounded observations, and quantiles.
 
 The judge looks at the cumulative statistics after every window, as often as it likes, and stops at
 the first confident answer. A fixed-sample test re-run at each look (Kayenta) inflates false alarms;
 a confidence sequence (CS) holds *simultaneously for every n*, so looking often is free.
 
-Construction (a Robbins / beta-binomial mixture martingale, one-sided):
+**Means: a sub-Poisson gamma mixture, valid for the running average of time-varying means.**
+Production traffic drifts: request i has its own conditional mean p_i (a flip probability that moves
+over the day). What a bound can honestly be about is the running average p_bar_n = (p_1 + ... + p_n) / n.
+For X_i in [0, 1] with E[X_i | past] = p_i and any real lambda, convexity gives
+E[exp(lambda (X_i - p_i)) | past] <= exp(p_i psi(lambda)), psi(lambda) = e^lambda - 1 - lambda, so
 
-For observations X_i in [0, 1] with mean mu, and a reference value p0, the likelihood ratio of a
-Bernoulli(p') against Bernoulli(p0),  L_n(p') = (p'/p0)^S (1-p')^F / (1-p0)^F  with S = sum X_i and
-F = n - S, is a non-negative supermartingale whenever mu >= p0 and p' < p0 (and symmetrically for
-mu <= p0, p' > p0): the factor is convex in x, so a bounded X is dominated by a Bernoulli with the same
-mean. Mixing p' uniformly over [0, p0] (resp. [p0, 1]) keeps the supermartingale property and has the
-closed form
+    M_n(lambda) = exp(lambda (S_n - n p_bar_n) - n p_bar_n psi(lambda))
 
-    M_up(p0)  = B(S+1, F+1) I_p0(S+1, F+1)       / (p0^S (1-p0)^F p0)        [evidence mu < p0]
-    M_low(p0) = B(S+1, F+1) (1 - I_p0(S+1, F+1)) / (p0^S (1-p0)^F (1-p0))    [evidence mu > p0]
+is a non-negative supermartingale: its exponent is *linear* in the p_i, so only their running sum
+enters. Writing r = e^lambda, M_n is the Poisson likelihood ratio r^S exp(-n p_bar (r - 1)). Mixing
+r over a fixed prior (Gamma(a, rate a), mean 1, ``PRIOR_SHAPE`` a = 2) truncated to r >= 1 (evidence
+the mean is above p0) or r <= 1 (below) keeps the supermartingale property and has a closed form
+with the regularised incomplete gamma function:
 
-(I = regularised incomplete beta). By Ville's inequality P(exists n: M_n >= 1/alpha) <= alpha, so
-rejecting at M >= 1/alpha is valid under continuous monitoring. M_up is increasing in p0 (substitute
-p' = p0 u: each integrand ((1 - p0 u) / (1 - p0))^F grows with p0), so the rejected p0 form an upper
-ray and the CS bound is  upper_n = inf{p0 : M_up(p0) >= 1/alpha}, found by bisection (we return the
-conservative end of the bracket). The bound adapts to the variance (it is KL-shaped): at p_hat = 0.04,
-n = 2,000, alpha = 0.025 the upper bound is about 0.055, where a Hoeffding-style CS would give ~0.09.
+    G(p0) = e^{n p0} a^a / (Gamma(a) Z) * Gamma(S + a) / (n p0 + a)^{S + a} * Q_or_P(S + a, n p0 + a)
 
-``M`` evaluated at the margin is also an e-value (an e-process), which is what e-BH uses across slices.
+(Z = Q(a, a) or P(a, a), the prior's mass on the side). Ville's inequality makes
+{p0 : G_n(p0) < 1/alpha} a one-sided CS for p_bar_n, uniformly over n, whatever the drift; the
+bound is variance-adaptive (Poisson-shaped): at p_hat = 0.04, n = 2,000 the one-sided 0.5 % lower
+bound is 0.026. Under the null these are the "sub-Poisson" uniform boundaries of Howard et al.
+(2021, "Time-uniform, nonparametric, nonasymptotic confidence sequences"), gamma-Poisson mixture.
+
+**Quantiles** use the Bernoulli beta-binomial mixture (``bernoulli_log_evalue_*``), exact for the
+i.i.d. indicator #{X_i <= xi_q}: the mixture over p' uniform on [0, p0] (or [p0, 1]) of the Bernoulli
+likelihood ratio, B(S+1, F+1) I_p0(S+1, F+1) / (p0^S (1-p0)^F p0).
+
+``G`` evaluated at a margin is also an e-process, which is what e-BH uses across slices.
 """
 
 from __future__ import annotations
@@ -41,8 +48,8 @@ def _prep(n, s):
     return n, s, n - s
 
 
-def log_evalue_below(n, s, p0):
-    """log M_up: evidence that the mean is *below* p0 (tests H0: mean >= p0). Vectorised."""
+def bernoulli_log_evalue_below(n, s, p0):
+    """Beta-binomial mixture, i.i.d. Bernoulli: evidence the mean is *below* p0. Vectorised."""
     n, s, f = _prep(n, s)
     p0 = np.clip(np.asarray(p0, dtype=np.float64), _EPS, 1 - _EPS)
     with np.errstate(divide="ignore"):
@@ -50,8 +57,8 @@ def log_evalue_below(n, s, p0):
     return special.betaln(s + 1, f + 1) + mass - s * np.log(p0) - f * np.log1p(-p0) - np.log(p0)
 
 
-def log_evalue_above(n, s, p0):
-    """log M_low: evidence that the mean is *above* p0 (tests H0: mean <= p0). Vectorised."""
+def bernoulli_log_evalue_above(n, s, p0):
+    """Beta-binomial mixture, i.i.d. Bernoulli: evidence the mean is *above* p0. Vectorised."""
     n, s, f = _prep(n, s)
     p0 = np.clip(np.asarray(p0, dtype=np.float64), _EPS, 1 - _EPS)
     with np.errstate(divide="ignore"):
@@ -59,35 +66,83 @@ def log_evalue_above(n, s, p0):
     return special.betaln(s + 1, f + 1) + mass - s * np.log(p0) - f * np.log1p(-p0) - np.log1p(-p0)
 
 
+PRIOR_SHAPE = 2.0  # gamma prior on the rate ratio r: mean 1, sd 0.71 (tuned on the calibration table)
+_Z_ABOVE = float(special.gammaincc(PRIOR_SHAPE, PRIOR_SHAPE))
+_Z_BELOW = float(special.gammainc(PRIOR_SHAPE, PRIOR_SHAPE))
+
+
+def _log_gamma_mixture(n, s, p0, above: bool):
+    n, s, _ = _prep(n, s)
+    p0 = np.clip(np.asarray(p0, dtype=np.float64), _EPS, 1.0)
+    a = PRIOR_SHAPE
+    lam = n * p0
+    x = lam + a
+    tail = special.gammaincc(s + a, x) if above else special.gammainc(s + a, x)
+    with np.errstate(divide="ignore"):
+        return (lam + a * np.log(a) - special.gammaln(a) - np.log(_Z_ABOVE if above else _Z_BELOW)
+                + special.gammaln(s + a) - (s + a) * np.log(x) + np.log(tail))
+
+
+def log_evalue_below(n, s, p0):
+    """log G: evidence that the running mean is *below* p0 (H0: mean >= p0). Vectorised."""
+    return _log_gamma_mixture(n, s, p0, above=False)
+
+
+def log_evalue_above(n, s, p0):
+    """log G: evidence that the running mean is *above* p0 (H0: mean <= p0). Vectorised."""
+    return _log_gamma_mixture(n, s, p0, above=True)
+
+
+_GRID = 255  # points per refinement round: 4 rounds narrow a bracket by 256**4 (~4e9)
+_ROUNDS = 4
+
+
 def _bisect(lo: np.ndarray, hi: np.ndarray, rejected, rejected_above: bool) -> tuple[np.ndarray, np.ndarray]:
     """Narrow [lo, hi] elementwise to the edge of the rejected region, which lies above the edge
-    (upper bound) or below it (lower bound)."""
-    lo, hi = (a.copy() for a in np.broadcast_arrays(lo, hi))
-    for _ in range(_BISECT_STEPS):
-        mid = 0.5 * (lo + hi)
-        rej = rejected(mid)
-        if rejected_above:
-            hi, lo = np.where(rej, mid, hi), np.where(rej, lo, mid)
-        else:
-            lo, hi = np.where(rej, mid, lo), np.where(rej, hi, mid)
+    (upper bound) or below it (lower bound). ``rejected(m)`` takes m with one trailing grid axis.
+    A few vectorised grid rounds instead of 60 scalar bisection steps (the judge runs this for
+    every metric at every look); the caller returns the conservative end of the final bracket."""
+    lo, hi = (np.array(a, dtype=np.float64) for a in np.broadcast_arrays(lo, hi))
+    frac = np.arange(1, _GRID + 1) / (_GRID + 1)
+    for _ in range(_ROUNDS):
+        width = hi - lo
+        grid = lo[..., None] + width[..., None] * frac
+        rej = rejected(grid)
+        if rejected_above:  # first rejected point is the new hi, the point before it the new lo
+            any_rej = rej.any(axis=-1)
+            j = np.argmax(rej, axis=-1)
+            new_hi = np.where(any_rej, np.take_along_axis(grid, j[..., None], -1)[..., 0], hi)
+            prev = np.take_along_axis(grid, np.maximum(j - 1, 0)[..., None], -1)[..., 0]
+            new_lo = np.where(any_rej, np.where(j > 0, prev, lo), grid[..., -1])
+        else:  # last rejected point is the new lo, the point after it the new hi
+            any_rej = rej.any(axis=-1)
+            j = _GRID - 1 - np.argmax(rej[..., ::-1], axis=-1)
+            new_lo = np.where(any_rej, np.take_along_axis(grid, j[..., None], -1)[..., 0], lo)
+            nxt = np.take_along_axis(grid, np.minimum(j + 1, _GRID - 1)[..., None], -1)[..., 0]
+            new_hi = np.where(any_rej, np.where(j < _GRID - 1, nxt, hi), grid[..., 0])
+        lo, hi = new_lo, new_hi
     return lo, hi
 
 
 def upper_bound(n, s, alpha):
-    """Anytime-valid upper confidence bound for the mean (P(ever mean > bound) <= alpha). 1 when n = 0."""
+    """Anytime-valid upper confidence bound for the running mean (P(ever mean > bound) <= alpha).
+    1 when n = 0."""
     n, s, _ = _prep(n, s)
-    thr = np.log(1.0 / np.asarray(alpha, dtype=np.float64))
+    thr = np.log(1.0 / np.asarray(alpha, dtype=np.float64))[..., None]
     p_hat = np.where(n > 0, s / np.maximum(n, 1), 0.0)
-    _, hi = _bisect(p_hat, np.ones_like(p_hat), lambda m: log_evalue_below(n, s, m) >= thr, rejected_above=True)
+    _, hi = _bisect(p_hat, np.ones_like(p_hat), lambda m: log_evalue_below(n[..., None], s[..., None], m) >= thr,
+                    rejected_above=True)
     return np.where(n > 0, hi, 1.0)
 
 
 def lower_bound(n, s, alpha):
-    """Anytime-valid lower confidence bound for the mean (P(ever mean < bound) <= alpha). 0 when n = 0."""
+    """Anytime-valid lower confidence bound for the running mean (P(ever mean < bound) <= alpha).
+    0 when n = 0."""
     n, s, _ = _prep(n, s)
-    thr = np.log(1.0 / np.asarray(alpha, dtype=np.float64))
+    thr = np.log(1.0 / np.asarray(alpha, dtype=np.float64))[..., None]
     p_hat = np.where(n > 0, s / np.maximum(n, 1), 1.0)
-    lo, _ = _bisect(np.zeros_like(p_hat), p_hat, lambda m: log_evalue_above(n, s, m) >= thr, rejected_above=False)
+    lo, _ = _bisect(np.zeros_like(p_hat), p_hat, lambda m: log_evalue_above(n[..., None], s[..., None], m) >= thr,
+                    rejected_above=False)
     return np.where(n > 0, lo, 0.0)
 
 
@@ -129,21 +184,21 @@ def order_statistic_ranks(n: int, q: float, alpha_lower: float, alpha_upper: flo
     # Both e-values are monotone in the count (fewer successes = more evidence of a lower mean), so the
     # boundary counts are found by bisection instead of evaluating all n + 1 counts.
     thr_low, thr_high = np.log(1.0 / alpha_lower), np.log(1.0 / alpha_upper)
-    if log_evalue_below(n, 0.0, q) < thr_low:
+    if bernoulli_log_evalue_below(n, 0.0, q) < thr_low:
         s_star = -1
     else:  # largest integer s with rejection: invariant rej(lo), not rej(hi)
         lo, hi = 0, n + 1
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if mid <= n and log_evalue_below(n, float(mid), q) >= thr_low else (lo, mid)
+            lo, hi = (mid, hi) if mid <= n and bernoulli_log_evalue_below(n, float(mid), q) >= thr_low else (lo, mid)
         s_star = lo
-    if log_evalue_above(n, float(n), q) < thr_high:
+    if bernoulli_log_evalue_above(n, float(n), q) < thr_high:
         t_star = n + 1
     else:  # smallest integer t with rejection: invariant not rej(lo), rej(hi)
         lo, hi = -1, n
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if log_evalue_above(n, float(mid), q) >= thr_high else (mid, hi)
+            lo, hi = (lo, mid) if bernoulli_log_evalue_above(n, float(mid), q) >= thr_high else (mid, hi)
         t_star = hi
     return s_star + 1, t_star
 
