@@ -15,7 +15,10 @@ Two record types travel on the internal diffs topic, told apart by the ``shadowl
 
 Wire format of a diff batch (versioned by a magic): ``b"SLD1" + u32 header length + JSON header +
 raw little-endian column buffers``. Strings and attribute maps are in the JSON header; numbers are
-numpy buffers, so encoding and decoding are a few memcpys per column.
+numpy buffers, so encoding and decoding are a few memcpys per column. The header's ``columns``
+lists the buffers that follow as ``[name, dtype]`` pairs, in order; a batch without it (written
+before the list existed) carries exactly ``LEGACY_LAYOUT``. Columns a batch lacks decode as zeros,
+columns a decoder does not know are skipped.
 """
 
 from __future__ import annotations
@@ -45,9 +48,23 @@ NUMERIC = {
     "baseline_latency_ms": "<f8",
     "candidate_latency_ms": "<f8",
     "label": "<f8",  # NaN: no label
+    "reference_latency_ms": "<f8",  # the replayed baseline's latency on the same request; NaN or 0: none
     "source_partition": "<i4",
     "source_offset": "<i8",
+    # Evidence keys, so the judge can tell repeated requests from independent ones (0: unknown).
+    # input_hash: 64-bit fingerprint of the request's decoded inputs (names, dtypes, row shapes,
+    # bytes), the same for every candidate and request id; never 0 for a replayed request.
+    "input_hash": "<u8",
+    # sample_hash: 64-bit hash of the producer's sample key (the Kafka message key when it differs
+    # from the request id); 0 when the request came without one.
+    "sample_hash": "<u8",
 }
+# What a batch written before the header listed its columns carries, in this order.
+LEGACY_LAYOUT = tuple((name, NUMERIC[name]) for name in (
+    "sent_ms", "baseline_label", "candidate_label", "label_flip", "confidence_delta", "l1", "linf", "hellinger",
+    "topk_overlap", "baseline_confidence", "candidate_confidence", "baseline_latency_ms", "candidate_latency_ms",
+    "label", "source_partition", "source_offset",
+))  # fmt: skip
 STRINGS = ("request_id", "baseline_version", "error")
 
 
@@ -97,7 +114,7 @@ class DiffBatch:
             "top_k": self.top_k, "request_id": self.request_id, "baseline_version": self.baseline_version,
             "error": self.error, "attributes": self.attributes, "routed": self.routed,
             "covers": {str(p): o for p, o in self.covers.items()}, "unscorable": self.unscorable,
-            "unscorable_ms": self.unscorable_ms,
+            "unscorable_ms": self.unscorable_ms, "columns": [[name, dt] for name, dt in NUMERIC.items()],
         }  # fmt: skip
         head = json.dumps(header, separators=(",", ":")).encode()
         buffers = [np.ascontiguousarray(self.columns[name], dtype=dt).tobytes() for name, dt in NUMERIC.items()]
@@ -111,11 +128,20 @@ class DiffBatch:
         header = json.loads(raw[8 : 8 + head_len])
         n = int(header["n"])
         offset = 8 + head_len
+        layout = header.get("columns")
+        layout = LEGACY_LAYOUT if layout is None else [(str(name), str(dt)) for name, dt in layout]
         columns = {}
-        for name, dt in NUMERIC.items():
+        for name, dt in layout:
             dtype = np.dtype(dt)
-            columns[name] = np.frombuffer(raw, dtype=dtype, count=n, offset=offset).astype(dtype.newbyteorder("="))
+            if dtype.kind not in "biuf":
+                raise ValueError(f"diff batch column {name!r}: dtype {dt!r} is not numeric")
+            if name in NUMERIC:
+                want = np.dtype(NUMERIC[name]).newbyteorder("=")
+                columns[name] = np.frombuffer(raw, dtype=dtype, count=n, offset=offset).astype(want)
             offset += n * dtype.itemsize
+        for name, dt in NUMERIC.items():  # a column the writer did not have yet: 0 (unknown)
+            if name not in columns:
+                columns[name] = np.zeros(n, dtype=np.dtype(dt).newbyteorder("="))
         if offset != len(raw):
             raise ValueError(f"diff batch of {len(raw)} bytes, expected {offset}")
         return cls(
@@ -128,7 +154,9 @@ class DiffBatch:
 
 
 def empty_columns(n: int) -> dict[str, np.ndarray]:
-    return {name: np.zeros(n, dtype=np.dtype(dt).newbyteorder("=")) for name, dt in NUMERIC.items()}
+    cols = {name: np.zeros(n, dtype=np.dtype(dt).newbyteorder("=")) for name, dt in NUMERIC.items()}
+    cols["reference_latency_ms"][:] = np.nan
+    return cols
 
 
 @dataclass

@@ -19,7 +19,10 @@ latency).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import struct
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -111,20 +114,25 @@ class ReplayCore:
             for group in _groups_by_signature(items):
                 try:
                     stacked, group, letters = _stack_finite(group)
+                    # Evidence keys once per request, before any candidate's adapter: (n, 2) uint64.
+                    keys = _evidence_keys(group, stacked) if group else None
                 except Exception as exc:  # noqa: BLE001 - never expected (same signature); never fatal
                     stacked, letters = {}, [_letter(msg, "other", f"inputs: {_describe(exc)}") for _, msg in group]
                     group = []
                 out.dead_letters.extend(letters)
                 if group:
-                    groups.append((group, stacked))
-            valid = [item for group, _ in groups for item in group]
+                    groups.append((group, stacked, keys))
+            valid = [item for group, _, _ in groups for item in group]
             out.requests += len(valid)
+            model_batches = []
             for cand in self.candidates[model]:
                 batch, letters = self._replay_candidate(cand, groups, scored_ms)
                 batch.routed = len(valid)
                 batch.covers = _covers(items)  # every message of the model, dead letters included
-                out.batches.append(batch)
+                model_batches.append((cand, batch))
                 out.dead_letters.extend(letters)
+            _pair_reference_latency(model_batches)
+            out.batches.extend(b for _, b in model_batches)
         return out
 
     # -- one candidate --------------------------------------------------------------------------
@@ -135,9 +143,9 @@ class ReplayCore:
         own run is a diff row with the error (a *candidate error*, judged by error_rate)."""
         letters: list[DeadLetter] = []
         parts: list[DiffBatch] = []
-        for group, stacked in groups:
+        for group, stacked, keys in groups:
             try:
-                part, more = self._score(cand, group, stacked, scored_ms)
+                part, more = self._score(cand, group, stacked, keys, scored_ms)
                 parts.append(part)
                 letters.extend(more)
             except Exception as exc:  # noqa: BLE001 - isolate the message that causes it
@@ -147,17 +155,17 @@ class ReplayCore:
                     if getattr(exc, "error_type", None) == "adapter":
                         letters.append(_letter(msg, "adapter", reason, candidate=cand))
                         continue
-                    failed, letter = self._failed(cand, group, scored_ms, reason)
+                    failed, letter = self._failed(cand, group, keys, scored_ms, reason)
                     parts.extend([failed] if failed is not None else [])
                     letters.extend([letter] if letter is not None else [])
                     continue
                 for i in range(len(group)):  # retry alone: only the poison message fails
                     one = {name: array[i : i + 1] for name, array in stacked.items()}
-                    batch, more = self._replay_candidate(cand, [([group[i]], one)], scored_ms)
+                    batch, more = self._replay_candidate(cand, [([group[i]], one, keys[i : i + 1])], scored_ms)
                     parts.append(batch)
                     letters.extend(more)
         batch = _concat(cand.config, scored_ms, [p for p in parts if len(p)])
-        sent = {(msg.partition, msg.offset): _ms(ev) for group, _ in groups for ev, msg in group}
+        sent = {(msg.partition, msg.offset): _ms(ev) for group, _, _ in groups for ev, msg in group}
         for letter in letters:
             if letter.error_type in UNSCORABLE:
                 batch.unscorable[letter.error_type] = batch.unscorable.get(letter.error_type, 0) + 1
@@ -178,7 +186,7 @@ class ReplayCore:
                 count, last = 0, now
             self._warned[key] = (count, last)
 
-    def _failed(self, cand: Candidate, group, scored_ms: int, reason: str):
+    def _failed(self, cand: Candidate, group, keys: np.ndarray, scored_ms: int, reason: str):
         """The candidate raised on this one request: (a diff row carrying the error, None), or
         (None, a baseline_mismatch letter) when the baseline is unusable too: then the request
         could not have been compared anyway, and it is not counted against the candidate."""
@@ -189,10 +197,10 @@ class ReplayCore:
             return None, _letter(group[0][1], "baseline_mismatch", f"{problems[0]}; the producer must send it, or fix "
                                  f"candidates.{cfg.name}.baseline_output", candidate=cand)  # fmt: skip
         cand_rows = np.full(base_rows.shape, np.nan)
-        batch = self._columns(cand, group, scored_ms, base_rows, cand_rows, np.full(len(events), np.nan), reason)
+        batch = self._columns(cand, group, keys, scored_ms, base_rows, cand_rows, np.full(len(events), np.nan), reason)
         return batch, None
 
-    def _score(self, cand: Candidate, group, stacked: dict[str, np.ndarray], scored_ms: int):
+    def _score(self, cand: Candidate, group, stacked: dict[str, np.ndarray], keys: np.ndarray, scored_ms: int):
         cfg = cand.config
         events = [ev for ev, _ in group]
         try:
@@ -209,11 +217,11 @@ class ReplayCore:
                    for i, reason in problems.items()]  # fmt: skip
         if problems:
             keep = [i for i in range(len(events)) if i not in problems]
-            group, base_rows, cand_rows = [group[i] for i in keep], base_rows[keep], cand_rows[keep]
+            group, base_rows, cand_rows, keys = [group[i] for i in keep], base_rows[keep], cand_rows[keep], keys[keep]
             latencies = np.asarray(latencies, dtype=np.float64)[keep]
-        return self._columns(cand, group, scored_ms, base_rows, cand_rows, latencies), letters
+        return self._columns(cand, group, keys, scored_ms, base_rows, cand_rows, latencies), letters
 
-    def _columns(self, cand: Candidate, group, scored_ms, base_rows, cand_rows, latencies, failure: str = ""):
+    def _columns(self, cand: Candidate, group, keys, scored_ms, base_rows, cand_rows, latencies, failure: str = ""):
         cfg = cand.config
         events = [ev for ev, _ in group]
         diffs = classification_diffs(base_rows, cand_rows, from_logits=cfg.from_logits)
@@ -231,11 +239,26 @@ class ReplayCore:
         cols["label"][:] = [np.nan if ev.label is None else float(ev.label) for ev in events]
         cols["source_partition"][:] = [msg.partition for _, msg in group]
         cols["source_offset"][:] = [msg.offset for _, msg in group]
+        cols["input_hash"][:] = keys[:, 0]
+        cols["sample_hash"][:] = keys[:, 1]
         return DiffBatch(
             cfg.model, cfg.name, scored_ms, cols, [ev.request_id for ev in events],
             [ev.baseline_version for ev in events], [str(e) for e in diffs.error.tolist()],
             [dict(ev.attributes) for ev in events], diffs.top_k,
         )  # fmt: skip
+
+
+def _pair_reference_latency(model_batches) -> None:
+    """Give every candidate's rows the replayed baseline's latency on the same request (same
+    micro-batch, same machine): the paired latency comparison of scorers.latency."""
+    ref = next((b for c, b in model_batches if c.config.noise_reference), None)
+    if ref is None or not len(ref):
+        return
+    lat = dict(zip(ref.request_id, ref.columns["candidate_latency_ms"].tolist(), strict=True))
+    for _, batch in model_batches:
+        if batch is not ref and len(batch):
+            batch.columns["reference_latency_ms"] = np.array([lat.get(r, np.nan) for r in batch.request_id],
+                                                             dtype=np.float64)
 
 
 def _stack_finite(group):
@@ -260,6 +283,73 @@ def _stack_finite(group):
         keep = np.flatnonzero(~bad)
         return {name: array[keep] for name, array in stacked.items()}, [group[i] for i in keep.tolist()], letters
     return stacked, group, letters
+
+
+# blake2b personalisations: the two keys are hashes of different functions (domain separation).
+_INPUT_PERSON = b"shadowlens-in-v1"
+_SAMPLE_PERSON = b"shadowlens-sk-v1"
+
+
+def _evidence_keys(group, stacked: dict[str, np.ndarray]) -> np.ndarray:
+    """(n, 2) uint64: each request's ``input_hash`` and ``sample_hash`` (see streams/records.py)."""
+    keys = np.empty((len(group), 2), dtype=np.uint64)
+    keys[:, 0] = input_hashes(stacked, len(group))
+    keys[:, 1] = np.frombuffer(b"".join([_sample_digest(msg.key, ev.request_id) for ev, msg in group]), dtype="<u8")
+    return keys
+
+
+def input_hashes(stacked: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """A 64-bit fingerprint of each row of stacked inputs (one row per request), never 0.
+
+    blake2b-64 of a canonical encoding: the signature (every tensor's name, dtype and per-row shape,
+    by name; JSON, length-prefixed) followed by the row's bytes of every tensor in that order, little-
+    endian, C order. It depends on nothing but the inputs: not on the request id, the candidate, the
+    process or the Python run. Per-row shapes are the stacked ones: a (64,) and a (1, 64) request
+    tensor are the same input, as the replay stage treats them alike. The signature is hashed once;
+    each row costs one ``copy`` of that state, one ``update`` and one ``digest``."""
+    names = sorted(stacked)
+    sig, blocks = [], []
+    for name in names:
+        array = stacked[name]
+        sig.append([name, array.dtype.name, list(array.shape[1:])])
+        little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        blocks.append(little.reshape(n, -1).view(np.uint8) if little.size else np.zeros((n, 0), np.uint8))
+    head = json.dumps(sig, separators=(",", ":")).encode()
+    base = hashlib.blake2b(struct.pack("<I", len(head)) + head, digest_size=8, person=_INPUT_PERSON)
+    rows = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+    raw, width, new = rows.tobytes(), rows.shape[1], base.copy
+    digests = []
+    for lo in range(0, n * width, width) if width else [0] * n:
+        h = new()
+        h.update(raw[lo : lo + width])
+        digests.append(h.digest())
+    out = np.frombuffer(b"".join(digests), dtype="<u8").astype(np.uint64)
+    out[out == 0] = 1  # 0 is "unknown"
+    return out
+
+
+def sample_hash(key: bytes | str | None, request_id: str) -> int:
+    """64-bit hash of the producer's sample key, the Kafka key when it is not the request id; 0
+    when there is none (no key, or the key is the request id: mirror/core.py's default). Never 0
+    otherwise: blake2b-64 (little-endian) of the key's bytes, 0 mapped to 1."""
+    return int.from_bytes(_sample_digest(key, request_id), "little")
+
+
+_NO_SAMPLE = bytes(8)
+_ONE = (1).to_bytes(8, "little")
+_SAMPLE_BASE = hashlib.blake2b(digest_size=8, person=_SAMPLE_PERSON)
+
+
+def _sample_digest(key: bytes | str | None, request_id: str) -> bytes:
+    if key is None:
+        return _NO_SAMPLE
+    raw = key.encode() if isinstance(key, str) else key
+    if raw == request_id.encode():
+        return _NO_SAMPLE
+    h = _SAMPLE_BASE.copy()
+    h.update(raw)
+    digest = h.digest()
+    return _ONE if digest == _NO_SAMPLE else digest
 
 
 def _groups_by_signature(items):
