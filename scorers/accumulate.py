@@ -38,6 +38,7 @@ MAX_SLICE_VALUES = 64
 MAX_ERROR_REASONS = 32
 MAX_CLASSES = 1024
 OTHER = "__other__"
+_EVIDENCE = ("requests", "errors", "scored", "label_flips", "abs_confidence_delta")
 _SUMS = ("abs_confidence_delta", "confidence_delta", "sq_confidence_delta", "l1", "linf", "hellinger",
          "topk_overlap")
 
@@ -51,6 +52,8 @@ class SliceStats:
     scored: int = 0
     label_flips: int = 0
     sum_abs_confidence_delta: float = 0.0
+    evidence_scored: int = 0  # scored requests that are independent evidence (scorers.evidence)
+    evidence_flips: int = 0
 
     def add(self, other: SliceStats) -> None:
         self.requests += other.requests
@@ -58,9 +61,18 @@ class SliceStats:
         self.scored += other.scored
         self.label_flips += other.label_flips
         self.sum_abs_confidence_delta += other.sum_abs_confidence_delta
+        self.evidence_scored += other.evidence_scored
+        self.evidence_flips += other.evidence_flips
 
     def to_list(self) -> list:
-        return [self.requests, self.errors, self.scored, self.label_flips, self.sum_abs_confidence_delta]
+        return [self.requests, self.errors, self.scored, self.label_flips, self.sum_abs_confidence_delta,
+                self.evidence_scored, self.evidence_flips]
+
+    @classmethod
+    def from_list(cls, v: list) -> SliceStats:
+        if len(v) == 5:  # state from before evidence counts: every request counted
+            v = [*v, v[2], v[3]]
+        return cls(*v)
 
 
 def _example_score(d: ClassificationDiffs) -> np.ndarray:
@@ -94,13 +106,23 @@ class PairAccumulator:
         self.baseline_confidence = ConfidenceHistogram()
         self.candidate_confidence = ConfidenceHistogram()
         self.label_pairs = LabelPairTable()
+        # Independent evidence (scorers.evidence): the first request of each input / sample key.
+        # The judge's bounds use these; the request-weighted counts above are reported beside them.
+        self.evidence = dict.fromkeys(_EVIDENCE, 0.0)
+        # Event-time span covered (sent_at, ms): the judge's minimum observation span.
+        self.first_sent_ms: int | None = None
+        self.last_sent_ms: int | None = None
 
     # -- updating -------------------------------------------------------------------------
     def update(self, diffs: ClassificationDiffs, *, baseline_latency_ms, candidate_latency_ms,
                request_ids: Sequence[str], attributes: Sequence[dict[str, str]] | None = None,
-               labels=None, baseline_confidence=None, candidate_confidence=None) -> None:
+               labels=None, baseline_confidence=None, candidate_confidence=None, evidence=None,
+               sent_ms=None) -> None:
         """``baseline_confidence`` / ``candidate_confidence``: each model's top-class probability per row
-        (1-D, same length as ``diffs``); rows that are not scored (``diffs.ok`` False) are left out."""
+        (1-D, same length as ``diffs``); rows that are not scored (``diffs.ok`` False) are left out.
+        ``evidence``: boolean per row, True when the row is independent evidence (the first of its
+        input and sample key, ``scorers.evidence.SeenFilter``); None: every row is. ``sent_ms``: the
+        rows' event times, for the observed span."""
         n = len(diffs)
         if len(request_ids) != n:
             raise ValueError(f"{len(request_ids)} request ids for {n} diffs")
@@ -110,6 +132,13 @@ class PairAccumulator:
             if v is not None and v.size != n:
                 raise ValueError(f"{v.size} confidences for {n} diffs")
         ok = diffs.ok
+        ev = np.ones(n, dtype=bool) if evidence is None else np.asarray(evidence, dtype=bool).reshape(-1)
+        if ev.size != n:
+            raise ValueError(f"{ev.size} evidence flags for {n} diffs")
+        self._update_evidence(diffs, ev)
+        if sent_ms is not None and n:
+            t = np.asarray(sent_ms, dtype=np.int64)
+            self._span(int(t.min()), int(t.max()))
         self.requests += n
         self.errors += int(n - ok.sum())
         self.scored += int(ok.sum())
@@ -134,8 +163,30 @@ class PairAccumulator:
         if labels is not None:
             self._update_labels(diffs, np.asarray(labels, dtype=np.float64).reshape(-1))
         if attributes is not None:
-            self._update_slices(diffs, attributes)
+            self._update_slices(diffs, attributes, ev)
         self._update_examples(_example_score(diffs), request_ids, diffs.error)
+
+    def _update_evidence(self, diffs: ClassificationDiffs, ev: np.ndarray) -> None:
+        ok = diffs.ok
+        e = self.evidence
+        e["requests"] += int(ev.sum())
+        e["errors"] += int((ev & ~ok).sum())
+        e["scored"] += int((ev & ok).sum())
+        e["label_flips"] += int((diffs.label_flip & ok & ev).sum())
+        e["abs_confidence_delta"] += float(np.abs(diffs.confidence_delta[ok & ev]).sum())
+
+    def _span(self, first: int | None, last: int | None) -> None:
+        if first is not None:
+            self.first_sent_ms = first if self.first_sent_ms is None else min(self.first_sent_ms, first)
+        if last is not None:
+            self.last_sent_ms = last if self.last_sent_ms is None else max(self.last_sent_ms, last)
+
+    @property
+    def span_s(self) -> float:
+        """Seconds of event time covered (0 without event times)."""
+        if self.first_sent_ms is None or self.last_sent_ms is None:
+            return 0.0
+        return (self.last_sent_ms - self.first_sent_ms) / 1000
 
     def _count_reasons(self, reasons: dict[str, int]) -> None:
         for r, c in reasons.items():
@@ -164,7 +215,8 @@ class PairAccumulator:
         self.baseline_right_candidate_wrong += int((b_right & ~c_right).sum())
         self.baseline_wrong_candidate_right += int((~b_right & c_right).sum())
 
-    def _update_slices(self, diffs: ClassificationDiffs, attributes: Sequence[dict[str, str]]) -> None:
+    def _update_slices(self, diffs: ClassificationDiffs, attributes: Sequence[dict[str, str]],
+                       ev: np.ndarray) -> None:
         ok = diffs.ok
         flips = diffs.label_flip & ok
         absd = np.where(ok, np.abs(np.nan_to_num(diffs.confidence_delta)), 0.0)
@@ -180,9 +232,12 @@ class PairAccumulator:
             scored = np.bincount(inv, weights=ok[present], minlength=uniq.size)
             fl = np.bincount(inv, weights=flips[present], minlength=uniq.size)
             sa = np.bincount(inv, weights=absd[present], minlength=uniq.size)
+            ev_ok = (ok & ev)[present]
+            es = np.bincount(inv, weights=ev_ok, minlength=uniq.size)
+            ef = np.bincount(inv, weights=(flips & ev)[present], minlength=uniq.size)
             for j, value in enumerate(uniq.tolist()):
                 self._slice(key, value).add(SliceStats(int(counts[j]), int(errs[j]), int(scored[j]),
-                                                       int(fl[j]), float(sa[j])))
+                                                       int(fl[j]), float(sa[j]), int(es[j]), int(ef[j])))
 
     def _slice(self, key: str, value: str) -> SliceStats:
         if key not in self.slices:
@@ -245,6 +300,9 @@ class PairAccumulator:
         self.baseline_confidence.merge(other.baseline_confidence)
         self.candidate_confidence.merge(other.candidate_confidence)
         self.label_pairs.merge(other.label_pairs)
+        for k in _EVIDENCE:
+            self.evidence[k] += other.evidence[k]
+        self._span(other.first_sent_ms, other.last_sent_ms)
 
     def copy(self) -> PairAccumulator:
         return PairAccumulator.from_dict(self.to_dict())
@@ -314,7 +372,7 @@ class PairAccumulator:
     # -- serialising ----------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
-            "v": 2, "requests": self.requests, "errors": self.errors, "scored": self.scored,
+            "v": 3, "requests": self.requests, "errors": self.errors, "scored": self.scored,
             "label_flips": self.label_flips, "sums": dict(self.sums), "error_reasons": dict(self.error_reasons),
             "baseline_label_counts": {str(k): v for k, v in self.baseline_label_counts.items()},
             "candidate_label_counts": {str(k): v for k, v in self.candidate_label_counts.items()},
@@ -326,6 +384,8 @@ class PairAccumulator:
             "top_examples": [list(t) for t in self.top_examples],
             "confidence": [self.baseline_confidence.to_dict(), self.candidate_confidence.to_dict()],
             "label_pairs": self.label_pairs.to_dict(),
+            "evidence": [self.evidence[k] for k in _EVIDENCE],
+            "span": [self.first_sent_ms, self.last_sent_ms],
         }
 
     @classmethod
@@ -340,12 +400,18 @@ class PairAccumulator:
         a.candidate_latency = LatencySketch.from_dict(d["candidate_latency"])
         (a.labelled, a.both_right, a.baseline_right_candidate_wrong,
          a.baseline_wrong_candidate_right) = d["labels"]
-        a.slices = {k: {v: SliceStats(*st) for v, st in t.items()} for k, t in d["slices"].items()}
+        a.slices = {k: {v: SliceStats.from_list(st) for v, st in t.items()} for k, t in d["slices"].items()}
         a.top_examples = [(float(s), str(r), str(e)) for s, r, e in d["top_examples"]]
         if "confidence" in d:  # absent in v1 state: tables start empty
             a.baseline_confidence, a.candidate_confidence = map(ConfidenceHistogram.from_dict, d["confidence"])
         if "label_pairs" in d:
             a.label_pairs = LabelPairTable.from_dict(d["label_pairs"])
+        if "evidence" in d:
+            a.evidence = dict(zip(_EVIDENCE, d["evidence"], strict=True))
+        else:  # v2 state: every request counted as evidence, as it was judged then
+            a.evidence = {"requests": a.requests, "errors": a.errors, "scored": a.scored,
+                          "label_flips": a.label_flips, "abs_confidence_delta": a.sums["abs_confidence_delta"]}
+        a.first_sent_ms, a.last_sent_ms = d.get("span", [None, None])
         return a
 
     def __repr__(self) -> str:

@@ -31,7 +31,6 @@ promote; otherwise hold, with an estimate of the extra requests a decision needs
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
@@ -40,9 +39,10 @@ from scipy import stats
 
 from schemas.events import MetricJudgement, SliceJudgement, Verdict
 from scorers.accumulate import PairAccumulator
-from scorers.sequential import (
-    ebh, log_evalue_above, lower_bound, order_statistic_ranks, requests_to_cross, upper_bound,
-)
+from scorers.latency import PairedLatency, latency_ratio_metric
+from scorers.sequential import lower_bound, requests_to_cross, upper_bound
+from scorers.sketch import LatencySketch
+from scorers.slices import judge_slices
 
 FLIP = "label_flip_rate"
 ABS_DELTA = "abs_confidence_delta"
@@ -70,6 +70,9 @@ class JudgePolicy:
     slice_alpha: float | None = None  # None: alpha / 2
     slice_failure_verdict: Literal["hold", "rollback"] = "hold"
     max_worst_slices: int = 5
+    slice_min_share: float = 0.02  # slices with this share of the evidence hold a promote until ...
+    slice_promote_factor: float = 2.0  # ... their upper bound is below this many times the margin
+    min_span_s: float = 0.0  # event time to observe before a promote or a non-critical rollback (drift)
 
     @classmethod
     def from_dict(cls, d: dict) -> JudgePolicy:
@@ -108,6 +111,28 @@ class JudgePolicy:
 
 
 @dataclass
+class JudgeMemory:
+    """What a pair's verdict remembers between looks (kept beside its cumulative evidence).
+
+    ``promoted_at``: evidence requests when the promote was first given. A promote *stands* until
+    rollback evidence appears (a critical or gating metric confidently worse, a flagged slice) or a
+    data-quality check fails: the confidence sequences were valid when it was given, so more data
+    can only add evidence against it, not take the old evidence back. ``flagged_slices``: sticky.
+    """
+
+    promoted_at: int | None = None
+    flagged_slices: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"promoted_at": self.promoted_at, "flagged_slices": dict(self.flagged_slices)}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> JudgeMemory:
+        d = d or {}
+        return cls(d.get("promoted_at"), dict(d.get("flagged_slices", {})))
+
+
+@dataclass
 class Judgement:
     verdict: Literal["promote", "hold", "rollback"]
     reasons: list[str]
@@ -119,6 +144,7 @@ class Judgement:
     data_checks: dict[str, bool] = field(default_factory=dict)
     blocking_metric: str | None = None  # hold: the metric (or data check) the decision waits for
     failed_slices: int = 0
+    memory: JudgeMemory = field(default_factory=JudgeMemory)
 
     def metric(self, name: str) -> MetricJudgement:
         return next(m for m in self.metrics if m.name == name)
@@ -141,81 +167,52 @@ def _finite(x) -> float | None:
     return float(x) if x is not None and np.isfinite(x) else None
 
 
-def _mean_metric(name, n, s, margin, a_r, a_p, noise_n=0, noise_s=0.0, critical=False, unit=""):
-    """A bounded-mean metric, minus the noise floor when a noise run is given."""
+def _mean_metric(name, n, s, margin, a_r, a_p, noise_n=0, noise_s=0.0, critical=False, weighted=None):
+    """A bounded running-mean metric on the evidence requests, minus the noise floor when a noise run
+    is given. ``weighted``: (requests, sum) of every request, reported beside the evidence."""
     if n == 0:
         return MetricJudgement(name=name, estimate=None, lower=None, upper=None, margin=margin,
                                decision="inconclusive", samples=0, critical=critical, detail="no data"), None
+    details = []
+    if weighted is not None and weighted[0] != n:
+        details.append(f"{int(n)} independent of {int(weighted[0])} requests (repeats of an input or sample key "
+                       f"count once); request-weighted {weighted[1] / max(weighted[0], 1):.4g}")
     if noise_n > 0:  # candidate and noise bounds each at half the level (union bound)
-        lo = lower_bound(n, s, a_r / 2) - upper_bound(noise_n, noise_s, a_r / 2)
-        hi = upper_bound(n, s, a_p / 2) - lower_bound(noise_n, noise_s, a_p / 2)
+        noise_hi, noise_lo = upper_bound(noise_n, noise_s, a_r / 2), lower_bound(noise_n, noise_s, a_p / 2)
+        lo = lower_bound(n, s, a_r / 2) - noise_hi
+        hi = upper_bound(n, s, a_p / 2) - noise_lo
         noise_est = noise_s / noise_n
-        detail = f"noise floor {noise_est:.4g} from {noise_n} baseline-vs-baseline replays subtracted"
+        details.append(f"noise floor {noise_est:.4g} from {int(noise_n)} baseline-vs-baseline replays subtracted")
     else:
-        lo, hi, noise_est, detail = lower_bound(n, s, a_r), upper_bound(n, s, a_p), 0.0, ""
+        lo, hi, noise_est, noise_hi, noise_lo = lower_bound(n, s, a_r), upper_bound(n, s, a_p), 0.0, 0.0, 0.0
     est = s / n - noise_est
     dec = str(decide(lo, hi, margin))
-    side, a = ("lower", a_r) if est > margin else ("upper", a_p)
-    needed = None if dec != "inconclusive" else requests_to_cross(n, s / n, margin + noise_est,
-                                                                  a / (2 if noise_n else 1), side=side)
+    needed = None
+    if dec == "inconclusive":  # the noise run's uncertainty counts: its bound, not its estimate
+        heading_bad = est > margin
+        side, a = ("lower", a_r) if heading_bad else ("upper", a_p)
+        target = margin + float(noise_hi if heading_bad else noise_lo)
+        needed = requests_to_cross(n, s / n, target, a / (2 if noise_n else 1), side=side)
     return MetricJudgement(name=name, estimate=est, lower=float(lo), upper=float(hi), margin=margin,
-                           decision=dec, samples=int(n), critical=critical, detail=detail), needed
+                           decision=dec, samples=int(n), critical=critical, detail="; ".join(details)), needed
 
 
-def _latency_metric(acc: PairAccumulator, policy: JudgePolicy, a_r, a_p, critical):
-    name, margin, q = policy.latency_metric, policy.latency_p99_ratio_margin, policy.latency_quantile
-    b, c = acc.baseline_latency, acc.candidate_latency
-    if b.count == 0 or c.count == 0:
-        m = MetricJudgement(name=name, estimate=None, lower=None, upper=None, margin=margin,
-                            decision="inconclusive", samples=min(b.count, c.count), critical=critical,
-                            detail="no latency data")
-        return m, _latency_requests_needed(m, q, min(a_r, a_p) / 2, c.relative_accuracy)
-    # Ratio bounds from four order-statistic bounds, each at half the side's level; the sketch's
-    # relative accuracy a widens each one (a returned value v has the true order statistic in
-    # [v / (1 + a), v / (1 - a)]).
-    ra = c.relative_accuracy
-    c_lo_r, c_hi_r = order_statistic_ranks(c.count, q, a_r / 2, a_p / 2)
-    b_lo_r, b_hi_r = order_statistic_ranks(b.count, q, a_p / 2, a_r / 2)
-    c_lo = c.value_at_rank(c_lo_r - 1) / (1 + ra) if c_lo_r >= 1 else 0.0
-    c_hi = c.value_at_rank(c_hi_r - 1) / (1 - ra) if c_hi_r <= c.count else math.inf
-    b_lo = b.value_at_rank(b_lo_r - 1) / (1 + ra) if b_lo_r >= 1 else 0.0
-    b_hi = b.value_at_rank(b_hi_r - 1) / (1 - ra) if b_hi_r <= b.count else math.inf
-    lo = c_lo / b_hi if b_hi > 0 and math.isfinite(b_hi) else 0.0
-    hi = c_hi / b_lo if b_lo > 0 else math.inf
-    bq, cq = b.quantile(q), c.quantile(q)
-    est = cq / bq if bq else None
-    m = MetricJudgement(
-        name=name, estimate=est, lower=_finite(lo), upper=_finite(hi), margin=margin,
-        decision=str(decide(lo, hi, margin)), samples=int(min(b.count, c.count)), critical=critical,
-        detail=f"p{q * 100:g} baseline {bq:.4g} ms, candidate {cq:.4g} ms")
-    return m, _latency_requests_needed(m, q, min(a_r, a_p) / 2, ra)
-
-
-def _latency_requests_needed(m: MetricJudgement, q: float, alpha: float, relative_accuracy: float) -> int | None:
-    """Extra requests for an inconclusive quantile ratio to decide, if the ratio stayed where it is.
-
-    Two parts: the sample must first be large enough for the extreme order statistic to exist at
-    this level (q**n <= alpha: ~440 requests for p99 at alpha 1.25 %); then the interval's
-    half-width on the log scale shrinks like 1/sqrt(n) (order-statistic bounds are asymptotically
-    normal in the rank). None when the ratio sits within the sketch's accuracy of the margin (the
-    bounds can never separate) or when there is no estimate yet and no sample at all.
-    """
-    if m.decision != "inconclusive":
-        return None
-    n = m.samples
-    n_exist = math.ceil(math.log(alpha) / math.log(q)) if 0 < q < 1 else 1
-    if m.estimate is None or m.lower is None or m.upper is None or m.estimate <= 0:
-        return max(n_exist - n, 1)
-    est, margin = m.estimate, m.margin
-    floor = (1 + relative_accuracy) / (1 - relative_accuracy)
-    if max(est, margin) / min(est, margin) <= floor:
-        return None
-    if est < margin:  # heading to pass: the upper bound must come below the margin
-        half, room = math.log(m.upper / est), math.log(margin / est)
-    else:  # heading to fail: the lower bound must rise above it
-        half, room = math.log(est / max(m.lower, 1e-12)), math.log(est / margin)
-    total = n * (half / room) ** 2
-    return max(math.ceil(max(total, n_exist) - n), 1)
+def _latency_metric(acc: PairAccumulator, policy: JudgePolicy, a_r, a_p, critical, noise, paired):
+    """Candidate / baseline latency quantile ratio (scorers.latency). With a replayed baseline (noise
+    run) and the paired state of the same requests, the comparison is on the same hardware and
+    paired; production's reported latency is then informational (in the detail)."""
+    kw = dict(name=policy.latency_metric, margin=policy.latency_p99_ratio_margin, q=policy.latency_quantile,
+              alpha_rollback=a_r, alpha_promote=a_p, critical=critical)
+    if paired is not None:  # fixed for the whole run by configuration, never switched by the data
+        reference = noise.candidate_latency if noise is not None else LatencySketch()
+        m, needed = latency_ratio_metric(acc.candidate_latency, reference,
+                                         baseline_label="replayed baseline", paired_log_ratios=paired, **kw)
+        b, c, q = acc.baseline_latency, acc.candidate_latency, policy.latency_quantile
+        if b.count and c.count and b.quantile(q):
+            m.detail += (f"; production p{q * 100:g} {b.quantile(q):.4g} ms, candidate / production "
+                         f"{c.quantile(q) / b.quantile(q):.3g} (informational: other hardware and path)")
+        return m, needed
+    return latency_ratio_metric(acc.candidate_latency, acc.baseline_latency, baseline_label="production", **kw)
 
 
 def _accuracy_metric(acc: PairAccumulator, margin, a_r, a_p, critical):
@@ -236,40 +233,9 @@ def _accuracy_metric(acc: PairAccumulator, margin, a_r, a_p, critical):
                f"(fixed-sample McNemar exact p={p_exact:.3g}, for reference only)")
 
 
-def _slices(acc: PairAccumulator, policy: JudgePolicy, noise: PairAccumulator | None):
-    margin = policy.label_flip_rate_margin
-    if margin is None:
-        return [], 0
-    s_alpha = policy.slice_alpha if policy.slice_alpha is not None else policy.alpha / 2
-    shift = shift_low = 0.0
-    if noise is not None and noise.scored:
-        # A slice fails only above margin + the noise floor's *upper* bound; it passes only when its
-        # upper bound minus the floor's *lower* bound is below the margin (each side conservative).
-        shift = float(upper_bound(noise.scored, noise.label_flips, s_alpha / 2))
-        shift_low = float(lower_bound(noise.scored, noise.label_flips, s_alpha / 2))
-        s_alpha /= 2
-    rows = [(k, v, st) for k, t in acc.slices.items() for v, st in t.items()
-            if st.scored >= policy.slice_min_samples]
-    if not rows:
-        return [], 0
-    n = np.array([st.scored for _, _, st in rows], dtype=np.float64)
-    s = np.array([st.label_flips for _, _, st in rows], dtype=np.float64)
-    log_e = log_evalue_above(n, s, margin + shift)
-    rejected = ebh(np.exp(np.minimum(log_e, 700)), s_alpha)
-    a_disp = s_alpha / len(rows)  # display interval: Bonferroni over the slices shown
-    lo, hi = lower_bound(n, s, a_disp) - shift, upper_bound(n, s, a_disp) - shift_low
-    out = []
-    for i in np.lexsort((-(s / n), -log_e)):
-        k, v, st = rows[i]
-        dec = "fail" if rejected[i] else ("pass" if hi[i] < margin else "inconclusive")
-        noise_est = noise.label_flips / noise.scored if shift else 0.0
-        out.append(SliceJudgement(attribute=k, value=v, metric=FLIP, estimate=s[i] / n[i] - noise_est,
-                                  lower=float(lo[i]), upper=float(hi[i]), samples=int(n[i]), decision=dec))
-    return out, int(rejected.sum())
-
-
 def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise: PairAccumulator | None = None,
-          expected_requests: int | None = None, unscorable: dict[str, int] | None = None) -> Judgement:
+          expected_requests: int | None = None, unscorable: dict[str, int] | None = None,
+          memory: JudgeMemory | None = None, paired_latency: PairedLatency | None = None) -> Judgement:
     """Judge the cumulative statistics of one pair (see module doc for the exact semantics).
 
     ``expected_requests``: requests routed to the candidate (for the sample-ratio check).
@@ -277,51 +243,130 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
     "adapter", ...): the producer's payload or the configuration, never the candidate's fault.
     Over ``max_missing_fraction`` of the traffic they hold the verdict with a data-sufficiency
     reason that names them; they are never counted as candidate errors.
+    ``memory``: what the previous look left (``Judgement.memory``): a standing promote, sticky
+    slice flags. Pass it back at the next look.
+    ``paired_latency``: (replayed baseline, candidate) latencies of the same requests
+    (``scorers.latency.PairedLatency``); with a noise run it makes the latency metric paired.
     """
     policy = policy or JudgePolicy()
-    acc = cumulative
+    memory = memory or JudgeMemory()
+    acc, ev = cumulative, cumulative.evidence
     a_r, a_p = policy.rollback_alpha(), policy.promote_alpha()
     margins, gating, critical = policy.margins(), set(policy.gating_metrics()), set(policy.critical)
-    noise_ok = noise is not None and noise.scored > 0
-    nn = (lambda attr: getattr(noise, attr)) if noise_ok else (lambda attr: 0)
+    noise_ok = noise is not None and noise.evidence["scored"] > 0
+    nev = (lambda k: noise.evidence[k]) if noise_ok else (lambda k: 0)
     metrics: list[MetricJudgement] = []
     needed: dict[str, int | None] = {}
     if ERROR in margins:
-        m, needed[ERROR] = _mean_metric(ERROR, acc.requests, acc.errors, margins[ERROR], a_r, a_p,
-                                        critical=ERROR in critical)
+        m, needed[ERROR] = _mean_metric(ERROR, ev["requests"], ev["errors"], margins[ERROR], a_r, a_p,
+                                        critical=ERROR in critical, weighted=(acc.requests, acc.errors))
         metrics.append(m)
     if FLIP in margins:
-        m, needed[FLIP] = _mean_metric(FLIP, acc.scored, acc.label_flips, margins[FLIP], a_r, a_p,
-                                       nn("scored"), nn("label_flips"), FLIP in critical)
+        m, needed[FLIP] = _mean_metric(FLIP, ev["scored"], ev["label_flips"], margins[FLIP], a_r, a_p,
+                                       nev("scored"), nev("label_flips"), FLIP in critical,
+                                       weighted=(acc.scored, acc.label_flips))
         metrics.append(m)
     if ABS_DELTA in margins:
         m, needed[ABS_DELTA] = _mean_metric(
-            ABS_DELTA, acc.scored, acc.sums["abs_confidence_delta"], margins[ABS_DELTA], a_r, a_p, nn("scored"),
-            noise.sums["abs_confidence_delta"] if noise_ok else 0.0, ABS_DELTA in critical)
+            ABS_DELTA, ev["scored"], ev["abs_confidence_delta"], margins[ABS_DELTA], a_r, a_p, nev("scored"),
+            nev("abs_confidence_delta"), ABS_DELTA in critical,
+            weighted=(acc.scored, acc.sums["abs_confidence_delta"]))
         metrics.append(m)
     if policy.latency_metric in margins:
-        m, needed[policy.latency_metric] = _latency_metric(acc, policy, a_r, a_p, policy.latency_metric in critical)
+        m, needed[policy.latency_metric] = _latency_metric(acc, policy, a_r, a_p, policy.latency_metric in critical,
+                                                           noise, paired_latency)
         metrics.append(m)
     if ACCURACY in margins:
         metrics.append(_accuracy_metric(acc, margins[ACCURACY], a_r, a_p, ACCURACY in critical))
         if acc.labelled < policy.min_labelled:
             gating.discard(ACCURACY)  # labels too few (or absent): reported, not gating yet
 
-    reasons: list[str] = []
-    for m in metrics:
-        if m.estimate is None:
-            reasons.append(f"{m.name}: no data yet ({m.detail}).")
-            continue
-        hi = "inf" if m.upper is None else f"{m.upper:.4g}"
-        word = {"fail": "confidently worse than", "pass": "confidently within",
-                "inconclusive": "not yet distinguishable from"}[m.decision]
-        role = "critical" if m.critical else ("gating" if m.name in gating else "reported only")
-        reasons.append(f"{m.name} = {m.estimate:.4g} [{m.lower:.4g}, {hi}] is {word} margin {m.margin:g} "
-                       f"(n={m.samples}, {role}).")
+    reasons = [_metric_reason(m, gating) for m in metrics]
+    checks, quality_reasons = _data_checks(acc, policy, margins, expected_requests, unscorable, reasons)
+    if noise is not None and not noise_ok:
+        reasons.append("Noise run given but empty: judged without a noise floor.")
+    reasons.extend(quality_reasons)
+    quality_ok = checks["sample_ratio"] and checks["latency_present"] and checks["comparable"]
 
-    # data sufficiency and quality
-    checks = {"min_samples": acc.scored >= policy.min_samples, "sample_ratio": True, "latency_present": True,
-              "comparable": True}
+    sl = judge_slices(acc, margin=policy.label_flip_rate_margin,
+                      alpha=policy.slice_alpha if policy.slice_alpha is not None else policy.alpha / 2,
+                      promote_alpha=a_p, min_samples=policy.slice_min_samples, min_share=policy.slice_min_share,
+                      promote_factor=policy.slice_promote_factor,
+                      noise=noise if noise_ok else None, flagged_before=memory.flagged_slices)
+    worst = sl.judgements[: policy.max_worst_slices]
+    failed_slices = sl.failed
+    if failed_slices:
+        w = next(j for j in sl.judgements if j.decision == "fail")
+        reasons.append(f"{failed_slices} slice(s) have had a flip rate confidently above margin (e-BH, FDR "
+                       f"{policy.slice_alpha or policy.alpha / 2:g}; a flag is never withdrawn); worst: "
+                       f"{w.attribute}={w.value} at {w.estimate:.3g}.")
+
+    by_name = {m.name: m for m in metrics}
+    failed_critical = [m.name for m in metrics if m.critical and m.decision == "fail"]
+    failed_gating = [n for n in gating if by_name[n].decision == "fail"]
+    all_pass = bool(gating) and all(by_name[n].decision == "pass" for n in gating)
+    checks["min_span"] = acc.span_s >= policy.min_span_s
+    new_memory = JudgeMemory(memory.promoted_at, sl.flagged)
+    requests_needed, blocking = None, None
+    standing = memory.promoted_at is not None
+    if failed_critical:
+        verdict = "rollback"
+        reasons.insert(0, f"Rollback: critical metric(s) {', '.join(failed_critical)} confidently worse than margin.")
+    elif not quality_ok:
+        verdict = "hold"
+        blocking = next(k for k in ("comparable", "sample_ratio", "latency_present") if not checks[k])
+        reasons.insert(0, f"Hold on data quality ({blocking}): {quality_reasons[0]}")
+    elif not checks["min_span"] and not standing:
+        verdict, blocking = "hold", "min_span"
+        reasons.insert(0, f"Hold: waiting for the minimum observation span: {acc.span_s / 3600:.3g} h of event time "
+                          f"observed of the {policy.min_span_s / 3600:.3g} h required before a promote or a "
+                          f"rollback on gating metrics (min_span_s: one traffic cycle, so drift is averaged).")
+    elif failed_gating:
+        verdict = "rollback"
+        reasons.insert(0, f"Rollback: {', '.join(sorted(failed_gating))} confidently worse than margin.")
+    elif failed_slices and policy.slice_failure_verdict == "rollback":
+        verdict = "rollback"
+        reasons.insert(0, "Rollback: some slices are confidently worse than margin.")
+    elif failed_slices:
+        verdict, blocking = "hold", "slices"
+        reasons.insert(0, f"Hold: {failed_slices} slice(s) confidently above margin (slice_failure_verdict = hold).")
+    elif standing:
+        verdict = "promote"
+        reasons.insert(0, f"Promote stands: given at {memory.promoted_at} independent requests; no rollback "
+                          f"evidence since (a promote is withdrawn only by a failing metric or slice).")
+    elif all_pass and checks["min_samples"] and sl.blocking is None:
+        verdict = "promote"
+        new_memory.promoted_at = int(ev["scored"])
+        reasons.insert(0, "Promote: every gating metric is confidently within its margin, and every slice "
+                          f"over {policy.slice_min_share:.0%} of the traffic too.")
+    else:
+        verdict = "hold"
+        blocking, requests_needed, why = _blocking(gating, by_name, needed, sl, checks, acc, policy)
+        tail = "" if requests_needed is None else f"; about {requests_needed} more requests may decide it"
+        reasons.insert(0, f"Hold: waiting for {why}{tail}.")
+    if verdict != "promote":
+        new_memory.promoted_at = None
+    return Judgement(verdict=verdict, reasons=reasons, metrics=metrics, samples=acc.scored,
+                     requests_needed=requests_needed, worst_slices=worst,
+                     example_request_ids=acc.example_request_ids, data_checks=checks,
+                     blocking_metric=blocking, failed_slices=failed_slices, memory=new_memory)
+
+
+def _metric_reason(m: MetricJudgement, gating) -> str:
+    if m.estimate is None:
+        return f"{m.name}: no data yet ({m.detail})."
+    hi = "inf" if m.upper is None else f"{m.upper:.4g}"
+    word = {"fail": "confidently worse than", "pass": "confidently within",
+            "inconclusive": "not yet distinguishable from"}[m.decision]
+    role = "critical" if m.critical else ("gating" if m.name in gating else "reported only")
+    return (f"{m.name} = {m.estimate:.4g} [{m.lower:.4g}, {hi}] is {word} margin {m.margin:g} "
+            f"(n={m.samples}, {role}).")
+
+
+def _data_checks(acc, policy, margins, expected_requests, unscorable, reasons):
+    """Data sufficiency and quality: (checks, quality reasons); appends sufficiency notes to reasons."""
+    checks = {"min_samples": acc.evidence["scored"] >= policy.min_samples, "sample_ratio": True,
+              "latency_present": True, "comparable": True}
     quality_reasons = []
     lost = sum((unscorable or {}).values())
     if lost and (acc.requests + lost) and lost / (acc.requests + lost) > policy.max_missing_fraction:
@@ -333,7 +378,8 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
             f"producer's payload or this candidate's config, not the candidate. They are on the dead-letter topic "
             f"with their reason (tolerance {policy.max_missing_fraction:.0%}).")
     if not checks["min_samples"]:
-        reasons.append(f"Insufficient data: {acc.scored} scored requests of the {policy.min_samples} required.")
+        reasons.append(f"Insufficient data: {int(acc.evidence['scored'])} independent scored requests of the "
+                       f"{policy.min_samples} required.")
     if expected_requests is not None and expected_requests > 0 and checks["comparable"]:
         ratio = (acc.requests + lost) / expected_requests
         if abs(1 - ratio) > policy.max_missing_fraction:
@@ -350,61 +396,21 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
         reasons.append(f"Candidate error rate {acc.error_rate:.2%} exceeds {policy.max_error_rate:.2%} "
                        f"({acc.errors} of {acc.requests}; top reason: "
                        f"{max(acc.error_reasons, key=acc.error_reasons.get) if acc.error_reasons else 'n/a'}).")
-    if noise is not None and not noise_ok:
-        reasons.append("Noise run given but empty: judged without a noise floor.")
-    reasons.extend(quality_reasons)
-    quality_ok = checks["sample_ratio"] and checks["latency_present"] and checks["comparable"]
-
-    worst, failed_slices = _slices(acc, policy, noise if noise_ok else None)
-    worst = worst[: policy.max_worst_slices]
-    if failed_slices:
-        reasons.append(f"{failed_slices} slice(s) have a flip rate confidently above margin "
-                       f"(e-BH, FDR {policy.slice_alpha or policy.alpha / 2:g}); worst: "
-                       f"{worst[0].attribute}={worst[0].value} at {worst[0].estimate:.3g}.")
-
-    by_name = {m.name: m for m in metrics}
-    failed_critical = [m.name for m in metrics if m.critical and m.decision == "fail"]
-    failed_gating = [n for n in gating if by_name[n].decision == "fail"]
-    all_pass = bool(gating) and all(by_name[n].decision == "pass" for n in gating)
-    requests_needed, blocking = None, None
-    if failed_critical:
-        verdict = "rollback"
-        reasons.insert(0, f"Rollback: critical metric(s) {', '.join(failed_critical)} confidently worse than margin.")
-    elif not quality_ok:
-        verdict = "hold"
-        blocking = next(k for k in ("comparable", "sample_ratio", "latency_present") if not checks[k])
-        reasons.insert(0, f"Hold on data quality ({blocking}): {quality_reasons[0]}")
-    elif failed_gating:
-        verdict = "rollback"
-        reasons.insert(0, f"Rollback: {', '.join(sorted(failed_gating))} confidently worse than margin.")
-    elif failed_slices and policy.slice_failure_verdict == "rollback":
-        verdict = "rollback"
-        reasons.insert(0, "Rollback: some slices are confidently worse than margin.")
-    elif all_pass and checks["min_samples"] and not failed_slices:
-        verdict = "promote"
-        reasons.insert(0, "Promote: every gating metric is confidently within its margin.")
-    else:
-        verdict = "hold"
-        blocking, requests_needed, why = _blocking(gating, by_name, needed, failed_slices, checks, acc, policy)
-        tail = "" if requests_needed is None else f"; about {requests_needed} more requests may decide it"
-        reasons.insert(0, f"Hold: waiting for {why}{tail}.")
-    return Judgement(verdict=verdict, reasons=reasons, metrics=metrics, samples=acc.scored,
-                     requests_needed=requests_needed, worst_slices=worst,
-                     example_request_ids=acc.example_request_ids, data_checks=checks,
-                     blocking_metric=blocking, failed_slices=failed_slices)
+    return checks, quality_reasons
 
 
-def _blocking(gating, by_name, needed, failed_slices, checks, acc, policy):
+def _blocking(gating, by_name, needed, sl, checks, acc, policy):
     """(blocking metric, requests_needed, phrase) of a hold.
 
     A metric heading for failure decides first (the fewest requests among those); otherwise every
     pending gating metric must pass, so the slowest one blocks. Metrics without an estimate of
-    the requests they need (a ratio within the sketch's accuracy of its margin) block last.
+    the requests they need (a ratio within the sketch's accuracy of its margin) block last. Then a
+    big slice not yet shown within its margin, then min_samples.
     """
     pending = [n for n in gating if by_name[n].decision == "inconclusive"]
     heading_bad = [n for n in pending if by_name[n].estimate is not None and by_name[n].estimate > by_name[n].margin
                    and needed.get(n) is not None]
-    short = max(policy.min_samples - acc.scored, 0)
+    short = max(policy.min_samples - int(acc.evidence["scored"]), 0)
     if heading_bad:
         name = min(heading_bad, key=lambda n: needed[n])
         return name, int(needed[name]), _phrase(by_name[name], "to confirm it is worse than")
@@ -413,10 +419,16 @@ def _blocking(gating, by_name, needed, failed_slices, checks, acc, policy):
         name = unknown[0] if unknown else max(pending, key=lambda n: needed[n])
         n_needed = None if unknown else max(int(needed[name]), short)
         return name, n_needed, _phrase(by_name[name], "to settle against")
-    if failed_slices:
-        return "slices", None, f"{failed_slices} slice(s) confidently above margin (slice_failure_verdict = hold)"
+    if sl.blocking is not None:
+        b = sl.blocking
+        return "slices", sl.requests_needed, (
+            f"slice {b.attribute}={b.value} ({b.samples} independent requests, flip rate {b.estimate:.3g}, upper "
+            f"bound {b.upper:.3g}) to show it is below {policy.slice_promote_factor:g} x margin "
+            f"{policy.label_flip_rate_margin:g}: slices over {policy.slice_min_share:.0%} of the traffic must, "
+            f"before a promote")
     if not checks["min_samples"]:
-        return "min_samples", short, f"min_samples: {acc.scored} scored of {policy.min_samples} required"
+        return "min_samples", short, (f"min_samples: {int(acc.evidence['scored'])} independent scored of "
+                                      f"{policy.min_samples} required")
     return None, None, "a gating metric (none configured)"
 
 

@@ -31,7 +31,8 @@ import numpy as np
 from schemas import Verdict, WindowStats
 from scorers.accumulate import PairAccumulator
 from scorers.diffs import ClassificationDiffs
-from scorers.judge import judge
+from scorers.evidence import SeenFilter
+from scorers.judge import JudgeMemory, judge
 from streams.board import VerdictBoard
 from streams.config import CandidateConfig, Settings
 from streams.records import DiffBatch
@@ -65,6 +66,10 @@ class JudgeCore:
         self.configs: dict[str, CandidateConfig] = {pair_key(c.model, c.name): c for c in settings.candidates}
         self._pairs: dict[str, PairWindows] = {}  # the live state, by pair key
         self._sizes: dict[str, int] = {}  # bytes of each pair's state when last serialised
+        # Which requests are independent evidence (scorers.evidence), per pair. In memory only: a
+        # restarted judge forgets which inputs it has seen (documented: repeats across a restart
+        # count once more), and 2 x 512 KiB per pair would not fit the changelog's state budget.
+        self._seen: dict[str, SeenFilter] = {}
         # What the API serves: current as soon as a verdict is written, no database read.
         self.board = VerdictBoard.from_settings(settings)
         w = settings.windows
@@ -157,11 +162,17 @@ class JudgeCore:
         if not len(rows):
             return
         c = rows.columns
+        seen = self._seen.setdefault(pair_key(pw.model, pw.candidate), SeenFilter())
+        evidence = seen.first_seen(c["input_hash"], c["sample_hash"])
+        ref = c["reference_latency_ms"]
+        both = np.isfinite(ref) & (ref > 0) & np.isfinite(c["candidate_latency_ms"])
+        if both.any():
+            pw.reference_latency.update(ref[both], c["candidate_latency_ms"][both])
         starts = c["sent_ms"] - c["sent_ms"] % self.size_ms
         for start in np.unique(starts).tolist():
             idx = np.flatnonzero(starts == start)
             part = rows.take(idx) if len(idx) != len(rows) else rows
-            diffs, kwargs = _accumulator_inputs(part)
+            diffs, kwargs = _accumulator_inputs(part, evidence[idx])
             window = pw.window_for(int(start))
             if window is None:
                 pw.late_events += len(idx)
@@ -248,13 +259,16 @@ class JudgeCore:
 
     def _verdict(self, pw: PairWindows, last_start: int) -> Verdict:
         cfg = self.configs[pair_key(pw.model, pw.candidate)]
-        noise = None
+        noise = paired = None
         if not cfg.noise_reference:
             ref = next((c for c in self.configs.values() if c.model == pw.model and c.noise_reference), None)
             if ref is not None and pair_key(pw.model, ref.name) in self._pairs:
                 noise = self._pair(pair_key(pw.model, ref.name)).cumulative
+            if ref is not None:  # configured: the construction never depends on the data
+                paired = pw.reference_latency
         j = judge(pw.cumulative, cfg.judge_policy(), noise=noise, expected_requests=pw.received,
-                  unscorable=pw.unscorable)
+                  unscorable=pw.unscorable, memory=JudgeMemory.from_dict(pw.judge_memory), paired_latency=paired)
+        pw.judge_memory = j.memory.to_dict()
         return Verdict(
             model=pw.model, candidate=pw.candidate, verdict=j.verdict, reasons=j.reasons, metrics=j.metrics,
             samples=j.samples, window_start=ms_to_datetime(last_start),
@@ -287,6 +301,7 @@ class JudgeCore:
         for key in keys:
             self._pairs.pop(key, None)
             self._sizes.pop(key, None)
+            self._seen.pop(key, None)
 
     def pairs(self) -> dict[str, PairWindows]:
         return dict(self._pairs)
@@ -299,7 +314,7 @@ class JudgeCore:
         return pw
 
 
-def _accumulator_inputs(rows: DiffBatch) -> tuple[ClassificationDiffs, dict]:
+def _accumulator_inputs(rows: DiffBatch, evidence: np.ndarray) -> tuple[ClassificationDiffs, dict]:
     c = rows.columns
     diffs = ClassificationDiffs(
         baseline_label=c["baseline_label"].astype(np.int64), candidate_label=c["candidate_label"].astype(np.int64),
@@ -311,5 +326,6 @@ def _accumulator_inputs(rows: DiffBatch) -> tuple[ClassificationDiffs, dict]:
         baseline_latency_ms=c["baseline_latency_ms"], candidate_latency_ms=c["candidate_latency_ms"],
         request_ids=rows.request_id, attributes=rows.attributes, labels=c["label"],
         baseline_confidence=c["baseline_confidence"], candidate_confidence=c["candidate_confidence"],
+        evidence=evidence, sent_ms=c["sent_ms"],
     )  # fmt: skip
     return diffs, kwargs

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from scorers.accumulate import PairAccumulator
+from scorers.latency import PairedLatency
 from streams.records import PartitionProgress, Progress
 
 
@@ -47,6 +48,9 @@ class PairWindows:
     last_event_wall: float = 0.0
     early_closes: int = 0  # windows closed before they were final (open-window cap, state budget)
     unscorable: dict[str, int] = field(default_factory=dict)  # not comparable, by dead-letter type
+    judge_memory: dict = field(default_factory=dict)  # scorers.judge.JudgeMemory: standing promote, slice flags
+    # (replayed baseline, candidate) latency of the same requests: the paired latency metric
+    reference_latency: PairedLatency = field(default_factory=PairedLatency)
 
     def to_dict(self) -> dict:
         return {
@@ -63,6 +67,8 @@ class PairWindows:
             "last_event_wall": self.last_event_wall,
             "early_closes": self.early_closes,
             "unscorable": self.unscorable,
+            "judge_memory": self.judge_memory,
+            "reference_latency": self.reference_latency.to_dict(),
         }
 
     @classmethod
@@ -81,6 +87,9 @@ class PairWindows:
             last_event_wall=float(data["last_event_wall"]),
             early_closes=int(data.get("early_closes", 0)),
             unscorable={str(k): int(v) for k, v in data.get("unscorable", {}).items()},
+            judge_memory=dict(data.get("judge_memory", {})),
+            reference_latency=PairedLatency.from_dict(data["reference_latency"]) if "reference_latency" in data
+            else PairedLatency(),
         )
 
     def window_for(self, window_start_ms: int) -> PairAccumulator | None:

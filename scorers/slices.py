@@ -1,0 +1,111 @@
+"""Slices: flag the ones confidently over the margin (e-BH), and hold a promote while a big one may be.
+
+Two questions per slice value (e.g. ``country=de``), both on the label flip rate of its *evidence*
+requests (scorers.evidence), minus the noise floor when a noise run exists:
+
+* **flagged** (rollback-side evidence): e-BH (Wang & Ramdas 2022) at ``slice_alpha`` over the
+  slices' e-processes "flip rate above margin" (``scorers.sequential.log_evalue_above``). e-BH keeps
+  the false discovery rate at ``slice_alpha`` under any dependence between slices. A slice once
+  flagged **stays flagged** (``SliceMemory``): its e-process stopped at the look that flagged it is
+  still an e-value (optional stopping), and the verdict does not forget evidence it acted on.
+* **plausibly far over the margin** (promote side): a slice carrying at least ``slice_min_share``
+  of the evidence whose anytime-valid upper bound (at the promote level alpha/2, not divided: a
+  promote needs *every* such slice under the bound, an intersection-union test, so a false
+  promote needs the one bad slice's bound to be wrong) is not yet below ``slice_promote_factor``
+  (2) x the margin. It holds the promote. A 5 %-of-traffic slice at 3x the margin therefore holds
+  the promote until it is flagged, instead of being promoted past (measured before this: 317 of
+  320 runs). Why 2x and not 1x: with 20 slices of 5 %, showing each one under the margin itself
+  takes ~9,000 requests of an *identical* candidate (the anytime-valid price of 20 small
+  samples); under 2x it takes ~3,500. A slice between 1x and 2x does not hold the promote, but
+  it is flagged as soon as the evidence shows it, and a flag withdraws a promote.
+
+Slices below ``slice_min_samples`` evidence requests are not flagged (too few to show), and slices
+under ``slice_min_share`` never hold a promote (a 0.1 % slice would hold it for ever).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from schemas.events import SliceJudgement
+from scorers.accumulate import PairAccumulator
+from scorers.sequential import ebh, log_evalue_above, lower_bound, requests_to_cross, upper_bound
+
+FLIP = "label_flip_rate"
+
+
+@dataclass
+class SliceOutcome:
+    judgements: list[SliceJudgement]  # worst first
+    flagged: dict[str, float]  # "attribute=value" -> log e-value when first flagged (sticky)
+    blocking: SliceJudgement | None = None  # a big slice not yet shown within the margin
+    requests_needed: int | None = None  # more requests (all traffic) for the blocking slice to pass
+
+    @property
+    def failed(self) -> int:
+        return len(self.flagged)
+
+
+@dataclass
+class _Rows:
+    keys: list[tuple[str, str]] = field(default_factory=list)
+    n: list[float] = field(default_factory=list)
+    s: list[float] = field(default_factory=list)
+
+
+def judge_slices(acc: PairAccumulator, *, margin: float | None, alpha: float, promote_alpha: float,
+                 min_samples: int, min_share: float, promote_factor: float = 1.0, noise: PairAccumulator | None = None,
+                 flagged_before: dict[str, float] | None = None) -> SliceOutcome:
+    flagged = dict(flagged_before or {})
+    if margin is None:
+        return SliceOutcome([], flagged)
+    total = max(acc.evidence["scored"], 1)
+    rows = _Rows()
+    for k, table in acc.slices.items():
+        for v, st in table.items():
+            if st.evidence_scored > 0:
+                rows.keys.append((k, v))
+                rows.n.append(st.evidence_scored)
+                rows.s.append(st.evidence_flips)
+    if not rows.keys:
+        return SliceOutcome([], flagged)
+    n, s = np.array(rows.n), np.array(rows.s)
+    s_alpha, p_alpha = alpha, promote_alpha
+    shift_hi = shift_lo = noise_est = 0.0
+    if noise is not None and noise.evidence["scored"]:
+        nn, ns = noise.evidence["scored"], noise.evidence["label_flips"]
+        # Fail only above margin + the floor's *upper* bound; pass only when the slice's upper bound
+        # minus the floor's *lower* bound is below the margin (each side conservative).
+        shift_hi = float(upper_bound(nn, ns, s_alpha / 2))
+        shift_lo = float(lower_bound(nn, ns, p_alpha / 2))
+        noise_est = ns / nn
+        s_alpha, p_alpha = s_alpha / 2, p_alpha / 2
+    big_enough = n >= min_samples
+    log_e = np.where(big_enough, log_evalue_above(n, s, margin + shift_hi), -np.inf)
+    rejected = ebh(np.exp(np.minimum(log_e, 700)), s_alpha) & big_enough
+    for i in np.flatnonzero(rejected):
+        name = f"{rows.keys[i][0]}={rows.keys[i][1]}"
+        flagged.setdefault(name, float(log_e[i]))
+    gate_hi = upper_bound(n, s, p_alpha) - shift_lo  # promote side, per slice, undivided
+    a_disp = s_alpha / len(n)  # display lower bound: Bonferroni over the slices shown
+    lo = lower_bound(n, s, a_disp) - shift_hi
+    out, blocking, needed = [], None, None
+    for i in np.lexsort((-(s / n), -np.where(np.isfinite(log_e), log_e, -1e9))):
+        k, v = rows.keys[i]
+        is_flagged = f"{k}={v}" in flagged
+        big = n[i] / total >= min_share
+        dec = "fail" if is_flagged else ("pass" if gate_hi[i] < margin * promote_factor else "inconclusive")
+        sj = SliceJudgement(attribute=k, value=v, metric=FLIP, estimate=float(s[i] / n[i] - noise_est),
+                            lower=float(lo[i]), upper=float(gate_hi[i]), samples=int(n[i]), decision=dec)
+        out.append(sj)
+        if dec == "inconclusive" and big:
+            more = requests_to_cross(int(n[i]), s[i] / n[i], margin * promote_factor + shift_lo, p_alpha,
+                                     side="upper")
+            share = n[i] / total
+            total_more = None if more is None else int(np.ceil(more / share))
+            if blocking is None or (total_more is not None and (needed is None or total_more > needed)):
+                blocking, needed = sj, total_more
+    out.sort(key=lambda j: (j.decision != "fail", j.decision != "inconclusive", -(j.estimate or 0.0)))
+    return SliceOutcome(out, flagged, blocking, needed)
