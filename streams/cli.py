@@ -26,6 +26,7 @@ def demo(
     requests: int = typer.Option(6000, min=100, help="mirrored requests to generate"),
 ) -> None:
     """Build real models, mirror held-out traffic, replay it into chDB and print the verdicts."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -34,27 +35,39 @@ def demo(
     console = Console()
     console.print(f"[bold]shadowlens demo[/]: {requests} mirrored digits requests, 3 candidates, chDB at {data_dir}")
     pipeline, figures = run_demo(data_dir, requests=requests)
-    table = Table(title="Verdicts (latest per candidate)")
-    for col in ("model", "candidate", "verdict", "samples", "label flip rate", "|Δ confidence|", "reason"):
-        table.add_column(col)
-    for v in pipeline.board.verdicts():
+    noise_refs = {c.name for c in pipeline.settings.candidates if c.noise_reference}
+    verdicts = pipeline.board.verdicts()
+    # Fits 80 columns: estimates against margins here (">" = confidently worse, "≤" = confidently
+    # within, "?" = not yet decided); intervals and the full reasons are printed below the table.
+    table = Table(title=f"Verdicts of model {', '.join(sorted({v.model for v in verdicts}))} (latest per candidate)",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    latency = any(m.name == "latency_p99_ratio" and m.estimate is not None for v in verdicts for m in v.metrics)
+    cols = ["candidate", "verdict", "n", "flip rate", "|Δ conf|", *(["p99 ratio"] if latency else []), "errors"]
+    for col in cols:
+        table.add_column(col, no_wrap=True)
+    for v in verdicts:
         metrics = {m.name: m for m in v.metrics}
-        flip = metrics.get("label_flip_rate")
-        conf = metrics.get("abs_confidence_delta")
-        table.add_row(
-            v.model, v.candidate, _colour(v.verdict), str(v.samples), _fmt(flip), _fmt(conf),
-            v.reasons[0] if v.reasons else "",
-        )  # fmt: skip
+        name = v.candidate + (" *" if v.candidate in noise_refs else "")
+        cells = [name, _colour(v.verdict), str(v.samples), _fmt(metrics.get("label_flip_rate")),
+                 _fmt(metrics.get("abs_confidence_delta"))]
+        if latency:
+            cells.append(_fmt(metrics.get("latency_p99_ratio"), 2))
+        table.add_row(*cells, _fmt(metrics.get("error_rate"), pct=True))
     console.print(table)
+    if noise_refs:
+        console.print("* noise reference: the baseline replayed; its diffs are the noise floor")
+    for v in verdicts:
+        console.print(f"[bold]{v.candidate}[/]: {v.reasons[0] if v.reasons else ''}")
     counts = pipeline.sink.diff_counts()
     console.print(f"{sum(counts.values())} diff rows, {figures['dead_letters']} dead letters, "
                   f"wall time {figures['wall_s']:.1f} s")  # fmt: skip
     dsn = pipeline.settings.clickhouse.dsn
-    console.print(
-        f"Data: {dsn} (database '{pipeline.settings.clickhouse.database}': request_diffs, window_stats, verdicts).\n"
-        f"Query it:  shadowlens query --dsn '{dsn}' \"SELECT candidate, avg(label_flip) FROM "
-        f"shadowlens.request_diffs FINAL GROUP BY candidate\""
-    )
+    console.print(f"Data: {dsn} (database '{pipeline.settings.clickhouse.database}': request_diffs, window_stats, "
+                  f"verdicts). Query it:")
+    # soft_wrap: the terminal wraps the command, rich inserts no newline, so it pastes whole
+    console.print(f"shadowlens query --dsn '{dsn}' \"SELECT candidate, avg(label_flip) FROM "
+                  f"shadowlens.request_diffs FINAL GROUP BY candidate\"", soft_wrap=True, highlight=False,
+                  markup=False)
     pipeline.sink.close()
 
 
@@ -71,12 +84,12 @@ def worker(
         typer.secho(f"--role: {role!r} is not a role; use replay, judge or all", fg="red", err=True)
         raise typer.Exit(2)
     from streams.api import AddressUnavailable
+    from streams.sink import SinkUnavailable
 
     try:
         run_worker(_settings(config), role=role, loglevel=loglevel)  # type: ignore[arg-type]
-    except AddressUnavailable as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
+    except (AddressUnavailable, SinkUnavailable) as exc:
+        _fail(exc)
 
 
 @app.command()
@@ -86,19 +99,17 @@ def api(config: Path = typer.Option(..., "--config", "-c", help="TOML config fil
     Its board is re-read every [api] refresh_s; run it where several judge processes write."""
     import uvicorn
 
-    from streams.api import bind, create_app
+    from streams.api import AddressUnavailable, bind, create_app
     from streams.board import BoardRefresher, VerdictBoard
-    from streams.sink import ClickHouseSink
-
-    from streams.api import AddressUnavailable
+    from streams.sink import ClickHouseSink, SinkUnavailable, chdb_path
 
     settings = _settings(config)
     try:
         sock = bind(settings.api.host, settings.api.port)
-    except AddressUnavailable as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
-    sink = ClickHouseSink(settings.clickhouse.dsn, settings.clickhouse.database)
+        dsn = settings.clickhouse.dsn
+        sink = ClickHouseSink(dsn, settings.clickhouse.database, create=chdb_path(dsn) is None)
+    except (AddressUnavailable, SinkUnavailable) as exc:
+        _fail(exc)
     board = VerdictBoard.from_settings(settings)
     refresher = BoardRefresher(board, sink, settings.api.refresh_s)
     refresher.start()
@@ -109,14 +120,29 @@ def api(config: Path = typer.Option(..., "--config", "-c", help="TOML config fil
 
 @app.command()
 def query(
-    sql: str = typer.Argument(..., help="SQL to run"),
+    sql: str = typer.Argument(..., help="SQL to run; end it with FORMAT <name> for any ClickHouse output format"),
     dsn: str = typer.Option("chdb:///./shadowlens-data/chdb", help="chdb:///path or http://host:8123"),
 ) -> None:
-    """Run a query against the shadowlens ClickHouse (chDB: only while no worker holds the path)."""
-    from streams.sink import ClickHouseSink
+    """Run a query against the shadowlens ClickHouse (chDB: only while no worker holds the path).
 
-    sink = ClickHouseSink(dsn)
-    for row in sink.query(sql):
+    Prints tab-separated rows with a header line, or, with a FORMAT clause, ClickHouse's own output."""
+    import re
+
+    from streams.sink import ClickHouseSink, SinkUnavailable
+
+    try:
+        sink = ClickHouseSink(dsn, create=False)
+    except SinkUnavailable as exc:
+        _fail(exc)
+    try:
+        if re.search(r"\bFORMAT\s+\w+\s*;?\s*$", sql, re.IGNORECASE):
+            typer.echo(sink.client.raw_query(sql).decode(errors="replace"), nl=False)
+            return
+        result = sink.client.query(sql)
+    except Exception as exc:  # noqa: BLE001 - the server's message, one line, is what helps
+        _fail(f"query failed: {_first_line(exc)}", code=1, cause=exc)
+    typer.echo("\t".join(result.column_names))
+    for row in result.result_rows:
         typer.echo("\t".join(str(v) for v in row))
 
 
@@ -129,6 +155,29 @@ def build_models(out_dir: Path = typer.Argument(Path("shadowlens-data/models")))
         typer.echo(f"{name}\t{path}")
 
 
+_DEBUG = {"on": False}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    # clickhouse-connect wraps the server's message: keep the part that names the problem
+    for line in text.splitlines():
+        if "DB::Exception" in line or "Code:" in line:
+            return line.strip()[:400]
+    return (text.splitlines() or [type(exc).__name__])[0][:400]
+
+
+def _fail(message: BaseException | str, code: int = 2, cause: BaseException | None = None) -> None:
+    """One line naming the cause and the fix; the traceback only with ``shadowlens --debug``."""
+    original = cause or (message if isinstance(message, BaseException) else None)
+    if _DEBUG["on"] and original is not None:
+        import traceback
+
+        traceback.print_exception(original)
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
 def _settings(path: Path):
     try:
         return load_settings(path)
@@ -137,12 +186,14 @@ def _settings(path: Path):
         raise typer.Exit(2) from exc
 
 
-def _fmt(metric) -> str:
+def _fmt(metric, digits: int = 3, pct: bool = False) -> str:
+    """'estimate mark margin': '>' confidently worse, '≤' confidently within, '?' undecided."""
     if metric is None or metric.estimate is None:
         return "-"
-    lo = "?" if metric.lower is None else f"{metric.lower:.3f}"
-    hi = "?" if metric.upper is None else f"{metric.upper:.3f}"
-    return f"{metric.estimate:.3f} [{lo}, {hi}] ≤ {metric.margin:g}"
+    mark = {"fail": ">", "pass": "≤"}.get(metric.decision, "?")
+    if pct:
+        return f"{metric.estimate:.1%} {mark} {metric.margin:.0%}"
+    return f"{metric.estimate:.{digits}f} {mark} {metric.margin:g}"
 
 
 def _colour(verdict: str) -> str:
@@ -160,8 +211,14 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+    debug: bool = typer.Option(False, "--debug", help="print tracebacks behind error lines"),
 ) -> None:
     """shadowlens: shadow-traffic diff and evaluation for ML models."""
+    _DEBUG["on"] = debug
+    import logging
+
+    # clickhouse-connect logs its own failures before raising them; ours say cause and fix once
+    logging.getLogger("clickhouse_connect").setLevel(logging.DEBUG if debug else logging.CRITICAL)
 
 
 def main() -> None:

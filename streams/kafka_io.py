@@ -36,15 +36,36 @@ class Health:
 
     waiting: dict[str, tuple[str, float]] = field(default_factory=dict)  # component -> (error, since)
     recovered_at: dict[str, float] = field(default_factory=dict)  # component -> when its last failure cleared
+    hints: dict[str, str] = field(default_factory=dict)  # component -> what an operator can do about it
+    reminded: dict[str, float] = field(default_factory=dict)
+    remind_every_s: float = 60.0
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Health:
+        k, ch = settings.kafka, settings.clickhouse
+        return cls(hints={
+            "kafka": f"is a broker running at {k.bootstrap}? start one (bash scripts/kafka.sh start) or set "
+                     f"[kafka] bootstrap / SHADOWLENS_KAFKA__BOOTSTRAP",
+            "clickhouse": f"is ClickHouse at {ch.dsn.split('@')[-1]} up and writable? check [clickhouse] dsn / "
+                          f"SHADOWLENS_CLICKHOUSE_DSN",
+        })  # fmt: skip
 
     def failing(self, component: str, error: BaseException | str) -> None:
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         text = (text.strip().splitlines() or [""])[0][:300]
+        now = time.time()
+        hint = self.hints.get(component)
         if component not in self.waiting:
-            log.warning("%s unavailable, retrying with backoff: %s", component, text)
-            self.waiting[component] = (text, time.time())
+            log.warning("%s unavailable (%s); waiting and retrying%s", component, text, f": {hint}" if hint else "")
+            self.waiting[component] = (text, now)
+            self.reminded[component] = now
         else:
-            self.waiting[component] = (text, self.waiting[component][1])
+            since = self.waiting[component][1]
+            self.waiting[component] = (text, since)
+            if now - self.reminded.get(component, since) >= self.remind_every_s:
+                self.reminded[component] = now
+                log.warning("%s still unavailable after %.0f s (%s)%s", component, now - since, text,
+                            f": {hint}" if hint else "")
 
     def recovered(self, component: str) -> None:
         if self.waiting.pop(component, None) is not None:

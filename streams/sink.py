@@ -40,14 +40,33 @@ WINDOW_COLUMNS = list(WindowStats.model_fields)
 VERDICT_COLUMNS = ["model", "candidate", "verdict", "samples", "window_start", "window_end", "updated_at", "body"]
 
 
+class SinkUnavailable(RuntimeError):
+    """The database cannot be opened for a reason an operator fixes; the message is one line
+    naming the cause and the fix."""
+
+
+class DataPathInUse(SinkUnavailable):
+    """Another live process holds the chDB data path: waiting will not help, stop and say so."""
+
+
 class ClickHouseSink:
-    def __init__(self, dsn: str, database: str = "shadowlens", retention_days: int = 30):
+    def __init__(self, dsn: str, database: str = "shadowlens", retention_days: int = 30, create: bool = True):
+        """``create=False``: read-only use (``shadowlens query``, ``api``): a chDB path that does not
+        exist is an error instead of a new empty database, and no DDL runs."""
         self.dsn = dsn = resolve_dsn(dsn)
         self.database = database
         self._lock = threading.Lock()
-        self.client = clickhouse_connect.get_client(dsn=dsn)
-        for statement in ddl_statements(database, retention_days):
-            self.client.command(statement)
+        path = chdb_path(dsn)
+        if path is not None and not create and not os.path.isdir(path):
+            raise SinkUnavailable(f"no shadowlens data at {path}: run where the worker (or demo) ran, or pass the "
+                                  f"full path, e.g. --dsn chdb:///abs/path/shadowlens-data/chdb")
+        try:
+            self.client = clickhouse_connect.get_client(dsn=dsn)
+        except Exception as exc:  # noqa: BLE001 - translated into one operator line, or re-raised
+            raise _explain_open_failure(dsn, path, exc) from exc
+        if create:
+            for statement in ddl_statements(database, retention_days):
+                self.client.command(statement)
 
     def close(self) -> None:
         with self._lock:
@@ -179,6 +198,54 @@ class ClickHouseSink:
 def _literal(text: str) -> str:
     """A ClickHouse string literal (backslash and quote escaped; str.replace runs in C)."""
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def chdb_path(dsn: str) -> str | None:
+    return dsn[len("chdb://"):] if dsn.startswith("chdb://") else None
+
+
+def _explain_open_failure(dsn: str, path: str | None, exc: BaseException) -> BaseException:
+    if path is not None:
+        holder = _chdb_holder(path)
+        if holder is not None:
+            return DataPathInUse(
+                f"the chDB data at {path} is in use by process {holder} (a worker?): chDB allows one process per "
+                f"data path. Stop that process, read the verdicts from its API instead, or use a ClickHouse "
+                f"server (an http:// DSN) so several processes can share the data")
+        return SinkUnavailable(f"cannot open chDB at {path}: {_first_line(exc)}; check that the folder is "
+                               f"writable and has free space")
+    text = _first_line(exc)
+    if any(k in text for k in ("Connection refused", "Failed to establish", "Max retries", "timed out",
+                               "Name or service not known", "nodename nor servname")):
+        return SinkUnavailable(f"cannot reach ClickHouse at {dsn.split('@')[-1]}: {text[:160]}; is the server "
+                               f"running (docker compose up clickhouse)? check [clickhouse] dsn or "
+                               f"SHADOWLENS_CLICKHOUSE_DSN")
+    if "Authentication" in text or "AUTHENTICATION_FAILED" in text or "password" in text.lower():
+        return SinkUnavailable(f"ClickHouse at {dsn.split('@')[-1]} refused the login: {text[:160]}; fix the user "
+                               f"and password in the DSN")
+    return exc
+
+
+def _chdb_holder(path: str) -> int | None:
+    """PID of a live process holding a chDB data path (ClickHouse writes it into ``status``)."""
+    try:
+        with open(os.path.join(path, "status")) as f:
+            pid = int(next(line for line in f if line.startswith("PID:")).split(":")[1])
+    except (OSError, StopIteration, ValueError):
+        return None
+    if pid == os.getpid():
+        return pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def resolve_dsn(dsn: str) -> str:

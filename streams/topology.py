@@ -31,7 +31,7 @@ Role = Literal["all", "replay", "judge"]
 
 
 async def run_worker_async(settings: Settings, role: Role = "all") -> None:
-    health = Health()
+    health = Health.for_settings(settings)
     sock = None
     if role in ("judge", "all") and settings.api.enabled:
         from streams.api import bind
@@ -49,12 +49,12 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
     api = None
     if role in ("judge", "all"):
         from streams.judge import JudgeCore
-        from streams.sink import ClickHouseSink
+        from streams.sink import ClickHouseSink, DataPathInUse
         from streams.stages import JudgeStage
 
         ch = settings.clickhouse
         sink = await until_done("clickhouse", health, lambda: asyncio.to_thread(
-            ClickHouseSink, ch.dsn, ch.database, ch.retention_days))  # fmt: skip
+            ClickHouseSink, ch.dsn, ch.database, ch.retention_days), give_up=(DataPathInUse,))  # fmt: skip
         core = JudgeCore(settings, sink)
         # The last verdicts survive a restart, with their true age (stale if the pause was long).
         await until_done("clickhouse", health, lambda: asyncio.to_thread(core.board.load, sink))
@@ -105,5 +105,7 @@ async def _watch_api(api, health: Health) -> None:
 def run_worker(settings: Settings, role: Role = "all", loglevel: str = "info") -> None:
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    logging.getLogger("aiokafka").setLevel(logging.ERROR)  # its retries are ours to report, once
+    # aiokafka logs every failed connection attempt at ERROR; the worker reports an outage itself,
+    # once, naming the cause and the fix (Health.failing), and /readyz says it while it lasts.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     asyncio.run(run_worker_async(settings, role))
