@@ -18,7 +18,10 @@ Scenarios (``SCENARIOS``), all at the default ``JudgePolicy`` unless said otherw
 * ``drift``         flip probability margin * (1 + 0.9 sin(2 pi t / cycle + random phase)): the day's
                     mean is the margin; ``min_span_s`` = one cycle;
 * ``bad_slice``     20 slice values of 5 % each; one at 3x the margin, the rest at margin / 4;
-* ``aa_slices``     20 fine slices (0.3 % flips), to show what the slice gate costs an A/A promote.
+* ``aa_slices``     20 fine slices (0.3 % flips), to show what the slice gate costs an A/A promote;
+* ``latency_2x``    an A/A candidate on flips, but 2x slower on heavy-tailed latencies (lognormal
+                    sigma 1, 1 % spikes x20), with a replayed baseline on the same hardware;
+* ``latency_aa``    the same tail, not slower.
 
 Run the full table with ``python bench/calibration.py``; the tests run a quick version.
 """
@@ -35,6 +38,7 @@ from scorers.accumulate import PairAccumulator
 from scorers.diffs import ClassificationDiffs
 from scorers.evidence import SeenFilter
 from scorers.judge import JudgeMemory, JudgePolicy, judge
+from scorers.latency import PairedLatency
 
 MARGIN = 0.02
 CYCLE_REQUESTS = 2_500  # one simulated "day" in the drift scenario (4 cycles in 10,000 requests)
@@ -50,6 +54,7 @@ class Traffic:
     input_key: np.ndarray  # uint64, != 0
     segment: np.ndarray | None = None  # slice value per request (str), or None
     noise_flip: np.ndarray | None = None  # the replayed baseline's flips on the same requests
+    latency: np.ndarray | None = None  # (3, n): production, replayed baseline, candidate (ms)
 
 
 def _iid(rng, n, p) -> Traffic:
@@ -86,6 +91,17 @@ def _aa(rng, n) -> Traffic:
     return tr
 
 
+def _latency(rng, n, slower: float) -> Traffic:
+    """Heavy tail: a request's own cost ~ lognormal(0, 1), x20 for 1 % of requests (cache misses,
+    long inputs); each run of it adds hardware noise lognormal(0, 0.1). Production ran elsewhere
+    (x1.3, noisier); the candidate is ``slower`` x the replayed baseline on the same machine."""
+    tr = _aa(rng, n)
+    cost = rng.lognormal(0.0, 1.0, n) * np.where(rng.random(n) < 0.01, 20.0, 1.0)
+    noise = rng.lognormal(0.0, 0.1, (3, n))
+    tr.latency = np.stack([1.3 * cost * rng.lognormal(0.0, 0.3, n), cost * noise[1], slower * cost * noise[2]])
+    return tr
+
+
 SCENARIOS: dict[str, tuple[Callable[[np.random.Generator, int], Traffic], dict]] = {
     "aa": (_aa, {}),
     "at_margin": (lambda rng, n: _iid(rng, n, MARGIN), {}),
@@ -95,6 +111,8 @@ SCENARIOS: dict[str, tuple[Callable[[np.random.Generator, int], Traffic], dict]]
     "drift": (lambda rng, n: _drift(rng, n, MARGIN), {"min_span_s": CYCLE_REQUESTS * MS_PER_REQUEST / 1000}),
     "bad_slice": (lambda rng, n: _slices(rng, n, 3 * MARGIN, MARGIN / 4), {}),
     "aa_slices": (lambda rng, n: _slices(rng, n, None, 0.003), {}),
+    "latency_2x": (lambda rng, n: _latency(rng, n, 2.0), {}),
+    "latency_aa": (lambda rng, n: _latency(rng, n, 1.0), {}),
 }
 
 
@@ -122,23 +140,27 @@ def run_once(traffic: Traffic, policy: JudgePolicy, *, window: int = 250, seed: 
     n = traffic.flip.size
     rng = np.random.default_rng(seed)
     cum, noise = PairAccumulator(), PairAccumulator() if traffic.noise_flip is not None else None
+    paired = PairedLatency() if traffic.latency is not None else None
     seen, noise_seen = SeenFilter(capacity=50_000, bits=1 << 20), SeenFilter(capacity=50_000, bits=1 << 20)
     memory, verdicts, flagged_at = JudgeMemory(), [], None
     for end in range(window, n + 1, window):
         sl = slice(end - window, end)
         keys = traffic.input_key[sl]
         sent = np.arange(end - window, end, dtype=np.int64) * MS_PER_REQUEST
-        lat = rng.lognormal(0.0, 0.2, (2, window))
+        lat = rng.lognormal(0.0, 0.2, (3, window))
+        if traffic.latency is not None:
+            lat = traffic.latency[:, sl]
+            paired.update(lat[1], lat[2])
         attrs = None if traffic.segment is None else [{"segment": v} for v in traffic.segment[sl]]
         ids = [str(i) for i in range(end - window, end)]
         cum.update(_diffs(traffic.flip[sl], traffic.abs_delta[sl]), baseline_latency_ms=lat[0],
-                   candidate_latency_ms=lat[1], request_ids=ids, attributes=attrs,
+                   candidate_latency_ms=lat[2], request_ids=ids, attributes=attrs,
                    evidence=seen.first_seen(keys), sent_ms=sent)
         if noise is not None:
             noise.update(_diffs(traffic.noise_flip[sl], traffic.abs_delta[sl] * 0), baseline_latency_ms=lat[0],
-                         candidate_latency_ms=lat[0], request_ids=ids, evidence=noise_seen.first_seen(keys),
+                         candidate_latency_ms=lat[1], request_ids=ids, evidence=noise_seen.first_seen(keys),
                          sent_ms=sent)
-        j = judge(cum, policy, noise=noise, memory=memory)
+        j = judge(cum, policy, noise=noise, memory=memory, paired_latency=paired)
         memory = j.memory
         verdicts.append(j.verdict)
         if flagged_at is None and j.failed_slices:
