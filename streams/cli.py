@@ -84,11 +84,12 @@ def worker(
         typer.secho(f"--role: {role!r} is not a role; use replay, judge or all", fg="red", err=True)
         raise typer.Exit(2)
     from streams.api import AddressUnavailable
+    from streams.metrics import MetricsAddressUnavailable
     from streams.sink import SinkUnavailable
 
     try:
         run_worker(_settings(config), role=role, loglevel=loglevel)  # type: ignore[arg-type]
-    except (AddressUnavailable, SinkUnavailable) as exc:
+    except (AddressUnavailable, SinkUnavailable, MetricsAddressUnavailable) as exc:
         _fail(exc)
 
 

@@ -123,6 +123,16 @@ class ApiConfig(_Section):
         return value
 
 
+class MetricsConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9464, ge=0, le=65535,
+                      description="Prometheus /metrics of this process (0: any free port, logged); one per process")
+    progress_s: float = Field(default=30.0, gt=0, description="a progress line in the log this often")
+    no_traffic_warn_s: float = Field(default=120.0, gt=0,
+                                     description="warn when nothing arrived on the mirror topic for this long")
+
+
 class CandidateConfig(_Section):
     name: str = Field(min_length=1, description="candidate id, e.g. 'digits-v2'")
     model: str = Field(min_length=1, description="the logical model (MirroredRequest.model) it shadows")
@@ -166,6 +176,7 @@ class Settings(_Section):
     windows: WindowConfig = Field(default_factory=WindowConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     candidates: list[CandidateConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -45,6 +45,7 @@ def write_worker_config(
     chdb: Path | None = None, windows: dict[str, Any] | None = None, partitions: int = 3,
     policy: dict[str, Any] | None = None, diffs_partitions: int = 2, kafka: dict[str, Any] | None = None,
     name: str = "worker.toml", api: dict[str, Any] | None = None, extra: dict[str, dict[str, Any]] | None = None,
+    metrics: dict[str, Any] | None = None,
 ) -> Path:  # fmt: skip
     """A TOML config replaying the digits v1 traffic against v2 candidates (name -> ONNX path).
 
@@ -77,7 +78,9 @@ timing = "{timing}"
 
 [api]
 port = {api_port}
-{"".join(f"{k} = {json.dumps(v)}{chr(10)}" for k, v in (api or {}).items())}"""
+{"".join(f"{k} = {json.dumps(v)}{chr(10)}" for k, v in (api or {}).items())}
+[metrics]
+{"".join(f"{k} = {json.dumps(v)}{chr(10)}" for k, v in {"port": 0, **(metrics or {})}.items())}"""
     for cand, path in candidates.items():
         more = {"model": "digits", **(extra or {}).get(cand, {})}
         text += f"""

@@ -70,6 +70,7 @@ class JudgeCore:
         # restarted judge forgets which inputs it has seen (documented: repeats across a restart
         # count once more), and 2 x 512 KiB per pair would not fit the changelog's state budget.
         self._seen: dict[str, SeenFilter] = {}
+        self.windows_closed = 0  # window rows written (metrics)
         # What the API serves: current as soon as a verdict is written, no database read.
         self.board = VerdictBoard.from_settings(settings)
         w = settings.windows
@@ -222,6 +223,7 @@ class JudgeCore:
             verdicts.append(self._verdict(pw, due[-1]))
         self.sink.insert_windows(windows)
         self.sink.insert_verdicts(verdicts)
+        self.windows_closed += len(windows)
         self.board.publish(verdicts)
         for key, pw, due in plan:  # written: now drop them from the state
             for start in due:

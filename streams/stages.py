@@ -48,6 +48,8 @@ class ReplayStage:
         self.replayed = 0
         self.dead_letters = 0
         self.reachable_since = 0.0  # restarted after a failed or stalled send (see _send)
+        self.metrics = None  # streams.metrics.WorkerMetrics, set by the topology
+        self.last_message_wall = 0.0
 
     async def run(self) -> None:
         k = self.settings.kafka
@@ -76,7 +78,11 @@ class ReplayStage:
 
     async def _hand_over(self, consumer, producer, messages: list[Inbound]) -> None:
         k = self.settings.kafka
+        started = time.perf_counter()
         out = self.core.replay(messages)
+        self.last_message_wall = time.time()
+        if self.metrics is not None:
+            self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
         records = [dict(topic=k.diffs_topic, key=b.key, value=b.encode(), headers=[(TYPE_HEADER, TYPE_DIFFS)])
                    for b in out.batches]  # fmt: skip
@@ -100,6 +106,8 @@ class ReplayStage:
             sent = max(out.max_sent_ms.get(tp.partition, 0), old.max_sent_ms if old else 0)
             highwater = consumer.highwater(tp)
             self.progress[tp.partition] = PartitionProgress(last + 1, -1 if highwater is None else highwater, sent, now)
+            if self.metrics is not None and highwater is not None:
+                self.metrics.lag.labels(str(tp.partition)).set(max(highwater - last - 1, 0))
         commit = {tp: OffsetAndMetadata(last + 1, "") for tp, last in offsets.items()}
         try:
             await until_done(KAFKA, self.health, lambda: consumer.commit(commit), give_up=_MOVED)
@@ -107,6 +115,10 @@ class ReplayStage:
             log.warning("mirror partitions moved before commit (%s): their new owner replays them", exc)
         self.replayed += out.requests
         self.dead_letters += len(out.dead_letters)
+        if self.metrics is not None:
+            self.metrics.replayed.inc(out.requests)
+            for letter in out.dead_letters:
+                self.metrics.dead_letters.labels(letter.error_type).inc()
 
     async def _report(self, consumer, producer, diffs_partitions: list[int], mirror_partitions: int) -> None:
         now = time.time()

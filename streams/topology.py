@@ -21,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from typing import Literal
 
 from streams.config import Settings
 from streams.kafka_io import Health, ensure_topics, until_done
+from streams.metrics import WorkerMetrics, health_collector, judge_collector
 
 log = logging.getLogger("shadowlens.worker")
 Role = Literal["all", "replay", "judge"]
@@ -37,14 +39,20 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
         from streams.api import bind
 
         sock = bind(settings.api.host, settings.api.port)  # before anything: a port in use is a startup error
+    metrics = WorkerMetrics()
+    metrics.add_collector(health_collector(health))
+    metrics_port = None
+    if settings.metrics.enabled:
+        metrics_port = metrics.serve(settings.metrics.host, settings.metrics.port)
     partitions = await until_done("kafka", health, lambda: ensure_topics(settings))
     tasks: list[asyncio.Task] = []
-    sink = None
+    sink = replay = judge = None
     if role in ("replay", "all"):
         from streams.replay import ReplayCore
         from streams.stages import ReplayStage
 
         replay = ReplayStage(settings, ReplayCore(settings), health, partitions)
+        replay.metrics = metrics
         tasks.append(asyncio.create_task(replay.run(), name="replay"))
     api = None
     if role in ("judge", "all"):
@@ -59,6 +67,7 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
         # The last verdicts survive a restart, with their true age (stale if the pause was long).
         await until_done("clickhouse", health, lambda: asyncio.to_thread(core.board.load, sink))
         judge = JudgeStage(settings, core, health)
+        metrics.add_collector(judge_collector(core.board, core, judge))
         tasks.append(asyncio.create_task(judge.run(), name="judge"))
         if sock is not None:
             from streams.api_process import ApiProcess
@@ -66,10 +75,9 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
             api = ApiProcess(settings, core.board, sink, sock)
             api.start()
             tasks.append(asyncio.create_task(_watch_api(api, health), name="api"))
-    log.info("worker started: role %s, mirror topic %s, diffs topic %s, %d candidate(s)%s", role,
-             settings.kafka.topic, settings.kafka.diffs_topic, len(settings.candidates),
-             f", API on {settings.api.host}:{settings.api.port}{' (token required)' if settings.api.tokens else ''}"
-             if api is not None else "")  # fmt: skip
+    _startup_summary(settings, role, api is not None, metrics_port)
+    tasks.append(asyncio.create_task(_progress(settings, metrics, replay if role != "judge" else None,
+                                               judge if role != "replay" else None), name="progress"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -90,6 +98,53 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
         if sink is not None:
             sink.close()
         log.info("worker stopped")
+
+
+def _startup_summary(settings: Settings, role: str, api: bool, metrics_port: int | None) -> None:
+    k, ch = settings.kafka, settings.clickhouse
+    log.info("worker started: role %s; Kafka %s, mirror topic %s, dead letters %s, diffs topic %s", role,
+             k.bootstrap, k.topic, k.dead_letter_topic, k.diffs_topic)  # fmt: skip
+    for c in settings.candidates:
+        log.info("  candidate %s/%s: %s (output %s vs baseline %s)%s", c.model, c.name, c.path, c.output,
+                 c.baseline_output, " [noise reference]" if c.noise_reference else "")  # fmt: skip
+    if role != "replay":
+        log.info("  database %s (database %r), windows of %g s", ch.dsn.split("@")[-1], ch.database,
+                 settings.windows.size_s)  # fmt: skip
+    if api:
+        log.info("  verdicts API on http://%s:%d%s", settings.api.host, settings.api.port,
+                 " (bearer token required)" if settings.api.tokens else "")  # fmt: skip
+    if metrics_port is not None:
+        log.info("  Prometheus metrics on http://%s:%d/metrics", settings.metrics.host, metrics_port)
+
+
+async def _progress(settings: Settings, metrics: WorkerMetrics, replay, judge) -> None:
+    """A progress line every [metrics] progress_s; a warning when the mirror topic stays silent."""
+    every, silent_warn = settings.metrics.progress_s, settings.metrics.no_traffic_warn_s
+    last_replayed, last_t, warned = 0, time.monotonic(), False
+    while True:
+        await asyncio.sleep(every)
+        now, parts = time.monotonic(), []
+        if replay is not None:
+            rate = (replay.replayed - last_replayed) / max(now - last_t, 1e-9)
+            last_replayed = replay.replayed
+            lag = {s.labels["partition"]: int(s.value) for fam in metrics.lag.collect() for s in fam.samples}
+            lag_text = ", ".join(f"p{p}={v}" for p, v in sorted(lag.items(), key=lambda kv: int(kv[0]))) or "-"
+            parts.append(f"replayed {replay.replayed} ({rate:.0f}/s), lag {lag_text}, "
+                         f"dead letters {replay.dead_letters}")
+            quiet = time.time() - (replay.last_message_wall or metrics.started_wall)
+            if quiet >= silent_warn and not warned:
+                warned = True
+                log.warning("nothing has arrived on mirror topic %r for %.0f s: are the producers publishing to it? "
+                            "(the mirror's topic setting / `mirror backfill --topic` must match [kafka] topic here)",
+                            settings.kafka.topic, quiet)  # fmt: skip
+            elif quiet < silent_warn:
+                warned = False
+        if judge is not None:
+            open_windows = sum(len(pw.open_windows) for pw in judge.core.pairs().values())
+            verdicts = ", ".join(f"{v.candidate}={v.verdict}" for v in judge.core.board.verdicts()) or "none yet"
+            parts.append(f"{judge.rows} diff rows written, {open_windows} open windows, verdicts {verdicts}")
+        last_t = now
+        log.info("progress: %s", "; ".join(parts))
 
 
 async def _watch_api(api, health: Health) -> None:
