@@ -147,6 +147,24 @@ def query(
         typer.echo("\t".join(str(v) for v in row))
 
 
+@app.command()
+def init(
+    models: list[Path] = typer.Argument(..., help="ONNX files of the candidates"),
+    model: str = typer.Option(..., "--model", help="the logical model name the producers send (MirroredRequest.model)"),
+    baseline_output: str = typer.Option(None, help="MirroredRequest.baseline_output entry (default: the output)"),
+    out: Path = typer.Option(Path("shadowlens.toml"), "--out", "-o", help="config file to write"),
+    force: bool = typer.Option(False, help="overwrite an existing file"),
+) -> None:
+    """Write a commented starter config for these models (validated by the worker's own checks)."""
+    from streams.init_config import write_starter
+
+    try:
+        path = write_starter(out, models, model, baseline_output, force)
+    except (FileExistsError, FileNotFoundError, ConfigError) as exc:
+        _fail(exc)
+    typer.echo(f"wrote {path}; start it with: shadowlens worker -c {path}")
+
+
 @app.command("build-models")
 def build_models(out_dir: Path = typer.Argument(Path("shadowlens-data/models"))) -> None:
     """Train and export the digits demo models to ONNX."""

@@ -200,16 +200,32 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | No
             raise ConfigError(f"{p}: no such config file") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p}: not valid TOML ({exc})") from exc
-        base = p.parent  # model paths in the file are relative to the file
+        base = p.parent  # paths in the file are relative to the file: models, and a relative chDB path
         for cand in data.get("candidates", []):
             if isinstance(cand, dict) and "path" in cand and not Path(cand["path"]).is_absolute():
                 cand["path"] = str(base / cand["path"])
-    _merge(data, _env_overrides())
+        ch = data.get("clickhouse")
+        if isinstance(ch, dict) and isinstance(ch.get("dsn"), str) and ch["dsn"].startswith("chdb:///."):
+            ch["dsn"] = "chdb://" + str((base / ch["dsn"][len("chdb:///"):]).resolve())
+    env = _env_overrides()
+    _merge(data, env)
     _merge(data, overrides or {})
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path or 'config'}: {describe_validation_error(exc)}") from exc
+        raise ConfigError(f"{_blame(exc, env, path)}: {describe_validation_error(exc)}") from exc
+
+
+def _blame(exc: ValidationError, env: dict[str, Any], path) -> str:
+    """Name where the bad value came from: an environment variable or the file."""
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ())]
+        if len(loc) >= 2 and isinstance(env.get(loc[0]), dict) and loc[1] in env[loc[0]]:
+            special = {("kafka", "bootstrap"): "KAFKA_BOOTSTRAP or SHADOWLENS_KAFKA__BOOTSTRAP",
+                       ("api", "tokens"): "SHADOWLENS_API_TOKENS", ("clickhouse", "dsn"): "SHADOWLENS_CLICKHOUSE_DSN"}
+            name = special.get((loc[0], loc[1]), f"SHADOWLENS_{loc[0].upper()}__{loc[1].upper()}")
+            return f"environment variable {name} (not {path or 'the config file'})"
+    return str(path or "config")
 
 
 def _env_overrides() -> dict[str, Any]:
