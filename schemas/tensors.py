@@ -70,10 +70,18 @@ class Tensor(BaseModel):
     def _pack_lists(cls, value: Any) -> Any:
         if isinstance(value, np.ndarray):
             return _array_fields(value)
+        if isinstance(value, dict) and "dtype" in value and value["dtype"] not in SUPPORTED_DTYPES:
+            # Reported before the data: a list with a bad dtype cannot be packed, and the data
+            # field's own "should be a valid string" would hide the real mistake.
+            raise ValueError(f"dtype: {_short(value['dtype'])} is not supported; use one of "
+                             f"{', '.join(SUPPORTED_DTYPES)} (numpy names: float32, not float)")
+        if isinstance(value, dict) and "data" in value and not isinstance(value["data"], (str, list, tuple, int, float)):
+            raise ValueError(f"data: a {type(value['data']).__name__} is not tensor data; send base64 of the "
+                             "little-endian bytes, or a (nested) list of numbers")
         if isinstance(value, dict) and isinstance(value.get("data"), (list, tuple, int, float)):
             dtype = value.get("dtype")
             if dtype not in SUPPORTED_DTYPES:
-                return value  # the field check below reports the bad dtype
+                return value  # the field check below reports the missing dtype
             try:
                 # 1e300 as float32 would silently become inf: refused like 300 as int8 is.
                 with np.errstate(over="raise", invalid="raise"):

@@ -142,3 +142,22 @@ def test_ddl_is_idempotent_on_chdb(tmp_path):
     assert tables == {"request_diffs", "window_stats", "verdicts"}
     with pytest.raises(ValueError, match="database"):
         ddl_statements("bad-name; DROP")
+
+
+@pytest.mark.parametrize("tensor,message", [
+    ({"dtype": "float", "shape": [1, 2], "data": [[1, 2]]}, "inputs.pixels.dtype: 'float' is not supported"),
+    ({"dtype": "float32", "shape": [1, 2], "data": {"x": 1}}, "inputs.pixels.data: a dict is not tensor data"),
+    ({"dtype": "int8", "shape": [1, 2], "data": [[1, 300]]}, "inputs.pixels.data: cannot read the list as int8"),
+])
+def test_dtype_mistakes_name_the_real_problem(tensor, message):
+    """Backfill files written by hand: each mistake gets its own message, not 'should be a valid string'."""
+    import json as _json
+
+    from schemas import decode_request
+
+    event = {"schema_version": 1, "request_id": "r1", "model": "digits", "baseline_version": "v1",
+             "sent_at": "2026-11-26T12:00:00Z", "inputs": {"pixels": tensor}, "baseline_latency_ms": 1.0,
+             "baseline_output": {"p": {"dtype": "float32", "shape": [1, 2], "data": [[0.5, 0.5]]}}}  # fmt: skip
+    rejected = decode_request(_json.dumps(event).encode())
+    assert rejected.reason.startswith(message), rejected.reason
+    assert "valid string" not in rejected.reason
