@@ -17,17 +17,43 @@ def load_compose() -> dict:
 
 def test_services_and_dependencies():
     services = load_compose()["services"]
-    assert set(services) == {"kafka", "clickhouse", "worker", "api"}
+    assert set(services) == {"kafka", "clickhouse", "models", "worker", "api"}
     for name in ("worker", "api"):
         deps = services[name]["depends_on"]
         assert deps["kafka"]["condition"] == deps["clickhouse"]["condition"] == "service_healthy"
-    assert all("healthcheck" in services[s] for s in ("kafka", "clickhouse", "api"))
+        # models are built once, before either reads them (they used to build into one volume at once)
+        assert deps["models"]["condition"] == "service_completed_successfully"
+        assert services[name]["restart"] == "unless-stopped"
+        assert services[name]["build"]["dockerfile"] == "scripts/compose/Dockerfile"
+    assert all("healthcheck" in services[s] for s in ("kafka", "clickhouse", "worker", "api"))
 
 
-def test_kafka_is_kraft_single_node():
-    env = load_compose()["services"]["kafka"]["environment"]
+def test_the_image_is_built_once_not_installed_at_every_start():
+    services = load_compose()["services"]
+    for name in ("models", "worker", "api"):
+        command = " ".join(services[name]["command"])
+        assert "pip install" not in command, name
+        assert all(":ro" not in v or "/app" not in v for v in services[name].get("volumes", []))
+    dockerfile = (ROOT / "scripts/compose/Dockerfile").read_text()
+    assert "RUN pip install --no-cache-dir ." in dockerfile
+    for package in ("schemas", "scorers", "streams", "mirror"):
+        assert f"COPY {package} {package}" in dockerfile
+    assert "COPY scripts/compose/shadowlens.toml /etc/shadowlens/shadowlens.toml" in dockerfile
+
+
+def test_kafka_is_kraft_single_node_reachable_from_host_and_containers():
+    kafka = load_compose()["services"]["kafka"]
+    env = kafka["environment"]
     assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
-    assert "kafka:9092" in env["KAFKA_ADVERTISED_LISTENERS"]
+    advertised = env["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    assert "PLAINTEXT://kafka:9092" in advertised
+    # Host producers use the SDK's and the worker's default bootstrap, 127.0.0.1:19092.
+    from mirror.config import MirrorConfig
+    from streams.config import KafkaConfig
+
+    assert f"EXTERNAL://{KafkaConfig().bootstrap}" in advertised
+    assert "19092:19092" in kafka["ports"]
+    assert MirrorConfig().bootstrap_servers in (KafkaConfig().bootstrap, "127.0.0.1:19092")
     assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == 1
 
 
@@ -37,10 +63,11 @@ def test_worker_and_api_are_wired_by_environment(tmp_path, monkeypatch):
         env = services[name]["environment"]
         assert env["KAFKA_BOOTSTRAP"] == "kafka:9092"
         assert env["SHADOWLENS_CLICKHOUSE_DSN"] == "http://clickhouse:8123"
-        assert "/app/scripts/compose/shadowlens.toml" in services[name]["command"]
+        assert "/etc/shadowlens/shadowlens.toml" in services[name]["command"]
     assert services["worker"]["environment"]["SHADOWLENS_API__ENABLED"] == "false"
+    assert services["worker"]["environment"]["SHADOWLENS_METRICS__HOST"] == "0.0.0.0"
     assert "8080:8080" in services["api"]["ports"]
-    # The config the containers read is valid once its model exists (built at container start).
+    # The config the containers read is valid once its model exists (built by the models service).
     from streams.models import build_digits_models
 
     models = build_digits_models(tmp_path)
