@@ -86,6 +86,8 @@ def test_notebook_runs_on_demo_data(demo_dsn, monkeypatch, capsys, with_pandas):
     ns = run_notebook(demo_dsn, monkeypatch)
     printed = capsys.readouterr().out
     assert (ns["pd"] is None) is (not with_pandas)
+    if ns["plt"] is None:  # says why there is no chart instead of leaving it out silently
+        assert "charts need matplotlib" in printed
 
     # 1. latest verdicts, metrics parsed from the JSON body
     verdicts = {v["candidate"]: v for v in ns["verdicts"]}
@@ -167,3 +169,18 @@ def test_relative_chdb_dsn_is_resolved_and_missing_data_is_an_error(tmp_path, mo
     monkeypatch.chdir(tmp_path / "notebooks")  # Jupyter starts in the notebook's folder
     assert ns["resolve_dsn"](ns["DSN"]) == f"chdb://{(tmp_path / 'shadowlens-data' / 'chdb').resolve()}"
     assert ns["resolve_dsn"]("http://localhost:8123") == "http://localhost:8123"
+
+
+def test_chart_lines_break_across_gaps_between_runs(monkeypatch):
+    """The notebook's with_gaps puts a NaN where windows are missing, so no line spans the gap."""
+    from datetime import timedelta
+
+    cell = next(c for c in load_notebook()["cells"] if "def with_gaps" in "".join(c["source"]))
+    src = "".join(cell["source"])
+    ns: dict = {}
+    exec(src[src.index("def with_gaps"):src.index("if plt is None")], ns)  # noqa: S102
+    t0 = datetime(2026, 11, 26, tzinfo=UTC)
+    xs = [t0 + timedelta(seconds=60 * i) for i in (0, 1, 2, 30, 31)]
+    gx, gy = ns["with_gaps"](xs, [1.0, 2.0, 3.0, 4.0, 5.0])
+    assert len(gx) == 6 and gy[:3] == [1.0, 2.0, 3.0] and gy[3] != gy[3] and gy[4:] == [4.0, 5.0]
+    assert ns["with_gaps"](xs[:3], [1.0, 2.0, 3.0]) == (xs[:3], [1.0, 2.0, 3.0])
