@@ -11,6 +11,7 @@ import asyncio
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ class BackfillSummary:
     skipped: int = 0
     failed: int = 0
     problems: list[str] = field(default_factory=list)  # "line N: field: problem", in file order
+    oldest: datetime | None = None  # sent_at range of the valid rows
+    newest: datetime | None = None
 
     def line(self) -> str:
         return f"sent {self.sent}, skipped {self.skipped}, failed {self.failed}"
@@ -159,6 +162,8 @@ async def backfill(
                 for text in errors:
                     problem(f"{where}: {text}")
                 continue
+            summary.oldest = min(summary.oldest or request.sent_at, request.sent_at)
+            summary.newest = max(summary.newest or request.sent_at, request.sent_at)
             if producer is None:
                 summary.sent += 1  # dry run: "would send"
                 continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import typer
@@ -41,7 +42,10 @@ def backfill_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="validate only; send nothing"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
 ) -> None:
-    """Send recorded requests into the mirror topic; report bad rows as 'line N: field: problem'."""
+    """Send recorded requests into the mirror topic; report bad rows as 'line N: field: problem'.
+
+    Exit status: 0 every row sent; 1 some rows skipped (invalid) or not delivered (each one listed);
+    2 nothing could be done (unreadable file, broker unreachable)."""
     # aiokafka logs an ERROR for the topic's auto-creation and per retry; this command reports
     # every row that failed itself, so its own lines would only repeat that.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
@@ -67,6 +71,12 @@ def backfill_command(
             raise typer.Exit(2) from None
     verb = "would send" if dry_run else "sent"
     typer.echo(f"{summary.line().replace('sent', verb, 1)} -> {topic}")
+    if summary.oldest is not None and summary.oldest < datetime.now(UTC) - timedelta(days=1):
+        # Old rows are not judged apart: they join the same pair's cumulative evidence as live traffic.
+        typer.echo(f"note: rows sent_at {summary.oldest:%Y-%m-%d %H:%M} .. {summary.newest:%Y-%m-%d %H:%M} UTC join the "
+                   f"evidence of model {model or 'as in each row'} together with live traffic (windows already "
+                   f"closed are not reopened); to judge them apart, use --model <name>-backfill and configure "
+                   f"candidates for it", err=True)
     raise typer.Exit(0 if summary.skipped == 0 and summary.failed == 0 else 1)
 
 

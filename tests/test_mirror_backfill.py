@@ -4,6 +4,7 @@ summary and exit codes (delivery into real Kafka is tested in test_mirror_kafka.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -93,3 +94,13 @@ def test_missing_file_is_a_usage_error(tmp_path):
 def test_compression_option(tmp_path, compression):
     src = write_jsonl(tmp_path / "rows.jsonl", [row("a1")])
     assert invoke(str(src), "--dry-run", "--compression", compression).exit_code == 0
+
+
+def test_old_rows_get_a_note_that_they_join_the_live_evidence(tmp_path):
+    src = write_jsonl(tmp_path / "rows.jsonl", [row("a1"), row("a2", sent_at="2024-05-03T08:30:00Z")])
+    result = invoke(str(src), "--dry-run")
+    assert result.exit_code == 0
+    assert "note: rows sent_at 2024-05-01 12:00 .. 2024-05-03 08:30 UTC join the evidence" in result.output
+    assert "--model <name>-backfill" in result.output
+    recent = write_jsonl(tmp_path / "new.jsonl", [row("b1", sent_at=datetime.now(UTC).isoformat())])
+    assert "note:" not in invoke(str(recent), "--dry-run").output
