@@ -20,13 +20,19 @@ Alpha split (``alpha`` = policy.alpha, default 0.05):
   discordant cells of McNemar's table) splits its level equally between them (union bound).
 * slices: e-BH at ``slice_alpha`` (default alpha/2) on the e-processes "slice flip rate above margin".
 
-The bounds are confidence sequences (scorers.sequential), valid simultaneously over all sample
-sizes, so judging the cumulative accumulator at every window close keeps these guarantees.
+The bounds are confidence sequences (scorers.sequential) for the *running average* of the
+per-request means (valid under drift), simultaneously over all sample sizes, so judging the
+cumulative accumulator at every window close keeps these guarantees. They are computed on the
+*independent evidence* (scorers.evidence: the first request of each input and sample key), so
+repeats and bursts do not count as independent observations; the request-weighted rate is reported.
 
 Verdict rules, in order: any critical metric fails -> rollback (always); data-quality problem
-(sample-ratio mismatch, missing latencies) -> hold; any gating metric fails -> rollback; failed slices
--> ``slice_failure_verdict`` (hold by default); every gating metric passes and min_samples is met ->
-promote; otherwise hold, with an estimate of the extra requests a decision needs.
+(sample-ratio mismatch, missing latencies, not comparable) -> hold; less than ``min_span_s`` of
+event time observed -> hold (no non-critical rollback or promote before a whole traffic cycle);
+any gating metric fails -> rollback; flagged slices -> ``slice_failure_verdict`` (hold by default);
+a promote given earlier -> it stands (``JudgeMemory``); every gating metric passes, min_samples is
+met and every slice over ``slice_min_share`` is under ``slice_promote_factor`` x margin (scorers.slices)
+-> promote; otherwise hold, naming the blocking metric and the extra requests it needs.
 """
 
 from __future__ import annotations

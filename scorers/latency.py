@@ -55,7 +55,7 @@ a factor <= g^2 (~2 %) at the margin. Nothing assumes b and c are dependent: on 
 stays valid (the discordant share is then ~ 2 (1 - q)); it simply gains less.
 
 Alpha split (``CS_SHARE``): a share of each side's level goes to the baseline-quantile CS, the rest to
-the sign test (tuned on the simulation below; see ``simulate_latency``).
+the sign test (tuned on the simulation in ``scorers.latency_simulate``).
 
 **Extra state**: ``PairedLatency`` (mergeable: ``update(baseline_ms, candidate_ms)``, ``merge``,
 ``to_dict`` / ``from_dict``) keeps the sparse joint histogram of (key(b_i), key(c_i)) cells; requests
@@ -63,14 +63,14 @@ with a missing latency on either side are counted in ``missing`` and skipped. Be
 cells, the cells whose both keys lie below a rising ``floor`` are dropped (the fast requests, far below
 p99); a threshold the remaining cells cannot evaluate counts as "not rejected", which is conservative.
 
-**Simulation model** (``simulate_latency``): request i has an intrinsic cost L_i ~ lognormal(0, 1),
+**Simulation model** (``scorers.latency_simulate``): request i has an intrinsic cost L_i ~ lognormal(0, 1),
 times 20 with probability 1 %; the replayed baseline's latency is b_i = L_i e_i and the candidate's
 c_i = k L'_i e'_i, hardware noise e, e' ~ lognormal(0, 0.1) independent; paired: L' = L (same
 requests), unpaired: L' an independent copy. k = 2 ("2x slower"), 1 (A/A), 1.5 (at the margin). Each
 run streams ``requests`` (10,000) requests and is judged every ``window`` (250) requests; sketch
 read-outs are emulated exactly (a sketch returns the bucket value of the order statistic).
 
-    python -c "from scorers.latency import latency_table; print(latency_table(runs=500))"
+    python -c "from scorers.latency_simulate import latency_table; print(latency_table(runs=500))"
 """
 
 from __future__ import annotations
@@ -355,147 +355,3 @@ def latency_requests_needed(m: MetricJudgement, q: float, alpha: float, relative
         return max(n_exist - n, 1)
     total = n * (half / room) ** 2
     return max(math.ceil(max(total, n_exist) - n), 1)
-
-
-# -- simulation -----------------------------------------------------------------------------------
-
-def simulate_latencies(rng: np.random.Generator, n: int, k: float, *, paired: bool = True,
-                       spike_p: float = 0.01, spike_x: float = 20.0, sigma: float = 1.0,
-                       noise: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """(b, c) for n requests under the module's simulation model."""
-    def cost():
-        return rng.lognormal(0.0, sigma, n) * np.where(rng.random(n) < spike_p, spike_x, 1.0)
-    lat = cost()
-    b = lat * rng.lognormal(0.0, noise, n)
-    c = k * (lat if paired else cost()) * rng.lognormal(0.0, noise, n)
-    return b, c
-
-
-def simulate_latency(k: float, *, paired: bool = True, method: str = "paired", runs: int = 500, seed: int = 0,
-                     requests: int = 10_000, window: int = 250, margin: float = 1.5, q: float = 0.99,
-                     alpha_rollback: float = 0.005, alpha_promote: float = 0.025, relative_accuracy: float = 0.005,
-                     cs_share: float = CS_SHARE, return_decisions: bool = False, **model) -> dict:
-    """Many runs judged every ``window`` requests; returns rates of the latency metric's decisions.
-
-    ``method``: "paired" (sign test, the ``PairedLatency`` construction) or "unpaired" (four
-    order-statistic bounds). ``paired``: whether the data are paired (same requests) or not.
-    Result keys: ever_fail, ever_pass (share of runs whose metric was "fail" / "pass" at any look),
-    median_fail_n / median_pass_n (requests at the first such look, among those runs); with
-    ``return_decisions`` also looks (L,) and fail / pass (runs, L) boolean arrays per look.
-    """
-    rng = np.random.default_rng(seed)
-    g = (1 + relative_accuracy) / (1 - relative_accuracy)
-    lg = math.log(g)
-    looks = np.arange(window, requests + 1, window)
-    nl = looks.size
-
-    def value(keys, lo, hi):  # the sketch's read-out of the order statistic with this key
-        return np.clip(2.0 * g ** keys.astype(np.float64) / (1.0 + g), lo, hi)
-
-    if method == "unpaired":
-        rc = np.array([order_statistic_ranks(int(n), q, alpha_rollback / 2, alpha_promote / 2) for n in looks])
-        rb = np.array([order_statistic_ranks(int(n), q, alpha_promote / 2, alpha_rollback / 2) for n in looks])
-    elif method == "paired":
-        span = int(math.ceil(_T_SPAN / lg))
-        t_r = math.floor(math.log(margin) / lg) + 2  # rejection at t_r <=> lower bound g^(t_r-1) > margin
-        t_p = math.ceil(math.log(margin) / lg) - 2  # rejection at t_p <=> upper bound g^(t_p+1) < margin
-        while g ** (t_r - 2) > margin:
-            t_r -= 1
-        while g ** (t_p + 2) < margin:
-            t_p += 1
-        assert t_r <= span and -span <= t_p
-        sides = {"rollback": (alpha_rollback, t_r, 0), "promote": (alpha_promote, t_p, 1)}
-        cs_ranks = {s: np.array([order_statistic_ranks(int(n), q, cs_share * a / 2, cs_share * a / 2) for n in looks])
-                    for s, (a, _, _) in sides.items()}
-    else:
-        raise ValueError(f"unknown method {method!r}")
-
-    fail = np.zeros((runs, nl), dtype=bool)
-    pas = np.zeros((runs, nl), dtype=bool)
-    for run in range(runs):
-        b, c = simulate_latencies(rng, requests, k, paired=paired, **model)
-        kb = np.ceil(np.log(np.maximum(b, ZERO_THRESHOLD_MS)) / lg).astype(np.int64)
-        kc = np.ceil(np.log(np.maximum(c, ZERO_THRESHOLD_MS)) / lg).astype(np.int64)
-        bmin, bmax = np.minimum.accumulate(b)[looks - 1], np.maximum.accumulate(b)[looks - 1]
-        if method == "unpaired":
-            cmin, cmax = np.minimum.accumulate(c)[looks - 1], np.maximum.accumulate(c)[looks - 1]
-            ra = relative_accuracy
-            for li, n in enumerate(looks):
-                (c_lo_r, c_hi_r), (b_lo_r, b_hi_r) = rc[li], rb[li]
-                kcs = np.partition(kc[:n], [r - 1 for r in (c_lo_r, c_hi_r) if 1 <= r <= n])
-                kbs = np.partition(kb[:n], [r - 1 for r in (b_lo_r, b_hi_r) if 1 <= r <= n])
-                c_lo = value(kcs[c_lo_r - 1], cmin[li], cmax[li]) / (1 + ra) if c_lo_r >= 1 else 0.0
-                c_hi = value(kcs[c_hi_r - 1], cmin[li], cmax[li]) / (1 - ra) if c_hi_r <= n else math.inf
-                b_lo = value(kbs[b_lo_r - 1], bmin[li], bmax[li]) / (1 + ra) if b_lo_r >= 1 else 0.0
-                b_hi = value(kbs[b_hi_r - 1], bmin[li], bmax[li]) / (1 - ra) if b_hi_r <= n else math.inf
-                lo = c_lo / b_hi if b_hi > 0 and math.isfinite(b_hi) else 0.0
-                hi = c_hi / b_lo if b_lo > 0 else math.inf
-                fail[run, li], pas[run, li] = lo > margin, hi < margin
-            continue
-        # paired: the baseline CS's key range per look and side, then cumulative U(a) / V(a) per look
-        # over just those keys (difference arrays), then one vectorised sign test per side.
-        ra = relative_accuracy
-        ranges = {}
-        for side, (alpha, t, shift) in sides.items():
-            rr = cs_ranks[side]
-            valid = (rr[:, 0] >= 1) & (rr[:, 1] <= looks)
-            a_rng = np.zeros((nl, 2), dtype=np.int64)
-            for li in np.flatnonzero(valid):
-                n, (r_lo, r_hi) = looks[li], rr[li]
-                kbs = np.partition(kb[:n], [r_lo - 1, r_hi - 1])
-                b_lo = value(kbs[r_lo - 1], bmin[li], bmax[li]) / (1 + ra)
-                b_hi = value(kbs[r_hi - 1], bmin[li], bmax[li]) / (1 - ra)
-                a_rng[li] = (_key(b_lo, lg, up=False) + shift, _key(b_hi, lg, up=True) + shift)
-            ranges[side] = (valid, a_rng)
-        win = np.minimum(np.arange(requests) // window, nl - 1)
-        for side, (alpha, t, shift) in sides.items():
-            valid, a_rng = ranges[side]
-            if not valid.any():
-                continue
-            w0, w1 = int(a_rng[valid, 0].min()), int(a_rng[valid, 1].max())
-            size = w1 - w0 + 1
-            uv = []
-            for lo, hi in ((kb + 1, kc - t), (kc - t + 1, kb)):  # U: a in [kb+1, kc-t]; V: a in [kc-t+1, kb]
-                lo, hi = np.maximum(lo, w0), np.minimum(hi, w1)
-                ok = lo <= hi
-                idx = np.concatenate([win[ok] * (size + 1) + (lo[ok] - w0), win[ok] * (size + 1) + (hi[ok] - w0 + 1)])
-                wts = np.concatenate([np.ones(int(ok.sum())), -np.ones(int(ok.sum()))])
-                d = np.bincount(idx, weights=wts, minlength=nl * (size + 1)).reshape(nl, size + 1)
-                uv.append(np.cumsum(np.cumsum(d, axis=0), axis=1)[:, :size])
-            pos, neg = uv if side == "rollback" else uv[::-1]
-            li_all, a_all = [], []
-            for li in np.flatnonzero(valid):
-                a = np.arange(a_rng[li, 0], a_rng[li, 1] + 1) - w0
-                li_all.append(np.full(a.size, li))
-                a_all.append(a)
-            li_all, a_all = np.concatenate(li_all), np.concatenate(a_all)
-            p, m_ = pos[li_all, a_all], neg[li_all, a_all]
-            ok = bernoulli_log_evalue_above(p + m_, p, 0.5) >= math.log(1.0 / ((1 - cs_share) * alpha))
-            all_ok = np.ones(nl, dtype=bool)
-            np.logical_and.at(all_ok, li_all, ok)
-            out = fail if side == "rollback" else pas
-            out[run] = valid & all_ok
-
-    def median_first(hit):
-        first = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
-        return int(np.median(looks[first[first >= 0]])) if (first >= 0).any() else None
-
-    out = {"k": k, "paired": paired, "method": method, "runs": runs, "seed": seed,
-           "ever_fail": float(fail.any(axis=1).mean()), "ever_pass": float(pas.any(axis=1).mean()),
-           "median_fail_n": median_first(fail), "median_pass_n": median_first(pas)}
-    if return_decisions:
-        out.update({"looks": looks, "fail": fail, "pass": pas})
-    return out
-
-
-def latency_table(runs: int = 500, seed: int = 0, ks=(2.0, 1.0, 1.5), **kw) -> str:
-    """The comparison table: each construction x paired / unpaired data x k."""
-    rows = ["method    data      k    runs  ever_fail  ever_pass  median_n_fail  median_n_pass"]
-    for method in ("unpaired", "paired"):
-        for paired in (True, False):
-            for k in ks:
-                r = simulate_latency(k, paired=paired, method=method, runs=runs, seed=seed, **kw)
-                rows.append(f"{method:9s} {'paired' if paired else 'unpaired':9s} {k:<4g} {runs:5d} "
-                            f"{r['ever_fail']:9.1%} {r['ever_pass']:10.1%} {str(r['median_fail_n']):>14s} "
-                            f"{str(r['median_pass_n']):>14s}")
-    return "\n".join(rows)

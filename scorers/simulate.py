@@ -1,4 +1,9 @@
-"""Calibration harness: many simulated shadow runs, judged at every window, fully vectorised.
+"""Calibration harness for i.i.d. traffic: many simulated runs, judged at every window, vectorised.
+
+The vectorised twin of ``judge()`` for independent requests without repeats, slices or drift
+(where every request is independent evidence), so very many runs are cheap; a test checks that it
+gives the same verdict as ``judge()`` at every look. Realistic traffic (repeats, drift, slices,
+heavy-tailed latency) runs through the real accumulator and judge in ``scorers.calibration``.
 
 Each run streams ``requests`` requests; after every ``window`` requests the cumulative statistics are
 judged with the same bounds and the same decision rule as ``scorers.judge`` (the judge's sufficient

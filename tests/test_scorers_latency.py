@@ -10,9 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from scorers.latency import (
-    PairedLatency, latency_ratio_metric, latency_requests_needed, simulate_latencies, simulate_latency,
-)
+from scorers.latency import PairedLatency, latency_ratio_metric, latency_requests_needed
+from scorers.latency_simulate import simulate_latencies, simulate_latency
 from scorers.sketch import LatencySketch
 
 A_R, A_P, MARGIN, Q = 0.005, 0.025, 1.5, 0.99
