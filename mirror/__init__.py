@@ -1,7 +1,7 @@
 """shadowlens mirror SDK: production services mirror requests, outputs and latency to Kafka.
 
     from mirror import MirrorClient
-    mirror = MirrorClient(bootstrap_servers="kafka:9092", sample_rates={"digits": 0.1})
+    mirror = MirrorClient(sample_rates={"digits": 0.1})   # bootstrap: KAFKA_BOOTSTRAP or 127.0.0.1:19092
     mirror.publish(request_id, "digits", "v3", {"x": x}, {"probs": probs}, latency_ms,
                    {"country": "de"}, sample_key=user_id)
 

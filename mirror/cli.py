@@ -1,6 +1,6 @@
 """``shadowlens mirror ...`` commands (mounted by the shadowlens CLI in streams/cli.py).
 
-    shadowlens mirror backfill requests.jsonl --bootstrap kafka:9092 [--topic T] [--model NAME]
+    shadowlens mirror backfill requests.jsonl [--bootstrap 127.0.0.1:19092] [--topic T] [--model NAME]
 
 Exit status: 0 all rows sent; 1 some rows skipped (invalid) or failed (not delivered);
 2 nothing could be done (unreadable file, broker unreachable).

@@ -83,7 +83,7 @@ class _MirrorClientBase:
 class AsyncMirrorClient(_MirrorClientBase):
     """Mirror client for asyncio services; the sender runs as a task on the caller's loop.
 
-        async with AsyncMirrorClient(bootstrap_servers="kafka:9092") as mirror:
+        async with AsyncMirrorClient() as mirror:  # bootstrap: KAFKA_BOOTSTRAP or 127.0.0.1:19092
             mirror.publish(request_id, "digits", "v3", {"x": x}, {"probs": p}, latency_ms)
 
     ``start()`` returns at once even when Kafka is down; the sender connects in the background.
@@ -131,7 +131,7 @@ class MirrorClient(_MirrorClientBase):
     """Mirror client for synchronous (threaded) services: the sender runs on an asyncio loop
     in a daemon thread; ``publish`` is safe from any thread.
 
-        mirror = MirrorClient(bootstrap_servers="kafka:9092", sample_rates={"digits": 0.1})
+        mirror = MirrorClient(sample_rates={"digits": 0.1})   # bootstrap: KAFKA_BOOTSTRAP or 127.0.0.1:19092
         mirror.publish(request_id, "digits", "v3", {"x": x}, {"probs": p}, latency_ms)
         mirror.close()   # also run at interpreter exit
 
