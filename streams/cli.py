@@ -37,27 +37,29 @@ def demo(
     pipeline, figures = run_demo(data_dir, requests=requests)
     noise_refs = {c.name for c in pipeline.settings.candidates if c.noise_reference}
     verdicts = pipeline.board.verdicts()
-    # Fits 80 columns: estimates against margins here (">" = confidently worse, "≤" = confidently
-    # within, "?" = not yet decided); intervals and the full reasons are printed below the table.
+    # Fits 80 columns: estimate, mark, margin (">" confidently worse, "≤" confidently within, "?" not
+    # yet decided); sample counts and the first reason are printed below the table.
     table = Table(title=f"Verdicts of model {', '.join(sorted({v.model for v in verdicts}))} (latest per candidate)",
                   box=box.SIMPLE_HEAD, pad_edge=False)
-    latency = any(m.name == "latency_p99_ratio" and m.estimate is not None for v in verdicts for m in v.metrics)
-    cols = ["candidate", "verdict", "n", "flip rate", "|Δ conf|", *(["p99 ratio"] if latency else []), "errors"]
+    lat_name = next((m.name for v in verdicts for m in v.metrics
+                     if m.name.startswith("latency_p") and m.name.endswith("_ratio")), None)
+    lat_header = lat_name.removeprefix("latency_").replace("_", " ") if lat_name else ""
+    cols = ["candidate", "verdict", "flip rate", "|Δ conf|", *([lat_header] if lat_name else []), "errors"]
     for col in cols:
         table.add_column(col, no_wrap=True)
     for v in verdicts:
         metrics = {m.name: m for m in v.metrics}
         name = v.candidate + (" *" if v.candidate in noise_refs else "")
-        cells = [name, _colour(v.verdict), str(v.samples), _fmt(metrics.get("label_flip_rate")),
+        cells = [name, _colour(v.verdict), _fmt(metrics.get("label_flip_rate")),
                  _fmt(metrics.get("abs_confidence_delta"))]
-        if latency:
-            cells.append(_fmt(metrics.get("latency_p99_ratio"), 2))
+        if lat_name:
+            cells.append(_fmt(metrics.get(lat_name), 2))
         table.add_row(*cells, _fmt(metrics.get("error_rate"), pct=True))
     console.print(table)
     if noise_refs:
         console.print("* noise reference: the baseline replayed; its diffs are the noise floor")
     for v in verdicts:
-        console.print(f"[bold]{v.candidate}[/]: {v.reasons[0] if v.reasons else ''}")
+        console.print(f"[bold]{v.candidate}[/] ({v.samples} requests): {v.reasons[0] if v.reasons else ''}")
     counts = pipeline.sink.diff_counts()
     console.print(f"{sum(counts.values())} diff rows, {figures['dead_letters']} dead letters, "
                   f"wall time {figures['wall_s']:.1f} s")  # fmt: skip
@@ -211,8 +213,8 @@ def _fmt(metric, digits: int = 3, pct: bool = False) -> str:
         return "-"
     mark = {"fail": ">", "pass": "≤"}.get(metric.decision, "?")
     if pct:
-        return f"{metric.estimate:.1%} {mark} {metric.margin:.0%}"
-    return f"{metric.estimate:.{digits}f} {mark} {metric.margin:g}"
+        return f"{metric.estimate:.1%}{mark}{metric.margin:.0%}"
+    return f"{metric.estimate:.{digits}f}{mark}{metric.margin:g}"
 
 
 def _colour(verdict: str) -> str:
