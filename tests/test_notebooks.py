@@ -83,11 +83,20 @@ def test_notebook_is_clean_nbformat4():
 def test_notebook_runs_on_demo_data(demo_dsn, monkeypatch, capsys, with_pandas):
     if not with_pandas:
         monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas -> ImportError: text tables
+        # ... and no matplotlib either: the note instead of a silently missing chart
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+        monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     ns = run_notebook(demo_dsn, monkeypatch)
     printed = capsys.readouterr().out
     assert (ns["pd"] is None) is (not with_pandas)
     if ns["plt"] is None:  # says why there is no chart instead of leaving it out silently
         assert "charts need matplotlib" in printed
+    else:  # the figure exists: flip rate and p99 panels with a line per candidate, p99 on a log scale
+        fig = ns["fig"]
+        ax_flip, ax_p99 = fig.axes[:2]
+        assert {line.get_label().split("/")[-1] for line in ax_flip.get_lines()} >= CANDIDATES
+        assert ax_p99.get_yscale() == "log" and len(ax_p99.get_lines()) >= len(CANDIDATES)
+        ns["plt"].close("all")
 
     # 1. latest verdicts, metrics parsed from the JSON body
     verdicts = {v["candidate"]: v for v in ns["verdicts"]}
