@@ -123,30 +123,47 @@ def api(config: Path = typer.Option(..., "--config", "-c", help="TOML config fil
 
 @app.command()
 def query(
-    sql: str = typer.Argument(..., help="SQL to run; end it with FORMAT <name> for any ClickHouse output format"),
+    sql: str = typer.Argument(..., help="SQL to run; or end it with FORMAT <name> for any ClickHouse output format"),
     dsn: str = typer.Option("chdb:///./shadowlens-data/chdb", help="chdb:///path or http://host:8123"),
+    fmt: str = typer.Option("tsv", "--format", "-f", help="tsv (with a header row), table, json (one object a "
+                                                          "line) or vertical"),
 ) -> None:
-    """Run a query against the shadowlens ClickHouse (chDB: only while no worker holds the path).
-
-    Prints tab-separated rows with a header line, or, with a FORMAT clause, ClickHouse's own output."""
+    """Run a query against the shadowlens ClickHouse (chDB: only while no worker holds the path)."""
+    import json
     import re
 
     from streams.sink import ClickHouseSink, SinkUnavailable
 
+    if fmt not in ("tsv", "table", "json", "vertical"):
+        _fail(f"--format: {fmt!r} is not a format; use tsv, table, json or vertical")
     try:
         sink = ClickHouseSink(dsn, create=False)
     except SinkUnavailable as exc:
         _fail(exc)
     try:
-        if re.search(r"\bFORMAT\s+\w+\s*;?\s*$", sql, re.IGNORECASE):
-            typer.echo(sink.client.raw_query(sql).decode(errors="replace"), nl=False)
+        if re.search(r"\bFORMAT\s+\w+\s*;?\s*$", sql, re.IGNORECASE) or fmt == "vertical":
+            text = sql if fmt != "vertical" else f"{sql.rstrip().rstrip(';')} FORMAT Vertical"
+            typer.echo(sink.client.raw_query(text).decode(errors="replace"), nl=False)
             return
         result = sink.client.query(sql)
     except Exception as exc:  # noqa: BLE001 - the server's message, one line, is what helps
         _fail(f"query failed: {_first_line(exc)}", code=1, cause=exc)
-    typer.echo("\t".join(result.column_names))
-    for row in result.result_rows:
-        typer.echo("\t".join(str(v) for v in row))
+    names, rows = list(result.column_names), result.result_rows
+    if fmt == "json":
+        for row in rows:
+            typer.echo(json.dumps(dict(zip(names, row, strict=True)), default=str))
+    elif fmt == "table":
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*names)
+        for row in rows:
+            table.add_row(*(str(v) for v in row))
+        Console().print(table)
+    else:
+        typer.echo("\t".join(names))
+        for row in rows:
+            typer.echo("\t".join(str(v) for v in row))
 
 
 @app.command()

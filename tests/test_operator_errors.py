@@ -123,3 +123,22 @@ def test_second_worker_on_one_chdb_folder_exits_with_one_line(kafka_bootstrap, t
     lines = error_lines(done)
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert f"in use by process {proc.pid}" in lines[0]
+
+
+@pytest.mark.parametrize("fmt,expected", [
+    ("tsv", ["one\tletter", "1\ta"]),
+    ("json", ['{"one": 1, "letter": "a"}']),
+])
+def test_query_formats(demo_data, fmt, expected):
+    done = run("query", "--dsn", f"chdb://{demo_data}", "--format", fmt, "SELECT 1 AS one, 'a' AS letter")
+    assert done.returncode == 0 and done.stdout.splitlines() == expected, done.stderr
+
+
+def test_query_vertical_and_table_and_a_bad_format(demo_data):
+    vertical = run("query", "--dsn", f"chdb://{demo_data}", "-f", "vertical", "SELECT 1 AS one")
+    assert vertical.returncode == 0 and "one: 1" in vertical.stdout
+    table = run("query", "--dsn", f"chdb://{demo_data}", "-f", "table", "SELECT 1 AS one")
+    assert table.returncode == 0 and "one" in table.stdout and "1" in table.stdout
+    bad = run("query", "--dsn", f"chdb://{demo_data}", "-f", "xml", "SELECT 1")
+    assert bad.returncode == 2 and error_lines(bad) == ["error: --format: 'xml' is not a format; use tsv, table, "
+                                                        "json or vertical"]
