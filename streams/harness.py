@@ -97,14 +97,15 @@ policy = {{ {policy_text} }}
 
 def produce(bootstrap: str, topic: str, messages: list[bytes | None], partition: Callable[[int], int] | None = None,
             max_request_size: int = 1 << 20) -> None:  # fmt: skip
-    """Send in order (key = index); ``partition(i)`` pins message i to a partition."""
+    """Send in order, keyed as the mirror SDK keys (the request_id; the index for messages that have
+    none, e.g. poison); ``partition(i)`` pins message i to a partition."""
 
     async def run() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, linger_ms=5,
                                     max_request_size=max_request_size)  # fmt: skip
         await producer.start()
         try:
-            futures = [await producer.send(topic, value=m, key=str(i).encode(),
+            futures = [await producer.send(topic, value=m, key=_sdk_key(i, m),
                                            partition=None if partition is None else partition(i))
                        for i, m in enumerate(messages)]  # fmt: skip
             await asyncio.gather(*futures)
@@ -112,6 +113,15 @@ def produce(bootstrap: str, topic: str, messages: list[bytes | None], partition:
             await producer.stop()
 
     asyncio.run(run())
+
+
+def _sdk_key(i: int, message: bytes | None) -> bytes:
+    if message and message[:1] == b"{" and len(message) < (1 << 20):
+        try:
+            return str(json.loads(message)["request_id"]).encode()
+        except Exception:  # noqa: BLE001 - not a request: keyed by position
+            pass
+    return str(i).encode()
 
 
 def create_topic(bootstrap: str, name: str, partitions: int, config: dict | None = None) -> None:
