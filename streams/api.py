@@ -25,7 +25,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from schemas import MAX_NAME_CHARS, Verdict, WindowSummary
 from streams.board import VerdictBoard
@@ -142,8 +142,32 @@ def create_app(
             raise HTTPException(status_code=503, detail="no database attached to this API")
         return sink.windows(model, candidate, limit=limit)
 
+    @v1.post("/query", response_model=QueryResult, tags=["query"],
+              responses={400: {"description": "ClickHouse refused the query; its message is the detail"}})
+    def run_query(body: QueryRequest) -> dict[str, Any]:
+        """A read-only SQL query (ClickHouse ``readonly``, at most 10,000 rows and 10 s), for analysts
+        while the worker holds a chDB data path (``shadowlens query`` falls back to it). In the thread
+        pool; behind the same bearer token as every /v1 path."""
+        if sink is None:
+            raise HTTPException(status_code=503, detail="no database attached to this API")
+        try:
+            return sink.readonly_query(body.sql)
+        except Exception as exc:  # noqa: BLE001 - the server's first line is the useful part
+            text = str(exc).strip()
+            line = next((x for x in text.splitlines() if "Code:" in x), text.splitlines()[0] if text else "")
+            raise HTTPException(status_code=400, detail=line[:500]) from None
+
     app.include_router(v1)
     return FastVerdicts(app, board, accepted)
+
+
+class QueryRequest(BaseModel):
+    sql: str = Field(min_length=1, max_length=100_000, description="one read-only ClickHouse statement")
+
+
+class QueryResult(BaseModel):
+    columns: list[str]
+    rows: list[list[Any]]
 
 
 class FastVerdicts:

@@ -72,17 +72,24 @@ class ApiProcess:
     def _answer_queries(self) -> None:
         while True:
             try:
-                request_id, model, candidate, limit = self._queries.recv()
+                request_id, kind, args = self._queries.recv()
             except (EOFError, OSError):
                 return
             try:
-                answer: Any = self.sink.windows(model, candidate, limit=limit)
-            except Exception as exc:  # noqa: BLE001 - the API answers 503 with it
-                answer = RuntimeError(f"clickhouse: {exc}")
+                if kind == "windows":
+                    answer: Any = self.sink.windows(*args[:2], limit=args[2])
+                else:  # "sql": an analyst's read-only query (the API checked the token)
+                    answer = self.sink.readonly_query(args[0])
+            except Exception as exc:  # noqa: BLE001 - the API answers with it
+                answer = QueryRefused(str(exc)) if kind == "sql" else RuntimeError(f"clickhouse: {exc}")
             try:
                 self._queries.send((request_id, answer))
             except (BrokenPipeError, OSError):
                 return
+
+
+class QueryRefused(ValueError):
+    """ClickHouse refused an analyst's query (bad SQL, not read-only, over a limit): a 400."""
 
 
 class _WorkerState:
@@ -102,9 +109,15 @@ class _WorkerState:
         return self.reasons_list
 
     def windows(self, model: str, candidate: str, limit: int) -> list[dict]:
-        with self._lock:  # one query at a time: windows are read by people, not polled by gates
+        return self._ask("windows", (model, candidate, limit))
+
+    def readonly_query(self, sql: str) -> dict:
+        return self._ask("sql", (sql,))
+
+    def _ask(self, kind: str, args: tuple) -> Any:
+        with self._lock:  # one query at a time: windows and SQL are read by people, not polled by gates
             request_id = next(self._ids)
-            self._queries.send((request_id, model, candidate, limit))
+            self._queries.send((request_id, kind, args))
             while True:
                 got_id, answer = self._queries.recv()
                 if got_id == request_id:

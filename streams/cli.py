@@ -127,17 +127,26 @@ def query(
     dsn: str = typer.Option("chdb:///./shadowlens-data/chdb", help="chdb:///path or http://host:8123"),
     fmt: str = typer.Option("tsv", "--format", "-f", help="tsv (with a header row), table, json (one object a "
                                                           "line) or vertical"),
+    token: str = typer.Option(None, envvar="SHADOWLENS_API_TOKEN", help="bearer token of the worker's API, "
+                                                                        "when the query goes through it"),
 ) -> None:
-    """Run a query against the shadowlens ClickHouse (chDB: only while no worker holds the path)."""
+    """Run a query against the shadowlens ClickHouse.
+
+    With chDB while a worker holds the data path, the query goes to that worker's API
+    (read-only, at most 10,000 rows and 10 s), found through ``<path>.api.json``."""
     import json
     import re
 
-    from streams.sink import ClickHouseSink, SinkUnavailable
+    from streams.sink import ClickHouseSink, DataPathInUse, SinkUnavailable
 
     if fmt not in ("tsv", "table", "json", "vertical"):
         _fail(f"--format: {fmt!r} is not a format; use tsv, table, json or vertical")
     try:
         sink = ClickHouseSink(dsn, create=False)
+    except DataPathInUse as exc:
+        names, rows = _query_through_worker(dsn, sql, token, exc)
+        _print_rows(names, rows, fmt, json)
+        return
     except SinkUnavailable as exc:
         _fail(exc)
     try:
@@ -148,8 +157,49 @@ def query(
         result = sink.client.query(sql)
     except Exception as exc:  # noqa: BLE001 - the server's message, one line, is what helps
         _fail(f"query failed: {_first_line(exc)}", code=1, cause=exc)
-    names, rows = list(result.column_names), result.result_rows
-    if fmt == "json":
+    _print_rows(list(result.column_names), result.result_rows, fmt, json)
+
+
+def _query_through_worker(dsn: str, sql: str, token: str | None, locked: BaseException):
+    import json
+    import os
+
+    import httpx
+
+    from streams.sink import chdb_path, resolve_dsn
+
+    sidecar = f"{chdb_path(resolve_dsn(dsn)).rstrip('/')}.api.json"
+    try:
+        with open(sidecar) as f:
+            url = json.load(f)["url"]
+    except (OSError, ValueError, KeyError):
+        _fail(f"{locked}; that process serves no API to query through (no {sidecar})")
+    token = token or (os.environ.get("SHADOWLENS_API_TOKENS", "").split(",")[0] or None)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.post(f"{url}/v1/query", json={"sql": sql}, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        _fail(f"the worker holding {chdb_path(resolve_dsn(dsn))} serves its API at {url}, but it did not answer "
+              f"({exc}); is it still starting?")
+    if response.status_code == 401:
+        _fail(f"the worker's API at {url} needs its token: pass --token or set SHADOWLENS_API_TOKEN")
+    if response.status_code != 200:
+        detail = response.json().get("detail", response.text) if "json" in response.headers.get(
+            "content-type", "") else response.text
+        _fail(f"query failed: {detail}", code=1)
+    body = response.json()
+    return body["columns"], body["rows"]
+
+
+def _print_rows(names: list[str], rows, fmt: str, json) -> None:
+    if fmt == "vertical":  # rows that came through the worker's API (a direct query asks ClickHouse)
+        width = max((len(n) for n in names), default=0)
+        for i, row in enumerate(rows, 1):
+            typer.echo(f"Row {i}:\n──────")
+            for name, value in zip(names, row, strict=True):
+                typer.echo(f"{name + ':':<{width + 1}} {value}")
+            typer.echo("")
+    elif fmt == "json":
         for row in rows:
             typer.echo(json.dumps(dict(zip(names, row, strict=True)), default=str))
     elif fmt == "table":

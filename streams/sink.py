@@ -12,8 +12,10 @@ converts the column on insert, exact to the millisecond).
 from __future__ import annotations
 
 
+import contextlib
 import json
 import os
+import tempfile
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -61,9 +63,14 @@ class ClickHouseSink:
             raise SinkUnavailable(f"no shadowlens data at {path}: run where the worker (or demo) ran, or pass the "
                                   f"full path, e.g. --dsn chdb:///abs/path/shadowlens-data/chdb")
         try:
-            self.client = clickhouse_connect.get_client(dsn=dsn)
+            with _native_stderr_held(path is not None) as held:
+                self.client = clickhouse_connect.get_client(dsn=dsn)
         except Exception as exc:  # noqa: BLE001 - translated into one operator line, or re-raised
-            raise _explain_open_failure(dsn, path, exc) from exc
+            explained = _explain_open_failure(dsn, path, exc)
+            if not isinstance(explained, DataPathInUse):
+                held.release()  # chDB's own lines may help; a held path is said in one line
+            raise explained from exc
+        held.release()
         if create:
             for statement in ddl_statements(database, retention_days):
                 self.client.command(statement)
@@ -125,6 +132,18 @@ class ClickHouseSink:
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:
         with self._lock:
             return self.client.query(sql, parameters=parameters or {}).result_rows
+
+    def readonly_query(self, sql: str, max_rows: int = 10_000, max_seconds: float = 10.0) -> dict[str, Any]:
+        """A query an analyst sends through the API while this process holds the data path:
+        ClickHouse ``readonly = 2`` (reads only; settings may change), bounded rows and time.
+        Returns {"columns": [...], "rows": [[...]]} with values made JSON-friendly."""
+        settings = {"readonly": 2, "max_result_rows": max_rows, "result_overflow_mode": "throw",
+                    "max_execution_time": max_seconds}
+        with self._lock:
+            result = self.client.query(sql, settings=settings)
+        rows = [[v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for v in row]
+                for row in result.result_rows]
+        return {"columns": list(result.column_names), "rows": rows}
 
     def latest_verdict(self, model: str, candidate: str) -> Verdict | None:
         rows = self.query(
@@ -198,6 +217,38 @@ class ClickHouseSink:
 def _literal(text: str) -> str:
     """A ClickHouse string literal (backslash and quote escaped; str.replace runs in C)."""
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class _Held:
+    def __init__(self, file=None):
+        self.file = file
+
+    def release(self) -> None:
+        """Write what chDB printed while opening to the real stderr (once)."""
+        if self.file is not None:
+            self.file.seek(0)
+            data = self.file.read()
+            self.file.close()
+            self.file = None
+            if data:
+                os.write(2, data)
+
+
+@contextlib.contextmanager
+def _native_stderr_held(active: bool):
+    """chDB prints its own error to file descriptor 2 when a data path is locked ("Code: 76 ...
+    Cannot lock file"), before the exception we turn into one line; hold it back meanwhile."""
+    if not active:
+        yield _Held()
+        return
+    saved = os.dup(2)
+    held = tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+    try:
+        yield _Held(held)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def chdb_path(dsn: str) -> str | None:

@@ -74,6 +74,7 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
 
             api = ApiProcess(settings, core.board, sink, sock)
             api.start()
+            _write_api_sidecar(settings)
             tasks.append(asyncio.create_task(_watch_api(api, health), name="api"))
     _startup_summary(settings, role, api is not None, metrics_port)
     tasks.append(asyncio.create_task(_progress(settings, metrics, replay if role != "judge" else None,
@@ -95,6 +96,7 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         if api is not None:
             api.stop()
+            _write_api_sidecar(settings, remove=True)
         if sink is not None:
             sink.close()
         log.info("worker stopped")
@@ -145,6 +147,29 @@ async def _progress(settings: Settings, metrics: WorkerMetrics, replay, judge) -
             parts.append(f"{judge.rows} diff rows written, {open_windows} open windows, verdicts {verdicts}")
         last_t = now
         log.info("progress: %s", "; ".join(parts))
+
+
+def _write_api_sidecar(settings: Settings, remove: bool = False) -> None:
+    """With chDB the worker alone can open the data path; ``<path>.api.json`` tells ``shadowlens
+    query`` where to send read-only queries instead (POST /v1/query)."""
+    import json
+    import os
+
+    from streams.sink import chdb_path, resolve_dsn
+
+    path = chdb_path(resolve_dsn(settings.clickhouse.dsn))
+    if path is None:
+        return
+    sidecar = f"{path.rstrip('/')}.api.json"
+    try:
+        if remove:
+            os.remove(sidecar)
+        else:
+            host = "127.0.0.1" if settings.api.host in ("0.0.0.0", "::") else settings.api.host
+            with open(sidecar, "w") as f:
+                json.dump({"url": f"http://{host}:{settings.api.port}", "pid": os.getpid()}, f)
+    except OSError:
+        pass  # a convenience: query then says to pass --api
 
 
 async def _watch_api(api, health: Health) -> None:

@@ -65,6 +65,14 @@ def test_progress_lines_metrics_and_a_silent_topic_warning(kafka_bootstrap, new_
         assert sum(metric(text, "shadowlens_consumer_lag", partition=str(p)) or 0 for p in (0, 1)) == 0
         worker.wait_for(lambda: re.search(r"progress: replayed 600 \(\d+/s\), lag p\d=0", worker.log_tail(20_000)),
                         30, "a progress line")
+        # Analysts query while the worker holds the chDB path: through its API, read-only.
+        cli = [sys.executable, "-m", "streams.cli", "query", "--dsn", f"chdb://{tmp_path / 'chdb'}"]
+        done = subprocess.run([*cli, "SELECT count() AS rows FROM shadowlens.request_diffs FINAL"],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0 and done.stdout.splitlines() == ["rows", "600"], done.stderr
+        refused = subprocess.run([*cli, "DROP TABLE shadowlens.verdicts"], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and refused.stderr.startswith("error: query failed:"), refused.stderr
+        assert "readonly" in refused.stderr and "Traceback" not in refused.stderr
         assert "verdicts digits-v2=" in worker.log_tail(20_000)
         # Every series the shipped dashboard plots exists in what the worker exports.
         dashboard = json.loads((ROOT / "deploy/grafana/shadowlens.json").read_text())
