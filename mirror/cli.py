@@ -75,7 +75,7 @@ def backfill_command(
         # Old rows are not judged apart: they join the same pair's cumulative evidence as live traffic.
         typer.echo(f"note: rows sent_at {summary.oldest:%Y-%m-%d %H:%M} .. {summary.newest:%Y-%m-%d %H:%M} UTC join the "
                    f"evidence of model {model or 'as in each row'} together with live traffic (windows already "
-                   f"closed are not reopened); to judge them apart, use --model <name>-backfill and configure "
+                   f"closed are not reopened; the worker judges again once they land); to judge them apart, use --model <name>-backfill and configure "
                    f"candidates for it", err=True)
     raise typer.Exit(0 if summary.skipped == 0 and summary.failed == 0 else 1)
 

@@ -178,6 +178,7 @@ class JudgeCore:
             if window is None:
                 pw.late_events += len(idx)
                 pw.cumulative.update(diffs, **kwargs)
+                pw.rejudge = True  # no window closes for them: the verdict is refreshed by itself
                 continue
             # One pass over the rows, then two merges (cost of the state's size, not the rows'):
             # exact, because accumulators merge exactly (scorers/accumulate.py).
@@ -221,14 +222,25 @@ class JudgeCore:
             for start in due:
                 windows.append(self._window_row(pw, start))
             verdicts.append(self._verdict(pw, due[-1]))
+        # Late events only (a backfill of old requests, all their windows closed): judge again on
+        # the cumulative evidence, without a window row, so the verdict does not wait for live traffic.
+        planned = {key for key, _, _ in plan}
+        rejudged = [(key, pw) for key, pw in self._pairs.items()
+                    if pw.rejudge and key not in planned and not pw.open_windows and pw.closed_upto_ms > 0]
+        for _key, pw in rejudged:
+            verdicts.append(self._verdict(pw, pw.closed_upto_ms - self.size_ms))
         self.sink.insert_windows(windows)
         self.sink.insert_verdicts(verdicts)
+        for _key, pw in rejudged:
+            pw.rejudge = False
+        for _key, pw, _due in plan:
+            pw.rejudge = False
         self.windows_closed += len(windows)
         self.board.publish(verdicts)
         for key, pw, due in plan:  # written: now drop them from the state
             for start in due:
                 pw.pop(start, self.size_ms)
-        return verdicts, {key for key, _, _ in plan}
+        return verdicts, planned | {key for key, _ in rejudged}
 
     def _over_budget(self, pw: PairWindows, due: list[int]) -> list[int]:
         """Add the oldest open windows to ``due`` while the pair's state is over its byte budget."""

@@ -49,6 +49,7 @@ class PairWindows:
     early_closes: int = 0  # windows closed before they were final (open-window cap, state budget)
     unscorable: dict[str, int] = field(default_factory=dict)  # not comparable, by dead-letter type
     judge_memory: dict = field(default_factory=dict)  # scorers.judge.JudgeMemory: standing promote, slice flags
+    rejudge: bool = False  # late events (e.g. a backfill) joined the evidence since the last verdict
     # (replayed baseline, candidate) latency of the same requests: the paired latency metric
     reference_latency: PairedLatency = field(default_factory=PairedLatency)
 
@@ -68,6 +69,7 @@ class PairWindows:
             "early_closes": self.early_closes,
             "unscorable": self.unscorable,
             "judge_memory": self.judge_memory,
+            "rejudge": self.rejudge,
             "reference_latency": self.reference_latency.to_dict(),
         }
 
@@ -88,6 +90,7 @@ class PairWindows:
             early_closes=int(data.get("early_closes", 0)),
             unscorable={str(k): int(v) for k, v in data.get("unscorable", {}).items()},
             judge_memory=dict(data.get("judge_memory", {})),
+            rejudge=bool(data.get("rejudge", False)),
             reference_latency=PairedLatency.from_dict(data["reference_latency"]) if "reference_latency" in data
             else PairedLatency(),
         )

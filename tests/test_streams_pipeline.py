@@ -344,3 +344,19 @@ def test_after_a_broker_outage_idle_closing_waits_for_the_producers_to_flush():
     assert view.drained(now + 31, fresh_s=5, settle_s=30)
     assert view.watermark_ms(now + 31, partition_idle_s=30) == 9_000  # quiet for long enough: released
     assert Progress.decode(Progress("r", 1, now, reachable_since=now).encode()).reachable_since == now
+
+
+def test_late_requests_refresh_the_verdict_without_live_traffic(pipeline, traffic, models, start):
+    """A backfill of requests whose windows are closed joins the cumulative evidence, and the
+    verdict is judged again at the next tick (no window row), not only when live traffic closes one."""
+    pipeline.process(traffic[750:])
+    first = {v.candidate: v for v in pipeline.close_due(force=True)}
+    assert first["digits-v2"].samples == 750
+    late = TrafficGenerator(models["baseline"], rate_per_s=50, seed=99).messages(300, start=start)  # before them
+    pipeline.process(late)
+    refreshed = {v.candidate: v for v in pipeline.close_due()}
+    assert refreshed["digits-v2"].samples == 1050 and refreshed["digits-v2-degraded"].samples == 1050
+    assert pipeline.close_due() == []  # once: nothing new since
+    windows = pipeline.sink.query("SELECT sum(requests) FROM shadowlens.window_stats FINAL "
+                                  "WHERE candidate = 'digits-v2'")[0][0]  # fmt: skip
+    assert windows == 750  # late requests are in the evidence, not in a window row
