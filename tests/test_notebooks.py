@@ -193,3 +193,40 @@ def test_chart_lines_break_across_gaps_between_runs(monkeypatch):
     gx, gy = ns["with_gaps"](xs, [1.0, 2.0, 3.0, 4.0, 5.0])
     assert len(gx) == 6 and gy[:3] == [1.0, 2.0, 3.0] and gy[3] != gy[3] and gy[4:] == [4.0, 5.0]
     assert ns["with_gaps"](xs[:3], [1.0, 2.0, 3.0]) == (xs[:3], [1.0, 2.0, 3.0])
+
+
+def test_notebook_queries_through_the_worker_api_when_the_chdb_path_is_held(demo_dsn, monkeypatch, capsys):
+    """With chDB the worker alone may open the data path; the notebook then reads through the worker's
+    API (POST /v1/query, found in <path>.api.json). A process holds the path and serves the real API."""
+    import subprocess
+
+    from streams.harness import free_port
+
+    path = demo_dsn[len("chdb://"):]
+    port = free_port()
+    code = (
+        "import json, uvicorn\n"
+        "from streams.api import bind, create_app\n"
+        "from streams.board import VerdictBoard\n"
+        "from streams.sink import ClickHouseSink\n"
+        f"sink = ClickHouseSink({demo_dsn!r}, create=False)\n"
+        f"sock = bind('127.0.0.1', {port})\n"
+        f"json.dump({{'url': 'http://127.0.0.1:{port}'}}, open({path + '.api.json'!r}, 'w'))\n"
+        "print('serving', flush=True)\n"
+        "uvicorn.Server(uvicorn.Config(create_app(VerdictBoard(set(), 3600.0), sink), log_level='warning'))"
+        ".run(sockets=[sock])\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "serving"
+        ns = run_notebook(demo_dsn, monkeypatch)
+    finally:
+        holder.kill()
+        holder.wait()
+        Path(path + ".api.json").unlink(missing_ok=True)
+    assert "querying through its API" in capsys.readouterr().out
+    assert type(ns["client"]).__name__ == "WorkerApiClient"
+    verdicts = {v["candidate"]: v for v in ns["verdicts"]}
+    assert set(verdicts) == CANDIDATES and verdicts["digits-v2-degraded"]["verdict"] == "rollback"
+    if ns.get("plt") is not None:
+        ns["plt"].close("all")
