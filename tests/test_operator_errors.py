@@ -144,3 +144,17 @@ def test_query_vertical_and_table_and_a_bad_format(demo_data):
     bad = run("query", "--dsn", f"chdb://{demo_data}", "-f", "xml", "SELECT 1")
     assert bad.returncode == 2 and error_lines(bad) == ["error: --format: 'xml' is not a format; use tsv, table, "
                                                         "json or vertical"]
+
+
+def test_standalone_api_on_a_held_chdb_path_is_one_line(demo_data, tmp_path):
+    models = build_digits_models(tmp_path / "models")
+    config = write_worker_config(tmp_path, "127.0.0.1:19092", {"digits-v2": models["good"]}, "t", free_port(),
+                                 chdb=demo_data)  # fmt: skip
+    proc = holder(demo_data)
+    try:
+        done = run("api", "--config", str(config))
+    finally:
+        proc.kill()
+        proc.wait()
+    lines = error_lines(done)
+    assert done.returncode == 2 and len(lines) == 1 and f"in use by process {proc.pid}" in lines[0], done.stderr
