@@ -278,7 +278,10 @@ class JudgeCore:
             ref = next((c for c in self.configs.values() if c.model == pw.model and c.noise_reference), None)
             if ref is not None and pair_key(pw.model, ref.name) in self._pairs:
                 noise = self._pair(pair_key(pw.model, ref.name)).cumulative
-            if ref is not None:  # configured: the construction never depends on the data
+                # Paired latency needs the replayed baseline's sketch too. Both pairs get rows from the
+                # same micro-batches, so this holds from the first verdict on, unless another judge
+                # process owns the reference pair: then latency is judged unpaired against production
+                # (and no noise floor is subtracted), as documented.
                 paired = pw.reference_latency
         j = judge(pw.cumulative, cfg.judge_policy(), noise=noise, expected_requests=pw.received,
                   unscorable=pw.unscorable, memory=JudgeMemory.from_dict(pw.judge_memory), paired_latency=paired)
