@@ -134,7 +134,6 @@ def query(
 
     With chDB while a worker holds the data path, the query goes to that worker's API
     (read-only, at most 10,000 rows and 10 s), found through ``<path>.api.json``."""
-    import json
     import re
 
     from streams.sink import ClickHouseSink, DataPathInUse, SinkUnavailable
@@ -145,7 +144,7 @@ def query(
         sink = ClickHouseSink(dsn, create=False)
     except DataPathInUse as exc:
         names, rows = _query_through_worker(dsn, sql, token, exc)
-        _print_rows(names, rows, fmt, json)
+        _print_rows(names, rows, fmt)
         return
     except SinkUnavailable as exc:
         _fail(exc)
@@ -157,7 +156,7 @@ def query(
         result = sink.client.query(sql)
     except Exception as exc:  # noqa: BLE001 - the server's message, one line, is what helps
         _fail(f"query failed: {_first_line(exc)}", code=1, cause=exc)
-    _print_rows(list(result.column_names), result.result_rows, fmt, json)
+    _print_rows(list(result.column_names), result.result_rows, fmt)
 
 
 def _query_through_worker(dsn: str, sql: str, token: str | None, locked: BaseException):
@@ -191,7 +190,9 @@ def _query_through_worker(dsn: str, sql: str, token: str | None, locked: BaseExc
     return body["columns"], body["rows"]
 
 
-def _print_rows(names: list[str], rows, fmt: str, json) -> None:
+def _print_rows(names: list[str], rows, fmt: str) -> None:
+    import json
+
     if fmt == "vertical":  # rows that came through the worker's API (a direct query asks ClickHouse)
         width = max((len(n) for n in names), default=0)
         for i, row in enumerate(rows, 1):

@@ -50,6 +50,16 @@ def holder(path: Path) -> subprocess.Popen:
     return proc
 
 
+def run_while_held(path: Path, *args: str) -> tuple[subprocess.CompletedProcess, int]:
+    """Run the CLI while another process holds the chDB path; (result, the holder's pid)."""
+    proc = holder(path)
+    try:
+        return run(*args), proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_query_prints_a_header_and_passes_format_through(demo_data):
     done = run("query", "--dsn", f"chdb://{demo_data}", "SELECT 1 AS one, 'a' AS letter")
     assert done.returncode == 0 and done.stdout.splitlines() == ["one\tletter", "1\ta"], done.stderr
@@ -66,15 +76,10 @@ def test_query_in_a_folder_without_data_does_not_create_one(tmp_path):
 
 
 def test_query_while_another_process_holds_the_chdb_path(demo_data):
-    proc = holder(demo_data)
-    try:
-        done = run("query", "--dsn", f"chdb://{demo_data}", "SELECT 1")
-    finally:
-        proc.kill()
-        proc.wait()
+    done, pid = run_while_held(demo_data, "query", "--dsn", f"chdb://{demo_data}", "SELECT 1")
     lines = error_lines(done)
     assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert f"in use by process {proc.pid}" in lines[0] and "http://" in lines[0]
+    assert f"in use by process {pid}" in lines[0] and "http://" in lines[0]
 
 
 def test_bad_sql_is_the_servers_message_in_one_line(demo_data):
@@ -116,15 +121,10 @@ def test_worker_without_kafka_says_so_once_and_keeps_waiting(tmp_path):
 def test_second_worker_on_one_chdb_folder_exits_with_one_line(kafka_bootstrap, tmp_path):
     models = build_digits_models(tmp_path / "models")
     config = write_worker_config(tmp_path, kafka_bootstrap, {"digits-v2": models["good"]}, "twice", free_port())
-    proc = holder(tmp_path / "chdb")
-    try:
-        done = run("worker", "--config", str(config))
-    finally:
-        proc.kill()
-        proc.wait()
+    done, pid = run_while_held(tmp_path / "chdb", "worker", "--config", str(config))
     lines = error_lines(done)
     assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert f"in use by process {proc.pid}" in lines[0]
+    assert f"in use by process {pid}" in lines[0]
 
 
 @pytest.mark.parametrize("fmt,expected", [
@@ -150,11 +150,6 @@ def test_standalone_api_on_a_held_chdb_path_is_one_line(demo_data, tmp_path):
     models = build_digits_models(tmp_path / "models")
     config = write_worker_config(tmp_path, "127.0.0.1:19092", {"digits-v2": models["good"]}, "t", free_port(),
                                  chdb=demo_data)  # fmt: skip
-    proc = holder(demo_data)
-    try:
-        done = run("api", "--config", str(config))
-    finally:
-        proc.kill()
-        proc.wait()
+    done, pid = run_while_held(demo_data, "api", "--config", str(config))
     lines = error_lines(done)
-    assert done.returncode == 2 and len(lines) == 1 and f"in use by process {proc.pid}" in lines[0], done.stderr
+    assert done.returncode == 2 and len(lines) == 1 and f"in use by process {pid}" in lines[0], done.stderr
