@@ -6,7 +6,7 @@ deploy/grafana/shadowlens.json is a dashboard of these series.
 
 Replay stage: ``shadowlens_replayed_requests_total``, ``shadowlens_dead_letters_total{reason}``,
 ``shadowlens_replay_batch_seconds`` (histogram), ``shadowlens_consumer_lag{partition}`` (mirror
-messages not yet replayed, per partition this process owns), ``shadowlens_last_message_age_seconds``.
+messages not yet replayed, per partition this process owns).
 Judge stage: ``shadowlens_diff_rows_written_total``, ``shadowlens_windows_closed_total``,
 ``shadowlens_verdict{model,candidate,verdict,state}`` (1 for the current verdict),
 ``shadowlens_verdict_age_seconds{model,candidate}``, ``shadowlens_open_windows``. Both:
@@ -39,7 +39,6 @@ class WorkerMetrics:
         self.batch_seconds = Histogram("shadowlens_replay_batch_seconds", "replay of one micro-batch (all candidates)",
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
         self.lag = Gauge("shadowlens_consumer_lag", "mirror messages not yet replayed", ["partition"], registry=r)
-        self.last_message_wall = 0.0  # wall time of the last mirror message read (0: none yet)
         self.started_wall = time.time()
         self._dynamic: list[Callable[[], Iterator]] = []
         outer = self
@@ -54,10 +53,6 @@ class WorkerMetrics:
     def add_collector(self, fn: Callable[[], Iterator]) -> None:
         """``fn`` yields metric families at scrape time (verdicts, health)."""
         self._dynamic.append(fn)
-
-    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
-        v = self.registry.get_sample_value(name, labels or {})
-        return 0.0 if v is None else v
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics server; returns the port (useful with 0). Raises MetricsAddressUnavailable."""
