@@ -38,6 +38,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import special
 
+from scorers.log_special import log_scaled_lower_beta, log_scaled_lower_gamma, log_scaled_upper_gamma
+
 _EPS = 1e-12
 _BISECT_STEPS = 60
 
@@ -48,22 +50,33 @@ def _prep(n, s):
     return n, s, n - s
 
 
+_UNDERFLOW = 1e-250  # a regularised tail below this has lost digits (denormal) or is 0: use log_special
+
+
+def _bernoulli_log_evalue(n, s, p0, above: bool):
+    n, s, f = _prep(n, s)
+    n, s, f, p0 = np.broadcast_arrays(n, s, f, np.clip(np.asarray(p0, dtype=np.float64), _EPS, 1 - _EPS))
+    tail = special.betaincc(s + 1, f + 1, p0) if above else special.betainc(s + 1, f + 1, p0)
+    with np.errstate(divide="ignore"):
+        out = (special.betaln(s + 1, f + 1) + np.log(tail) - s * np.log(p0) - f * np.log1p(-p0)
+               - (np.log1p(-p0) if above else np.log(p0)))
+    under = tail < _UNDERFLOW
+    if under.any():  # far tail: the scaled integral directly (B_x(a, b) = x^a (1-x)^b scaled)
+        s_u, f_u, p_u = s[under], f[under], p0[under]
+        out = np.array(out, dtype=np.float64)
+        out[under] = (np.log(p_u) + log_scaled_lower_beta(f_u + 1, s_u + 1, 1 - p_u) if above
+                      else np.log1p(-p_u) + log_scaled_lower_beta(s_u + 1, f_u + 1, p_u))
+    return out
+
+
 def bernoulli_log_evalue_below(n, s, p0):
     """Beta-binomial mixture, i.i.d. Bernoulli: evidence the mean is *below* p0. Vectorised."""
-    n, s, f = _prep(n, s)
-    p0 = np.clip(np.asarray(p0, dtype=np.float64), _EPS, 1 - _EPS)
-    with np.errstate(divide="ignore"):
-        mass = np.log(special.betainc(s + 1, f + 1, p0))
-    return special.betaln(s + 1, f + 1) + mass - s * np.log(p0) - f * np.log1p(-p0) - np.log(p0)
+    return _bernoulli_log_evalue(n, s, p0, above=False)
 
 
 def bernoulli_log_evalue_above(n, s, p0):
     """Beta-binomial mixture, i.i.d. Bernoulli: evidence the mean is *above* p0. Vectorised."""
-    n, s, f = _prep(n, s)
-    p0 = np.clip(np.asarray(p0, dtype=np.float64), _EPS, 1 - _EPS)
-    with np.errstate(divide="ignore"):
-        mass = np.log(special.betaincc(s + 1, f + 1, p0))
-    return special.betaln(s + 1, f + 1) + mass - s * np.log(p0) - f * np.log1p(-p0) - np.log1p(-p0)
+    return _bernoulli_log_evalue(n, s, p0, above=True)
 
 
 PRIOR_SHAPE = 2.0  # gamma prior on the rate ratio r: mean 1, sd 0.71 (tuned on the calibration table)
@@ -75,12 +88,19 @@ def _log_gamma_mixture(n, s, p0, above: bool):
     n, s, _ = _prep(n, s)
     p0 = np.clip(np.asarray(p0, dtype=np.float64), _EPS, 1.0)
     a = PRIOR_SHAPE
+    n, s, p0 = np.broadcast_arrays(n, s, p0)
     lam = n * p0
     x = lam + a
     tail = special.gammaincc(s + a, x) if above else special.gammainc(s + a, x)
+    const = a * np.log(a) - special.gammaln(a) - np.log(_Z_ABOVE if above else _Z_BELOW)
     with np.errstate(divide="ignore"):
-        return (lam + a * np.log(a) - special.gammaln(a) - np.log(_Z_ABOVE if above else _Z_BELOW)
-                + special.gammaln(s + a) - (s + a) * np.log(x) + np.log(tail))
+        out = lam + const + special.gammaln(s + a) - (s + a) * np.log(x) + np.log(tail)
+    under = tail < _UNDERFLOW
+    if under.any():  # far tail: Gamma(s+a) tail(s+a, x) = e^-x x^(s+a) scaled, so lam - x = -a remains
+        scaled = log_scaled_upper_gamma if above else log_scaled_lower_gamma
+        out = np.array(out, dtype=np.float64)
+        out[under] = const - a + scaled(s[under] + a, x[under])
+    return out
 
 
 def log_evalue_below(n, s, p0):
