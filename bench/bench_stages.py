@@ -31,6 +31,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from streams.demo import TrafficGenerator
 from streams.harness import WorkerProcess, create_topic, free_port, produce, write_worker_config
@@ -59,7 +60,10 @@ async def _progress(broker: str, topic: str, group: str) -> tuple[int, int]:
         (described,) = await admin.describe_topics([topic])
         tps = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
         end = sum((await consumer.end_offsets(tps)).values())
-        committed = await admin.list_consumer_group_offsets(group)
+        try:
+            committed = await admin.list_consumer_group_offsets(group)
+        except GroupCoordinatorNotAvailableError:  # a fresh broker creates __consumer_offsets on first use
+            return 0, end
         return sum(o.offset for tp, o in committed.items() if tp.topic == topic and o.offset > 0), end
     finally:
         await consumer.stop()
