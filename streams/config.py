@@ -45,6 +45,14 @@ class KafkaConfig(_Section):
     diffs_partitions: int = Field(default=4, ge=1, description="judge processes scale up to this many")
     judge_group_id: str = Field(default="", description="judge consumer group; empty: '<group_id>-judge'")
     progress_interval_s: float = Field(default=1.0, gt=0, description="how often replay reports its progress")
+    exactly_once: bool = Field(
+        default=True,
+        description="replay writes diffs and dead letters and commits its mirror offsets in one Kafka transaction; "
+        "read the dead-letter topic with isolation.level=read_committed",
+    )
+    transaction_timeout_s: float = Field(
+        default=10.0, ge=1, description="a replay process killed mid-batch holds its partitions' readers this long"
+    )
 
     @property
     def diffs_topic(self) -> str:

@@ -138,19 +138,33 @@ def create_topic(bootstrap: str, name: str, partitions: int, config: dict | None
     asyncio.run(run())
 
 
-def consume_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 30, keys: bool = False) -> list:
-    """Every value in the topic (``keys``: (key, value) pairs), waiting up to ``timeout_s`` for ``expect``."""
+def consume_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 30, keys: bool = False,
+                to_end: bool = False) -> list:
+    """Every committed value in the topic (``keys``: (key, value) pairs), waiting up to ``timeout_s``
+    for ``expect``; ``to_end``: then read on to the topic's current end, so extra copies show too."""
 
     async def run() -> list:
         consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                    group_id=f"check-{uuid.uuid4().hex[:6]}")  # fmt: skip
+                                    group_id=f"check-{uuid.uuid4().hex[:6]}", isolation_level="read_committed")  # fmt: skip
         await consumer.start()
-        out: list[bytes] = []
+        out: list = []
         try:
             deadline = time.monotonic() + timeout_s
-            while len(out) < expect and time.monotonic() < deadline:
+
+            async def drain_once() -> None:
                 batch = await consumer.getmany(timeout_ms=500)
                 out.extend((m.key, m.value) if keys else m.value for msgs in batch.values() for m in msgs)
+
+            while (len(out) < expect or (to_end and not consumer.assignment())) and time.monotonic() < deadline:
+                await drain_once()
+            if to_end:
+                tps = list(consumer.assignment())
+                end = await consumer.end_offsets(tps)  # read_committed: the last stable offset
+                while time.monotonic() < deadline:
+                    positions = [await consumer.position(tp) for tp in tps]
+                    if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
+                        break
+                    await drain_once()
         finally:
             await consumer.stop()
         return out

@@ -111,20 +111,26 @@ class Producer:
     may still have delivered are sent again: the judge drops such redeliveries.
     """
 
-    def __init__(self, settings: Settings, health: Health, component: str = "kafka"):
+    def __init__(self, settings: Settings, health: Health, component: str = "kafka", transactional_id: str | None = None):
         self.settings, self.health, self.component = settings, health, component
+        self.transactional_id = transactional_id  # set: every send_all is one transaction
         self._producer: AIOKafkaProducer | None = None
 
-    async def send_all(self, records: list[dict] | Callable[[], list[dict]]) -> None:
+    async def send_all(self, records: list[dict] | Callable[[], list[dict]], offsets: dict | None = None,
+                       group_id: str | None = None, give_up: tuple[type[BaseException], ...] = ()) -> None:  # fmt: skip
         """Send every record (``AIOKafkaProducer.send`` keyword arguments) and wait for all acks.
-        A callable is asked for the records at each attempt (records that say when they were made)."""
-        make = records if callable(records) else lambda: records
-        if make():
-            await until_done(self.component, self.health, lambda: self._attempt(make()))
+        A callable is asked for the records at each attempt (records that say when they were made).
 
-    async def _attempt(self, records: list[dict]) -> None:
+        Transactional: the records and the consumer ``offsets`` of ``group_id`` are committed
+        together or not at all; a failed attempt is aborted (or fenced by the fresh producer of
+        the same transactional id) and the whole transaction is tried again."""
+        make = records if callable(records) else lambda: records
+        if make() or offsets:
+            await until_done(self.component, self.health, lambda: self._attempt(make(), offsets, group_id), give_up)
+
+    async def _attempt(self, records: list[dict], offsets: dict | None = None, group_id: str | None = None) -> None:
         if self._producer is None:
-            candidate = producer(self.settings)
+            candidate = producer(self.settings, self.transactional_id)
             try:
                 await candidate.start()
             except BaseException:
@@ -132,8 +138,16 @@ class Producer:
                 raise
             self._producer = candidate
         try:
+            if self.transactional_id is None:
+                futures = [await self._producer.send(**r) for r in records]
+                await asyncio.gather(*futures)
+                return
+            await self._producer.begin_transaction()
             futures = [await self._producer.send(**r) for r in records]
             await asyncio.gather(*futures)
+            if offsets:
+                await self._producer.send_offsets_to_transaction(offsets, group_id)
+            await self._producer.commit_transaction()
         except BaseException:
             broken, self._producer = self._producer, None
             await _quietly_stop(broken)
@@ -152,10 +166,11 @@ async def _quietly_stop(p: AIOKafkaProducer, timeout_s: float = 3) -> None:
         pass
 
 
-def producer(settings: Settings) -> AIOKafkaProducer:
+def producer(settings: Settings, transactional_id: str | None = None) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka.bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
         compression_type="lz4", max_request_size=PRODUCER_MAX_REQUEST_BYTES, request_timeout_ms=15000,
+        transactional_id=transactional_id, transaction_timeout_ms=int(settings.kafka.transaction_timeout_s * 1000),
     )  # fmt: skip
 
 
@@ -164,6 +179,8 @@ def consumer(settings: Settings, topic: str, group_id: str, max_records: int, li
     c = AIOKafkaConsumer(
         bootstrap_servers=kafka.bootstrap, group_id=group_id, enable_auto_commit=False,
         auto_offset_reset="earliest", max_poll_records=max_records,
+        # Replay writes diffs in transactions: never act on the records of one that was aborted.
+        isolation_level="read_committed" if kafka.exactly_once else "read_uncommitted",
         session_timeout_ms=int(kafka.session_timeout_s * 1000), heartbeat_interval_ms=int(kafka.session_timeout_s * 100),
         # A stage waiting out a database or broker outage does not poll; it must not be taken for dead.
         max_poll_interval_ms=24 * 3600 * 1000, fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,

@@ -55,7 +55,10 @@ class ReplayStage:
         k = self.settings.kafka
         consumer = kafka_io.consumer(self.settings, k.topic, k.group_id, self.settings.replay.batch_size,
                                      listener=_ForgetProgress(self.progress))  # fmt: skip
-        producer = kafka_io.Producer(self.settings, self.health, KAFKA)
+        # Exactly once: one transaction per batch carries its diffs, its dead letters and its mirror
+        # offsets, so a process killed mid-batch leaves nothing a read_committed reader sees.
+        txn_id = f"{k.group_id}-{self.replica}" if k.exactly_once else None
+        producer = kafka_io.Producer(self.settings, self.health, KAFKA, transactional_id=txn_id)
         await until_done(KAFKA, self.health, consumer.start)
         diffs_partitions = list(range(self.partitions[k.diffs_topic]))
         mirror_partitions = self.partitions[k.topic]
@@ -89,30 +92,30 @@ class ReplayStage:
         for letter in out.dead_letters:
             key = f"{letter.topic}/{letter.partition}/{letter.offset}".encode()
             records.append(dict(topic=k.dead_letter_topic, key=key, value=letter.model_dump_json().encode()))
-        await self._send(producer, records)
+        commit = _next_offsets(messages)
+        if k.exactly_once:  # records and offsets in one transaction (committed for the group, not by the consumer)
+            await self._send(producer, records, offsets=commit, group_id=k.group_id)
+        else:
+            await self._send(producer, records)
         for letter in out.dead_letters:
             log.warning("dead letter (%s) %s/%d@%d: %s", letter.error_type, letter.topic, letter.partition,
                         letter.offset, letter.reason[:300])  # fmt: skip
-        offsets: dict[TopicPartition, int] = {}
-        for m in messages:
-            tp = TopicPartition(m.topic, m.partition)
-            offsets[tp] = max(offsets.get(tp, -1), m.offset)
         now = time.time()
         assigned = consumer.assignment()
-        for tp, last in offsets.items():
+        for tp, nxt in commit.items():
             if tp not in assigned:  # moved during the batch: its new owner reports it
                 continue
             old = self.progress.get(tp.partition)
             sent = max(out.max_sent_ms.get(tp.partition, 0), old.max_sent_ms if old else 0)
             highwater = consumer.highwater(tp)
-            self.progress[tp.partition] = PartitionProgress(last + 1, -1 if highwater is None else highwater, sent, now)
+            self.progress[tp.partition] = PartitionProgress(nxt.offset, -1 if highwater is None else highwater, sent, now)
             if self.metrics is not None and highwater is not None:
-                self.metrics.lag.labels(str(tp.partition)).set(max(highwater - last - 1, 0))
-        commit = {tp: OffsetAndMetadata(last + 1, "") for tp, last in offsets.items()}
-        try:
-            await until_done(KAFKA, self.health, lambda: consumer.commit(commit), give_up=_MOVED)
-        except _MOVED as exc:
-            log.warning("mirror partitions moved before commit (%s): their new owner replays them", exc)
+                self.metrics.lag.labels(str(tp.partition)).set(max(highwater - nxt.offset, 0))
+        if not k.exactly_once:
+            try:
+                await until_done(KAFKA, self.health, lambda: consumer.commit(commit), give_up=_MOVED)
+            except _MOVED as exc:
+                log.warning("mirror partitions moved before commit (%s): their new owner replays them", exc)
         self.replayed += out.requests
         self.dead_letters += len(out.dead_letters)
         if self.metrics is not None:
@@ -149,14 +152,23 @@ class ReplayStage:
 
         await self._send(producer, records)
 
-    async def _send(self, producer, records) -> None:
+    async def _send(self, producer, records, offsets: dict | None = None, group_id: str | None = None) -> None:
         """Send and wait for the acks; a send that failed or stalled (the broker was away: aiokafka
         may just wait for it) restarts the 'reachable since' clock the progress reports carry."""
         started = time.time()
-        await producer.send_all(records)
+        await producer.send_all(records, offsets=offsets, group_id=group_id)
         stalled = time.time() - started > self.settings.windows.progress_fresh_s
         if stalled or self.health.recovered_at.get(KAFKA, 0.0) >= started:
             self.reachable_since = time.time()
+
+
+def _next_offsets(messages: list[Inbound]) -> dict[TopicPartition, OffsetAndMetadata]:
+    """The offsets to commit once these messages are written: one past the last of each partition."""
+    last: dict[TopicPartition, int] = {}
+    for m in messages:
+        tp = TopicPartition(m.topic, m.partition)
+        last[tp] = max(last.get(tp, -1), m.offset)
+    return {tp: OffsetAndMetadata(off + 1, "") for tp, off in last.items()}
 
 
 class JudgeStage:
