@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = ("digits-v2", "digits-v2-degraded")
 MIRROR_PARTITIONS = 6
 TIMING = "per_request"  # --timing
+EXACTLY_ONCE = True  # --at-least-once turns the replay transactions off
 
 
 def bootstrap() -> str:
@@ -96,7 +97,7 @@ def config_for(work: Path, broker: str, models: dict, topic: str, name: str, chd
     return write_worker_config(
         work, broker, {c: models["good" if c == "digits-v2" else "degraded"] for c in CANDIDATES}, topic, free_port(),
         timing=TIMING, window_s=3600, idle_close_s=3600, partitions=MIRROR_PARTITIONS, diffs_partitions=4,
-        kafka=kafka, name=name, chdb=chdb or work / name.replace(".toml", "-chdb"),
+        kafka={"exactly_once": EXACTLY_ONCE, **kafka}, name=name, chdb=chdb or work / name.replace(".toml", "-chdb"),
     )  # fmt: skip
 
 
@@ -140,6 +141,29 @@ def bench_replay(broker, models, mirror, n, work, runs, processes) -> str:
     print(f"replay stage, {processes} process(es): median {statistics.median(rates):,.0f} requests/s "
           f"({n:,} requests x 2 candidates)")  # fmt: skip
     return diffs_topic
+
+
+def bench_transactions(broker, models, mirror, n, work, runs) -> None:
+    """One replay process with and without Kafka transactions, alternating, on the same topic."""
+    global EXACTLY_ONCE
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(runs):
+        for mode in (True, False):
+            EXACTLY_ONCE = mode
+            group = f"bench-txn-{uuid.uuid4().hex[:6]}"
+            config = config_for(work, broker, models, mirror, f"txn-{mode}-{i}.toml", group_id=group,
+                                diffs_topic=f"{mirror}.diffs-{group}")  # fmt: skip
+            proc = WorkerProcess(config, work / f"txn-{mode}-{i}.log", role="replay")
+            try:
+                rate, _ = drain_rate(broker, mirror, group, [proc], "replay")
+            finally:
+                proc.stop()
+            rates[mode].append(rate)
+            print(f"  replay x1 run {i + 1}, {'transactions' if mode else 'at least once'}: {rate:,.0f} requests/s")
+    on, off = statistics.median(rates[True]), statistics.median(rates[False])
+    print(f"replay stage, 1 process: median {on:,.0f} requests/s with transactions, {off:,.0f} without "
+          f"({on / off:.0%})")  # fmt: skip
+    EXACTLY_ONCE = True
 
 
 def prefill_rows(dsn_dir: Path, rows: int) -> None:
@@ -224,9 +248,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=["pipeline", "replay", "judge", "e2e"])
     parser.add_argument("--timing", default="per_request", choices=["per_request", "batched"],
                         help="candidate timing: one session.run per row (default) or per micro-batch")
+    parser.add_argument("--at-least-once", action="store_true",
+                        help="replay without Kafka transactions ([kafka] exactly_once = false), to measure their cost")
     args = parser.parse_args()
-    global TIMING
+    global TIMING, EXACTLY_ONCE
     TIMING = args.timing
+    EXACTLY_ONCE = not args.at_least_once
     broker = bootstrap()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         work = Path(tmp)
@@ -237,15 +264,19 @@ def main() -> None:
               f"broker {broker}; {os.cpu_count()} cores; timing {TIMING}")  # fmt: skip
         if "pipeline" in args.only:
             bench_pipeline(models, messages[:20_000], work, args.runs)
-        if {"replay", "judge"} & set(args.only):
+        if {"replay", "judge", "transactions"} & set(args.only):
             mirror = f"bench-mirror-{uuid.uuid4().hex[:8]}"
             create_topic(broker, mirror, MIRROR_PARTITIONS)
             produce(broker, mirror, messages)
             # Judge alone: one replay run makes its diffs topic.
             replay_runs = args.runs if "replay" in args.only else 1
-            diffs_topic = bench_replay(broker, models, mirror, args.requests, work, replay_runs, 1)
+            diffs_topic = ""
+            if {"replay", "judge"} & set(args.only):
+                diffs_topic = bench_replay(broker, models, mirror, args.requests, work, replay_runs, 1)
             if "replay" in args.only:
                 bench_replay(broker, models, mirror, args.requests, work, args.runs, 2)
+            if "transactions" in args.only:
+                bench_transactions(broker, models, mirror, args.requests, work, args.runs)
             if "judge" in args.only:
                 rows = args.requests * len(CANDIDATES)
                 bench_judge(broker, models, mirror, diffs_topic, rows, work, args.runs, 0)
