@@ -163,9 +163,10 @@ class ReplayCore:
                     parts.append(batch)
                     letters.extend(more)
         batch = _concat(cand.config, scored_ms, [p for p in parts if len(p)])
-        sent = {(msg.partition, msg.offset): _ms(ev) for group, _, _ in groups for ev, msg in group}
-        for letter in letters:
-            if letter.error_type in UNSCORABLE:
+        unscorable = [letter for letter in letters if letter.error_type in UNSCORABLE]
+        if unscorable:  # their sent times, so that their windows still close
+            sent = {(msg.partition, msg.offset): _ms(ev) for group, _, _ in groups for ev, msg in group}
+            for letter in unscorable:
                 batch.unscorable[letter.error_type] = batch.unscorable.get(letter.error_type, 0) + 1
                 batch.unscorable_ms.append(sent.get((letter.partition, letter.offset), 0))
         self._warn(cand, letters)
