@@ -117,7 +117,7 @@ class Producer:
         self._producer: AIOKafkaProducer | None = None
 
     async def send_all(self, records: list[dict] | Callable[[], list[dict]], offsets: dict | None = None,
-                       group_id: str | None = None, give_up: tuple[type[BaseException], ...] = ()) -> None:  # fmt: skip
+                       group_id: str | None = None) -> None:  # fmt: skip
         """Send every record (``AIOKafkaProducer.send`` keyword arguments) and wait for all acks.
         A callable is asked for the records at each attempt (records that say when they were made).
 
@@ -126,7 +126,7 @@ class Producer:
         the same transactional id) and the whole transaction is tried again."""
         make = records if callable(records) else lambda: records
         if make() or offsets:
-            await until_done(self.component, self.health, lambda: self._attempt(make(), offsets, group_id), give_up)
+            await until_done(self.component, self.health, lambda: self._attempt(make(), offsets, group_id))
 
     async def _attempt(self, records: list[dict], offsets: dict | None = None, group_id: str | None = None) -> None:
         if self._producer is None:

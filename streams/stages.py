@@ -93,10 +93,8 @@ class ReplayStage:
             key = f"{letter.topic}/{letter.partition}/{letter.offset}".encode()
             records.append(dict(topic=k.dead_letter_topic, key=key, value=letter.model_dump_json().encode()))
         commit = _next_offsets(messages)
-        if k.exactly_once:  # records and offsets in one transaction (committed for the group, not by the consumer)
-            await self._send(producer, records, offsets=commit, group_id=k.group_id)
-        else:
-            await self._send(producer, records)
+        # Exactly once: the offsets go in the records' transaction (for the group, not by the consumer).
+        await self._send(producer, records, offsets=commit if k.exactly_once else None, group_id=k.group_id)
         for letter in out.dead_letters:
             log.warning("dead letter (%s) %s/%d@%d: %s", letter.error_type, letter.topic, letter.partition,
                         letter.offset, letter.reason[:300])  # fmt: skip
