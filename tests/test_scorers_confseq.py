@@ -32,6 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mpmath as mp
 import numpy as np
 import pytest
 
@@ -167,7 +168,6 @@ def _mp_bernoulli_mixture(n, s, p0, above: bool) -> float:
     return float(mp.log(1 - p) + mp.log(mp.hyp2f1(n + 2, 1, s + 2, p) / (s + 1)))
 
 
-mp = pytest.importorskip("mpmath")
 mp.mp.dps = 40
 FAR_TAILS = [  # (n, S, p0): sample mean far on the other side of p0, regularised tail < 1e-300
     (20_000, 1_200, 0.02), (50_000, 300, 0.05), (8_000, 0, 0.2), (100_000, 4_000, 0.0166),
