@@ -35,6 +35,7 @@ from scorers.evidence import SeenFilter
 from scorers.judge import JudgeMemory, judge
 from streams.board import VerdictBoard
 from streams.config import CandidateConfig, Settings
+from streams.recent_ids import RecentIds, id_hashes
 from streams.records import DiffBatch
 from streams.sink import ClickHouseSink
 from streams.windows import PairWindows, SourceView, ms_to_datetime, pair_key
@@ -70,6 +71,11 @@ class JudgeCore:
         # restarted judge forgets which inputs it has seen (documented: repeats across a restart
         # count once more), and 2 x 512 KiB per pair would not fit the changelog's state budget.
         self._seen: dict[str, SeenFilter] = {}
+        # Which request ids each pair has stored lately (streams/recent_ids.py): the producer-retry
+        # lookup asks ClickHouse only about the ids these cannot clear. Rebuilt from ClickHouse when
+        # a pair is (re)acquired or its state restored.
+        self._recent: dict[str, RecentIds] = {}
+        self.lookups = 0  # request ids looked up in ClickHouse (metrics, tests)
         self.windows_closed = 0  # window rows written (metrics)
         # What the API serves: current as soon as a verdict is written, no database read.
         self.board = VerdictBoard.from_settings(settings)
@@ -104,11 +110,13 @@ class JudgeCore:
             kept.append((pw, batch if not skipped else batch.take(np.flatnonzero(keep)), batch.routed - skipped))
             unscorable.append((pw, batch))
         fresh = self._drop_producer_retries(kept)
-        self.sink.insert_diff_batches([rows for _, rows, _, _ in fresh if len(rows)])
+        self.sink.insert_diff_batches([rows for _, rows, _, _, _ in fresh if len(rows)])
         # Written: now (and only now) count them.
         now = time.time()
-        for pw, rows, routed, dups in fresh:
+        for pw, rows, routed, dups, hashes in fresh:
             key = pair_key(pw.model, pw.candidate)
+            if len(rows):
+                self._recent[key].add(hashes, rows.columns["sent_ms"])
             self._count(pw, rows, dups)
             # Requests routed to the candidate that are new to it, dead-lettered ones included.
             pw.received += max(0, routed - len(dups))
@@ -117,7 +125,7 @@ class JudgeCore:
             result.rows += len(rows)
             result.duplicates += len(dups)
             result.touched.add(key)
-        self.board.mark_scoring((pw.model, pw.candidate) for pw, _, _, _ in fresh)
+        self.board.mark_scoring((pw.model, pw.candidate) for pw, _, _, _, _ in fresh)
         for pw, batch in unscorable:  # counted per batch (a batch partly redelivered counts again: rare)
             for kind, n in batch.unscorable.items():
                 pw.unscorable[kind] = pw.unscorable.get(kind, 0) + n
@@ -129,14 +137,27 @@ class JudgeCore:
 
     def _drop_producer_retries(self, kept):
         """Rows whose request id was already scored from a *different* message are duplicates
-        (a producer retry, a replayed backfill): one lookup for the whole call, within the horizon."""
-        ids = [rid for _, rows, _ in kept for rid in rows.request_id]
+        (a producer retry, a replayed backfill). ClickHouse is asked, in one lookup within the
+        horizon, only about the ids the pair's ``RecentIds`` cannot clear (streams/recent_ids.py)."""
+        asked: list[str] = []
+        hashes = {}
+        for pw, rows, _ in kept:
+            if not len(rows):
+                continue
+            key, sent = pair_key(pw.model, pw.candidate), rows.columns["sent_ms"]
+            recent = self._recent.get(key)
+            if recent is None:
+                recent = self._recent[key] = self._load_recent(pw, int(sent.min()) - self.horizon_ms)
+            hashes[id(rows)] = h = id_hashes(rows.request_id)
+            ask = ~recent.covers(sent) | recent.maybe_seen(h)
+            asked.extend(rows.request_id[i] for i in np.flatnonzero(ask).tolist())
         prior: dict = {}
-        if ids:
+        if asked:
             sent = np.concatenate([rows.columns["sent_ms"] for _, rows, _ in kept if len(rows)])
             pairs = sorted({(pw.model, pw.candidate) for pw, _, _ in kept})
-            prior = self.sink.scored_positions(pairs, ids, since_ms=int(sent.min()) - self.horizon_ms,
+            prior = self.sink.scored_positions(pairs, asked, since_ms=int(sent.min()) - self.horizon_ms,
                                                until_ms=int(sent.max()) + self.horizon_ms)  # fmt: skip
+        self.lookups += len(asked)
         seen: dict[str, set[str]] = {}
         out = []
         for pw, rows, routed in kept:
@@ -150,8 +171,17 @@ class JudgeCore:
                     continue
                 pair_seen.add(rid)
                 keep.append(i)
-            out.append((pw, rows if len(keep) == len(rows) else rows.take(keep), routed, dups))
+            fresh = rows if len(keep) == len(rows) else rows.take(keep)
+            h = hashes.get(id(rows), np.zeros(0, dtype=np.uint64))
+            out.append((pw, fresh, routed, dups, h if len(keep) == len(rows) else h[keep]))
         return out
+
+    def _load_recent(self, pw: PairWindows, since_ms: int) -> RecentIds:
+        """The pair's stored ids from ``since_ms`` on: one query when this judge first writes the pair."""
+        recent = RecentIds(since_ms, self.horizon_ms)
+        ids, sent = self.sink.stored_ids(pw.model, pw.candidate, since_ms)
+        recent.add(id_hashes(ids), sent)
+        return recent
 
     def _count(self, pw: PairWindows, rows: DiffBatch, dups: list[int]) -> None:
         for sent_ms in dups:
@@ -308,6 +338,7 @@ class JudgeCore:
 
     def restore(self, key: str, raw: bytes | None) -> None:
         """Replace a pair's state with a stored one (changelog recovery); None forgets it."""
+        self._recent.pop(key, None)  # rows written since the stored state: ask ClickHouse again
         if raw is None:
             self._pairs.pop(key, None)
         else:
@@ -319,6 +350,7 @@ class JudgeCore:
             self._pairs.pop(key, None)
             self._sizes.pop(key, None)
             self._seen.pop(key, None)
+            self._recent.pop(key, None)
 
     def pairs(self) -> dict[str, PairWindows]:
         return dict(self._pairs)

@@ -191,6 +191,19 @@ class ClickHouseSink:
             out.update(self._scored_positions(pairs, ids[lo : lo + 4000], since_ms, until_ms))
         return out
 
+    def stored_ids(self, model: str, candidate: str, since_ms: int) -> tuple[list[str], np.ndarray]:
+        """The pair's stored request ids with ``sent_at >= since_ms`` and their sent times (ms):
+        what the judge's ``RecentIds`` starts from. Reads the partitions from ``since_ms`` on only."""
+        with self._lock:
+            result = self.client.query(
+                f"SELECT request_id, toUnixTimestamp64Milli(sent_at) FROM {self.database}.request_diffs "
+                f"WHERE model = {_literal(model)} AND candidate = {_literal(candidate)} "
+                f"AND sent_at >= fromUnixTimestamp64Milli({int(since_ms)}, 'UTC')"
+            )  # fmt: skip
+        ids = list(result.result_columns[0]) if result.result_columns else []
+        sent = np.asarray(result.result_columns[1] if result.result_columns else [], dtype=np.int64)
+        return ids, sent
+
     def _scored_positions(self, pairs, request_ids, since_ms, until_ms):
         models = ", ".join(_literal(m) for m in sorted({m for m, _ in pairs}))
         candidates = ", ".join(_literal(c) for c in sorted({c for _, c in pairs}))

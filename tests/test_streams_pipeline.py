@@ -360,3 +360,20 @@ def test_late_requests_refresh_the_verdict_without_live_traffic(pipeline, traffi
     windows = pipeline.sink.query("SELECT sum(requests) FROM shadowlens.window_stats FINAL "
                                   "WHERE candidate = 'digits-v2'")[0][0]  # fmt: skip
     assert windows == 750  # late requests are in the evidence, not in a window row
+
+
+def test_producer_retry_lookups_only_for_ids_the_judge_cannot_clear(pipeline, traffic):
+    """Fresh traffic costs no ClickHouse lookup (streams/recent_ids.py); a producer retry is still
+    found, in the same process and after a restart that lost the in-memory ids."""
+    first = pipeline.process(at(traffic[:400]))
+    assert first.diff_rows == 3 * 400 and pipeline.judge.lookups == 0
+    retry = pipeline.process(at(traffic[:50], partition=1))  # same ids from other messages
+    assert retry.duplicates == 3 * 50 and retry.diff_rows == 0
+    assert pipeline.judge.lookups == 3 * 50  # exactly the retried ids were asked about
+    restarted = Pipeline(pipeline.settings, pipeline.sink, replay=pipeline.replay)
+    for key in pipeline.judge.pairs():
+        restarted.judge.restore(key, pipeline.judge.serialized(key))
+    again = restarted.process(at(traffic[100:150], partition=2) + at(traffic[400:500], first_offset=400))
+    assert again.duplicates == 3 * 50 and again.diff_rows == 3 * 100
+    assert restarted.judge.lookups == 3 * 50  # the stored ids were loaded once; only the retries asked
+    assert pipeline.sink.diff_counts()[("digits", "digits-v2")] == 500

@@ -1,0 +1,95 @@
+"""Which request ids a pair has already written, held in memory so that the judge asks ClickHouse
+only about the few ids that may be producer retries.
+
+Without it, every micro-batch looked its ids up in ``request_diffs`` within the dedup horizon,
+and that lookup's cost grew with the rows stored in the horizon's hours (a third of the judge's
+rate with 20M rows stored). With it, the lookup is asked only for
+
+- ids whose hash is already here (a producer retry, a replayed backfill, or a 64-bit hash
+  collision: about one in 2**64 / n), and
+- rows sent so early that the hashes here may not cover their horizon (``complete_from_ms``).
+
+Why this is exact: a ``RecentIds`` holds the hash of *every* id of its pair stored with a
+``sent_at`` at or after ``complete_from_ms``. It starts from one query (the stored ids from the
+first batch's horizon on), and from then on the pair's rows are written only by this judge (one
+judge owns a pair; a rebalance or a state restore drops the object, and the next batch loads it
+again). A row whose whole horizon lies at or after ``complete_from_ms`` and whose hash is absent
+cannot have an earlier copy within the horizon. A hash found proves nothing by itself: the
+lookup decides, by position, as before.
+
+Memory: 8 bytes per id, as sorted uint64 chunks merged like a log-structured tree (few chunks,
+each searched by bisection). Hashes older than two horizons behind the newest row, or beyond
+``max_ids``, are dropped oldest first, and ``complete_from_ms`` moves past them: rows that old
+go back to the lookup (late data is rare), never to a wrong answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+MAX_IDS_PER_PAIR = 4_000_000  # 32 MB per pair; past it the oldest hashes go back to the lookup
+
+
+def id_hashes(request_ids: Sequence[str]) -> np.ndarray:
+    """64-bit hashes of request ids. Python's own string hash (SipHash, salted per process): these
+    hashes live in memory only, never on disk or on the wire."""
+    return np.fromiter(map(hash, request_ids), dtype=np.int64, count=len(request_ids)).view(np.uint64)
+
+
+class RecentIds:
+    """Hashes of a pair's stored request ids with ``sent_at >= complete_from_ms``, in buckets of
+    half a horizon of ``sent_at`` (so that old ones leave by time)."""
+
+    def __init__(self, complete_from_ms: int, horizon_ms: int, max_ids: int = MAX_IDS_PER_PAIR):
+        self.complete_from_ms = int(complete_from_ms)
+        self.horizon_ms = max(int(horizon_ms), 1)
+        self.bucket_ms = max(self.horizon_ms // 2, 1)
+        self.max_ids = max_ids
+        self.newest_ms = self.complete_from_ms
+        self._buckets: dict[int, list[np.ndarray]] = {}  # bucket -> sorted chunks, larger first
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, hashes: np.ndarray, sent_ms: np.ndarray) -> None:
+        """Remember written rows (call only after their insert succeeded)."""
+        if not len(hashes):
+            return
+        buckets = sent_ms // self.bucket_ms
+        for bucket in np.unique(buckets).tolist():
+            chunks = self._buckets.setdefault(bucket, [])
+            chunks.append(np.sort(hashes[buckets == bucket]))
+            # Log-structured merge: a chunk absorbs the newer ones once they are as large, so a
+            # bucket holds O(log n) chunks and each hash is re-sorted O(log n) times.
+            while len(chunks) > 1 and len(chunks[-1]) * 2 >= len(chunks[-2]):
+                chunks[-2:] = [np.sort(np.concatenate(chunks[-2:]))]
+        self._size += len(hashes)
+        self.newest_ms = max(self.newest_ms, int(sent_ms.max()))
+        self._evict()
+
+    def maybe_seen(self, hashes: np.ndarray) -> np.ndarray:
+        """True where the hash is here: the id may be stored (ask the database)."""
+        found = np.zeros(len(hashes), dtype=bool)
+        for chunks in self._buckets.values():
+            for chunk in chunks:
+                at = np.minimum(np.searchsorted(chunk, hashes), len(chunk) - 1)
+                found |= chunk[at] == hashes
+        return found
+
+    def covers(self, sent_ms: np.ndarray) -> np.ndarray:
+        """True where every stored copy within the horizon of the row has its hash here."""
+        return sent_ms - self.horizon_ms >= self.complete_from_ms
+
+    def _evict(self) -> None:
+        """Drop buckets older than two horizons behind the newest row, then the oldest ones while
+        over ``max_ids``; ``complete_from_ms`` moves past what was dropped."""
+        keep_from = self.newest_ms - 2 * self.horizon_ms
+        for bucket in sorted(self._buckets):
+            end_ms = (bucket + 1) * self.bucket_ms  # first sent time after the bucket
+            if end_ms > keep_from and self._size <= self.max_ids:
+                break
+            self._size -= sum(len(c) for c in self._buckets.pop(bucket))
+            self.complete_from_ms = max(self.complete_from_ms, end_ms)
