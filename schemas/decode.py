@@ -11,7 +11,8 @@ and each one bounds the cost of the next:
    ``json.loads`` recurses per level and "[" * 200000 would raise RecursionError (or worse,
    exhaust the C stack in a thread with a small one). A RecursionError is still caught.
 5. Not JSON -> ``invalid_json``.
-6. Not a valid ``MirroredRequest`` -> ``invalid_tensor`` when any problem is inside a named
+6. A valid request in the plain form (schemas/fast_path.py) is read without pydantic's per-field
+   machinery; everything else is validated by pydantic. Not a valid ``MirroredRequest`` -> ``invalid_tensor`` when any problem is inside a named
    tensor of ``inputs``/``baseline_output``, else ``invalid_schema``.
 7. Valid but unscorable (``check_scorable``): a tensor with a zero-size dimension ->
    ``invalid_tensor``; NaN/infinity in an input tensor -> ``non_finite_input``. Non-finite
@@ -30,6 +31,7 @@ from typing import Literal
 import numpy as np
 from pydantic import ValidationError
 
+from schemas.fast_path import parse_plain
 from schemas.events import MAX_REASON_CHARS, MirroredRequest, describe_validation_error
 from schemas.tensors import clip
 
@@ -96,6 +98,9 @@ def _decode(raw, max_bytes: int, max_depth: int, check_finite: bool = True) -> M
     if depth > max_depth:
         return Rejection("too_deep", f"(message): JSON nests {depth} levels, over the limit of {max_depth}; "
                                      "send a MirroredRequest (tensor data as base64, not deep lists)")  # fmt: skip
+    plain = parse_plain(raw)  # the common well-formed case, without pydantic's per-field machinery
+    if plain is not None:
+        return check_scorable(plain, check_finite) or plain
     try:
         # pydantic's own JSON parser: faster than json.loads + model_validate on the hot path.
         request = MirroredRequest.model_validate_json(raw)
