@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from streams.demo import DEMO_POLICY
 
@@ -168,6 +168,30 @@ def consume_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 30, 
         finally:
             await consumer.stop()
         return out
+
+    return asyncio.run(run())
+
+
+def group_lag(bootstrap: str, topic: str, group: str) -> int:
+    """Records of ``topic`` past what ``group`` committed, summed over partitions (the end offsets
+    count transaction markers too: a group that commits only one past its last record never
+    reaches 0 on a transactional topic)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def run() -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+        await admin.start()
+        await consumer.start()
+        try:
+            (described,) = await admin.describe_topics([topic])
+            tps = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+            end = await consumer.end_offsets(tps)
+            committed = await admin.list_consumer_group_offsets(group)
+            return sum(max(0, end[tp] - max(committed[tp].offset, 0) if tp in committed else end[tp]) for tp in tps)
+        finally:
+            await consumer.stop()
+            await admin.close()
 
     return asyncio.run(run())
 

@@ -19,7 +19,7 @@ import pytest
 
 from streams.demo import TrafficGenerator
 from streams.harness import (
-    Workers, consume_all, create_topic, free_port, produce, window_aligned_start, write_worker_config,
+    Workers, consume_all, create_topic, free_port, group_lag, produce, window_aligned_start, write_worker_config,
 )  # fmt: skip
 from streams.models import build_digits_models
 from streams.sink import ClickHouseSink
@@ -63,6 +63,10 @@ def run_topology(tmp_path, bootstrap, models, stream, topology):
             return rows if all(sum(r["requests"] for r in v) == REQUESTS for v in rows.values()) else None
 
         windows = workers.wait_for(complete, 300, f"windows adding up to {REQUESTS}")
+        # Monitoring sees the judge done: its group's lag on the transactional diffs topic reaches
+        # 0 (the offsets it commits move past the transaction markers).
+        workers.wait_for(lambda: group_lag(bootstrap, f"{topic}.diffs", f"worker-{topic}-judge") == 0, 30,
+                         "the judge group's lag on the diffs topic to reach 0")  # fmt: skip
         verdicts = {c: httpx.get(f"{api}/v1/verdicts/digits/{c}", timeout=5).json() for c in CANDIDATES}
         assert workers.all_alive()
         letters = consume_all(bootstrap, f"{topic}.dlq", expect=3, timeout_s=20, keys=True, to_end=True)
