@@ -11,7 +11,7 @@ Kafka, chDB), plus the embedded pipeline. Prints medians of --runs runs; none of
             the first message produced to the last offset committed by the judge.
 
 Usage: KAFKA_BOOTSTRAP=127.0.0.1:19092 python bench/bench_stages.py [--requests 200000] [--runs 3]
-       [--stored-rows 20000000] [--only pipeline replay judge e2e]
+       [--stored-rows 20000000] [--only pipeline replay judge e2e]  (judge-empty / judge-stored: one table only)
 (without KAFKA_BOOTSTRAP it starts scripts/kafka.sh).
 """
 
@@ -184,6 +184,19 @@ s.close()
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def forget_run_rows(dsn_dir: Path) -> None:
+    """Delete the rows a judge run wrote (the pre-fill's have source_partition 99): otherwise the
+    next run re-applies request ids already stored, which is crash recovery, not steady state."""
+    code = f"""
+from streams.sink import ClickHouseSink
+s = ClickHouseSink("chdb:///{dsn_dir}")
+s.client.command("ALTER TABLE shadowlens.request_diffs DELETE WHERE source_partition != 99",
+                 settings={{"mutations_sync": 2}})
+s.close()
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def bench_judge(broker, models, mirror, diffs_topic, rows, work, runs, stored) -> None:
     template = work / "judge-stored"
     if stored:
@@ -194,8 +207,9 @@ def bench_judge(broker, models, mirror, diffs_topic, rows, work, runs, stored) -
     for i in range(runs):
         group = f"bench-judge-{uuid.uuid4().hex[:6]}"
         name = f"judge-{stored}-{i}.toml"
-        # With stored rows, every run writes into the same pre-filled database (it only grows);
-        # chDB data directories cannot be copied (their metadata links point into the original).
+        # With stored rows, every run writes into the same pre-filled database, and its rows are
+        # deleted after it; chDB data directories cannot be copied (their metadata links point
+        # into the original).
         chdb = template if stored else work / name.replace(".toml", "-chdb")
         config = config_for(work, broker, models, mirror, name, chdb=chdb, judge_group_id=group, diffs_topic=diffs_topic)
         proc = WorkerProcess(config, work / f"judge-{stored}-{i}.log", role="judge")
@@ -205,6 +219,8 @@ def bench_judge(broker, models, mirror, diffs_topic, rows, work, runs, stored) -
             proc.stop()
         if not stored:
             shutil.rmtree(chdb, ignore_errors=True)
+        else:  # the next run must meet the same table: the pre-filled rows only, not this run's ids
+            forget_run_rows(chdb)
         # Kafka records per second -> diff rows per second (each record is one micro-batch of one pair).
         rates.append(rate * rows / max(1, asyncio.run(_progress(broker, diffs_topic, group))[1]))
         print(f"  judge run {i + 1} ({stored:,} rows stored): {rates[-1]:,.0f} diff rows/s ({took:.1f} s)")
@@ -264,23 +280,23 @@ def main() -> None:
               f"broker {broker}; {os.cpu_count()} cores; timing {TIMING}")  # fmt: skip
         if "pipeline" in args.only:
             bench_pipeline(models, messages[:20_000], work, args.runs)
-        if {"replay", "judge", "transactions"} & set(args.only):
+        judge_runs = {"judge": (0, args.stored_rows), "judge-empty": (0,), "judge-stored": (args.stored_rows,)}
+        stored_cases = sorted({n for name in args.only for n in judge_runs.get(name, ())})
+        if {"replay", "transactions"} & set(args.only) or stored_cases:
             mirror = f"bench-mirror-{uuid.uuid4().hex[:8]}"
             create_topic(broker, mirror, MIRROR_PARTITIONS)
             produce(broker, mirror, messages)
             # Judge alone: one replay run makes its diffs topic.
             replay_runs = args.runs if "replay" in args.only else 1
             diffs_topic = ""
-            if {"replay", "judge"} & set(args.only):
+            if "replay" in args.only or stored_cases:
                 diffs_topic = bench_replay(broker, models, mirror, args.requests, work, replay_runs, 1)
             if "replay" in args.only:
                 bench_replay(broker, models, mirror, args.requests, work, args.runs, 2)
             if "transactions" in args.only:
                 bench_transactions(broker, models, mirror, args.requests, work, args.runs)
-            if "judge" in args.only:
-                rows = args.requests * len(CANDIDATES)
-                bench_judge(broker, models, mirror, diffs_topic, rows, work, args.runs, 0)
-                bench_judge(broker, models, mirror, diffs_topic, rows, work, args.runs, args.stored_rows)
+            for stored in stored_cases:
+                bench_judge(broker, models, mirror, diffs_topic, args.requests * len(CANDIDATES), work, args.runs, stored)
         if "e2e" in args.only:
             bench_e2e(broker, models, messages[: args.e2e_requests], work, args.runs)
 

@@ -92,6 +92,9 @@ class ReplayCore:
 
     def replay(self, messages: Sequence[Inbound]) -> ReplayOutput:
         out = ReplayOutput()
+        # What every candidate of a model reads from the same requests, made once per group (the
+        # groups stay alive for the call, so their ids key it): request columns, baseline rows.
+        self._shared: dict[tuple, object] = {}
         by_model: dict[str, list[tuple[MirroredRequest, Inbound]]] = defaultdict(list)
         for msg in messages:
             # Inputs' finiteness is checked below, once per stacked group (cheaper than per message).
@@ -120,6 +123,7 @@ class ReplayCore:
                 out.dead_letters.extend(letters)
                 if group:
                     groups.append((group, stacked, keys))
+                    self._shared[("group", id(group))] = True
             valid = [item for group, _, _ in groups for item in group]
             out.requests += len(valid)
             model_batches = []
@@ -210,7 +214,7 @@ class ReplayCore:
             raise
         outputs, latencies = cand.runner.run_stacked(feeds, len(events), cfg.output, self.settings.replay.timing)
         cand_rows = np.asarray(outputs, dtype=np.float64).reshape(len(events), -1)
-        base_rows, problems = _baseline_rows(events, cfg, cand_rows.shape[1])
+        base_rows, problems = self._baseline(group, events, cfg, cand_rows.shape[1])
         letters = [_letter(group[i][1], "baseline_mismatch", f"{reason}; the producer must send it, or fix "
                            f"candidates.{cfg.name}.baseline_output", candidate=cand)
                    for i, reason in problems.items()]  # fmt: skip
@@ -220,30 +224,58 @@ class ReplayCore:
             latencies = np.asarray(latencies, dtype=np.float64)[keep]
         return self._columns(cand, group, keys, scored_ms, base_rows, cand_rows, latencies), letters
 
+    def _baseline(self, group, events, cfg: CandidateConfig, width: int):
+        """``_baseline_rows``, once per group and baseline output for all candidates of a model."""
+        if ("group", id(group)) not in self._shared:  # a group filtered for one candidate
+            return _baseline_rows(events, cfg, width)
+        key = ("baseline", id(group), cfg.baseline_output, width)
+        if key not in self._shared:
+            self._shared[key] = _baseline_rows(events, cfg, width)
+        return self._shared[key]
+
+    def _request_columns(self, group) -> dict:
+        """What the diff rows of every candidate take from the requests themselves."""
+        key = ("requests", id(group))
+        cached = self._shared.get(key) if ("group", id(group)) in self._shared else None
+        if cached is not None:
+            return cached
+        events = [ev for ev, _ in group]
+        columns = {
+            "sent_ms": np.array([_ms(ev) for ev in events], dtype=np.int64),
+            "baseline_latency_ms": np.array([ev.baseline_latency_ms for ev in events], dtype=np.float64),
+            "label": np.array([np.nan if ev.label is None else float(ev.label) for ev in events], dtype=np.float64),
+            "source_partition": np.array([msg.partition for _, msg in group], dtype=np.int64),
+            "source_offset": np.array([msg.offset for _, msg in group], dtype=np.int64),
+            "request_id": [ev.request_id for ev in events],
+            "baseline_version": [ev.baseline_version for ev in events],
+            "attributes": [ev.attributes for ev in events],
+        }  # fmt: skip
+        if ("group", id(group)) in self._shared:
+            self._shared[key] = columns
+        return columns
+
     def _columns(self, cand: Candidate, group, keys, scored_ms, base_rows, cand_rows, latencies, failure: str = ""):
         cfg = cand.config
-        events = [ev for ev, _ in group]
+        req = self._request_columns(group)
         diffs = classification_diffs(base_rows, cand_rows, from_logits=cfg.from_logits)
         if failure:
             diffs.error[:] = failure  # the exception replaces the scorer's generic NaN reason
-        cols = empty_columns(len(events))
-        cols["sent_ms"][:] = [_ms(ev) for ev in events]
+        cols = empty_columns(len(group))
+        for name in ("sent_ms", "baseline_latency_ms", "label", "source_partition", "source_offset"):
+            cols[name][:] = req[name]
         for name in ("baseline_label", "candidate_label", "label_flip", "confidence_delta", "l1", "linf",
                      "hellinger", "topk_overlap"):  # fmt: skip
             cols[name][:] = getattr(diffs, name)
         cols["baseline_confidence"][:] = _top_confidence(base_rows, cfg.from_logits)
         cols["candidate_confidence"][:] = _top_confidence(cand_rows, cfg.from_logits)
-        cols["baseline_latency_ms"][:] = [ev.baseline_latency_ms for ev in events]
         cols["candidate_latency_ms"][:] = latencies
-        cols["label"][:] = [np.nan if ev.label is None else float(ev.label) for ev in events]
-        cols["source_partition"][:] = [msg.partition for _, msg in group]
-        cols["source_offset"][:] = [msg.offset for _, msg in group]
         cols["input_hash"][:] = keys[:, 0]
         cols["sample_hash"][:] = keys[:, 1]
+        # Lists shared by the candidates' batches: nothing downstream mutates them (the judge
+        # takes subsets into new lists; attribute maps are only read).
         return DiffBatch(
-            cfg.model, cfg.name, scored_ms, cols, [ev.request_id for ev in events],
-            [ev.baseline_version for ev in events], [str(e) for e in diffs.error.tolist()],
-            [dict(ev.attributes) for ev in events], diffs.top_k,
+            cfg.model, cfg.name, scored_ms, cols, req["request_id"], req["baseline_version"],
+            [str(e) for e in diffs.error.tolist()], req["attributes"], diffs.top_k,
         )  # fmt: skip
 
 
