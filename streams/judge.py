@@ -147,7 +147,9 @@ class JudgeCore:
             key, sent = pair_key(pw.model, pw.candidate), rows.columns["sent_ms"]
             recent = self._recent.get(key)
             if recent is None:
-                recent = self._recent[key] = self._load_recent(pw, int(sent.min()) - self.horizon_ms)
+                # Two horizons back: rows that arrive later but were sent up to a horizon before
+                # this batch (partitions read at different paces) are covered too.
+                recent = self._recent[key] = self._load_recent(pw, int(sent.min()) - 2 * self.horizon_ms)
             hashes[id(rows)] = h = id_hashes(rows.request_id)
             ask = ~recent.covers(sent) | recent.maybe_seen(h)
             asked.extend(rows.request_id[i] for i in np.flatnonzero(ask).tolist())
@@ -158,10 +160,20 @@ class JudgeCore:
             prior = self.sink.scored_positions(pairs, asked, since_ms=int(sent.min()) - self.horizon_ms,
                                                until_ms=int(sent.max()) + self.horizon_ms)  # fmt: skip
         self.lookups += len(asked)
+        # A pair whose ids in this call have distinct hashes repeats no id within the call, and
+        # with nothing found in ClickHouse all its rows are fresh: no per-row check needed.
+        by_pair: dict[str, list[np.ndarray]] = {}
+        for pw, rows, _ in kept:
+            by_pair.setdefault(pair_key(pw.model, pw.candidate), []).append(hashes.get(id(rows), np.zeros(0, np.uint64)))
+        distinct = {key: np.unique(np.concatenate(hs)).size == sum(map(len, hs)) for key, hs in by_pair.items()}
         seen: dict[str, set[str]] = {}
         out = []
         for pw, rows, routed in kept:
-            pair_seen = seen.setdefault(pair_key(pw.model, pw.candidate), set())
+            key = pair_key(pw.model, pw.candidate)
+            if not prior and distinct[key]:
+                out.append((pw, rows, routed, [], hashes.get(id(rows), np.zeros(0, dtype=np.uint64))))
+                continue
+            pair_seen = seen.setdefault(key, set())
             keep, dups = [], []
             parts, offs = rows.columns["source_partition"].tolist(), rows.columns["source_offset"].tolist()
             for i, rid in enumerate(rows.request_id):

@@ -86,8 +86,12 @@ def judge_collector(board, core, stage) -> Callable[[], Iterator]:
         rows.add_metric([], float(stage.rows))
         closed = CounterMetricFamily("shadowlens_windows_closed", "windows closed and written")
         closed.add_metric([], float(core.windows_closed))
+        lookups = CounterMetricFamily("shadowlens_dedup_lookups", "request ids looked up in ClickHouse as possible "
+                                      "producer retries (fresh traffic needs none; see streams/recent_ids.py)")  # fmt: skip
+        lookups.add_metric([], float(core.lookups))
         yield rows
         yield closed
+        yield lookups
         verdict = GaugeMetricFamily("shadowlens_verdict", "1 for each pair's current verdict",
                                     labels=["model", "candidate", "verdict", "state"])
         age = GaugeMetricFamily("shadowlens_verdict_age_seconds", "age of each pair's verdict",

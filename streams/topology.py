@@ -144,7 +144,8 @@ async def _progress(settings: Settings, metrics: WorkerMetrics, replay, judge) -
         if judge is not None:
             open_windows = sum(len(pw.open_windows) for pw in judge.core.pairs().values())
             verdicts = ", ".join(f"{v.candidate}={v.verdict}" for v in judge.core.board.verdicts()) or "none yet"
-            parts.append(f"{judge.rows} diff rows written, {open_windows} open windows, verdicts {verdicts}")
+            parts.append(f"{judge.rows} diff rows written ({judge.core.lookups} ids looked up as possible retries), "
+                         f"{open_windows} open windows, verdicts {verdicts}")
         last_t = now
         log.info("progress: %s", "; ".join(parts))
 

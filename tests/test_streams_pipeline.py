@@ -376,4 +376,7 @@ def test_producer_retry_lookups_only_for_ids_the_judge_cannot_clear(pipeline, tr
     again = restarted.process(at(traffic[100:150], partition=2) + at(traffic[400:500], first_offset=400))
     assert again.duplicates == 3 * 50 and again.diff_rows == 3 * 100
     assert restarted.judge.lookups == 3 * 50  # the stored ids were loaded once; only the retries asked
-    assert pipeline.sink.diff_counts()[("digits", "digits-v2")] == 500
+    # The same request twice within one micro-batch, nothing of it stored yet: caught in memory.
+    twice = restarted.process(at(traffic[600:700] + traffic[600:610], first_offset=1000))
+    assert twice.duplicates == 3 * 10 and twice.diff_rows == 3 * 100 and restarted.judge.lookups == 3 * 50
+    assert pipeline.sink.diff_counts()[("digits", "digits-v2")] == 600
