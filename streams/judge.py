@@ -50,6 +50,7 @@ WINDOW_SUMMARY_FIELDS = (
 # A pair's state is kept well below the changelog topic's max.message.bytes (streams/stages.py
 # sets 8 MiB): past this budget the oldest open windows close early.
 STATE_BUDGET_BYTES = 1 << 20
+RECENT_MARGIN_MS = 10 * 60_000  # how far before a pair's first batch the loaded ids reach, beyond the horizon
 
 
 @dataclass
@@ -147,9 +148,10 @@ class JudgeCore:
             key, sent = pair_key(pw.model, pw.candidate), rows.columns["sent_ms"]
             recent = self._recent.get(key)
             if recent is None:
-                # Two horizons back: rows that arrive later but were sent up to a horizon before
-                # this batch (partitions read at different paces) are covered too.
-                recent = self._recent[key] = self._load_recent(pw, int(sent.min()) - 2 * self.horizon_ms)
+                # A margin back: rows that arrive later but were sent a little before this batch
+                # (partitions read at different paces) are covered too; older ones are looked up.
+                since = int(sent.min()) - self.horizon_ms - RECENT_MARGIN_MS
+                recent = self._recent[key] = self._load_recent(pw, since)
             hashes[id(rows)] = h = id_hashes(rows.request_id)
             ask = ~recent.covers(sent) | recent.maybe_seen(h)
             asked.extend(rows.request_id[i] for i in np.flatnonzero(ask).tolist())
@@ -191,8 +193,8 @@ class JudgeCore:
     def _load_recent(self, pw: PairWindows, since_ms: int) -> RecentIds:
         """The pair's stored ids from ``since_ms`` on: one query when this judge first writes the pair."""
         recent = RecentIds(since_ms, self.horizon_ms)
-        ids, sent = self.sink.stored_ids(pw.model, pw.candidate, since_ms)
-        recent.add(id_hashes(ids), sent)
+        hashes, sent = self.sink.stored_id_hashes(pw.model, pw.candidate, since_ms)
+        recent.add(hashes, sent)
         return recent
 
     def _count(self, pw: PairWindows, rows: DiffBatch, dups: list[int]) -> None:

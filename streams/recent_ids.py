@@ -26,6 +26,7 @@ go back to the lookup (late data is rare), never to a wrong answer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from hashlib import md5
 
 import numpy as np
 
@@ -33,9 +34,11 @@ MAX_IDS_PER_PAIR = 4_000_000  # 32 MB per pair; past it the oldest hashes go bac
 
 
 def id_hashes(request_ids: Sequence[str]) -> np.ndarray:
-    """64-bit hashes of request ids. Python's own string hash (SipHash, salted per process): these
-    hashes live in memory only, never on disk or on the wire."""
-    return np.fromiter(map(hash, request_ids), dtype=np.int64, count=len(request_ids)).view(np.uint64)
+    """64-bit hashes of request ids: the first 8 bytes of their MD5, read little-endian, which is
+    what ClickHouse computes as ``reinterpretAsUInt64(MD5(request_id))``, so the ids already
+    stored load as hashes (numbers, no strings) when a judge takes a pair over."""
+    digests = b"".join(md5(rid.encode("utf-8", "surrogatepass")).digest()[:8] for rid in request_ids)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
 class RecentIds:

@@ -191,18 +191,19 @@ class ClickHouseSink:
             out.update(self._scored_positions(pairs, ids[lo : lo + 4000], since_ms, until_ms))
         return out
 
-    def stored_ids(self, model: str, candidate: str, since_ms: int) -> tuple[list[str], np.ndarray]:
-        """The pair's stored request ids with ``sent_at >= since_ms`` and their sent times (ms):
-        what the judge's ``RecentIds`` starts from. Reads the partitions from ``since_ms`` on only."""
+    def stored_id_hashes(self, model: str, candidate: str, since_ms: int) -> tuple[np.ndarray, np.ndarray]:
+        """Hashes (``streams.recent_ids.id_hashes``) of the pair's stored request ids with
+        ``sent_at >= since_ms``, and their sent times (ms): what the judge's ``RecentIds`` starts
+        from. Numbers only (millions of ids load in a second), from the partitions from ``since_ms`` on."""
         with self._lock:
-            result = self.client.query(
-                f"SELECT request_id, toUnixTimestamp64Milli(sent_at) FROM {self.database}.request_diffs "
-                f"WHERE model = {_literal(model)} AND candidate = {_literal(candidate)} "
-                f"AND sent_at >= fromUnixTimestamp64Milli({int(since_ms)}, 'UTC')"
+            rows = self.client.query_np(
+                f"SELECT reinterpretAsUInt64(MD5(request_id)) AS h, toUnixTimestamp64Milli(sent_at) AS s "
+                f"FROM {self.database}.request_diffs WHERE model = {_literal(model)} "
+                f"AND candidate = {_literal(candidate)} AND sent_at >= fromUnixTimestamp64Milli({int(since_ms)}, 'UTC')"
             )  # fmt: skip
-        ids = list(result.result_columns[0]) if result.result_columns else []
-        sent = np.asarray(result.result_columns[1] if result.result_columns else [], dtype=np.int64)
-        return ids, sent
+        if not len(rows):
+            return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+        return np.ascontiguousarray(rows["h"], dtype=np.uint64), np.ascontiguousarray(rows["s"], dtype=np.int64)
 
     def _scored_positions(self, pairs, request_ids, since_ms, until_ms):
         models = ", ".join(_literal(m) for m in sorted({m for m, _ in pairs}))
