@@ -58,6 +58,9 @@ NUMERIC = {
     # sample_hash: 64-bit hash of the producer's sample key (the Kafka message key when it differs
     # from the request id); 0 when the request came without one.
     "sample_hash": "<u8",
+    # id_hash: streams.recent_ids.id_hashes of request_id, made once per request by the replay
+    # stage (which scales out) rather than per candidate by the judge; 0: not sent (the judge makes it).
+    "id_hash": "<u8",
 }
 # What a batch written before the header listed its columns carries, in this order.
 LEGACY_LAYOUT = tuple((name, NUMERIC[name]) for name in (

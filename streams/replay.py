@@ -33,6 +33,7 @@ from scorers.diffs import classification_diffs
 from streams.adapter import InputAdapter
 from streams.config import CandidateConfig, Settings
 from streams.evidence_keys import evidence_keys
+from streams.recent_ids import id_hashes
 from streams.records import DiffBatch, empty_columns
 from streams.runner import OnnxRunner
 
@@ -247,6 +248,7 @@ class ReplayCore:
             "source_partition": np.array([msg.partition for _, msg in group], dtype=np.int64),
             "source_offset": np.array([msg.offset for _, msg in group], dtype=np.int64),
             "request_id": [ev.request_id for ev in events],
+            "id_hash": id_hashes([ev.request_id for ev in events]),
             "baseline_version": [ev.baseline_version for ev in events],
             "attributes": [ev.attributes for ev in events],
         }  # fmt: skip
@@ -261,7 +263,7 @@ class ReplayCore:
         if failure:
             diffs.error[:] = failure  # the exception replaces the scorer's generic NaN reason
         cols = empty_columns(len(group))
-        for name in ("sent_ms", "baseline_latency_ms", "label", "source_partition", "source_offset"):
+        for name in ("sent_ms", "baseline_latency_ms", "label", "source_partition", "source_offset", "id_hash"):
             cols[name][:] = req[name]
         for name in ("baseline_label", "candidate_label", "label_flip", "confidence_delta", "l1", "linf",
                      "hellinger", "topk_overlap"):  # fmt: skip

@@ -46,6 +46,17 @@ def test_every_covered_row_that_was_added_is_found(rows, max_ids):
     assert len(recent) <= max(max_ids, 0) or recent.complete_from_ms > max(s for _, s in added)
 
 
+def test_the_bitmap_grows_with_the_ids_and_answers_stay_exact():
+    recent = RecentIds(complete_from_ms=0, horizon_ms=HOUR)
+    small = len(recent._bits)
+    ids = [f"id-{i}" for i in range(200_000)]
+    for lo in range(0, len(ids), 1000):
+        recent.add(id_hashes(ids[lo : lo + 1000]), np.full(1000, HOUR, dtype=np.int64))
+    assert len(recent._bits) > small  # rebuilt larger as the ids came
+    assert recent.maybe_seen(id_hashes(ids)).all()
+    assert not recent.maybe_seen(id_hashes([f"no-{i}" for i in range(200_000)])).any()
+
+
 def test_old_buckets_leave_and_the_covered_range_moves_past_them():
     recent = RecentIds(complete_from_ms=0, horizon_ms=HOUR)
     recent.add(id_hashes(["early"]), np.array([10], dtype=np.int64))

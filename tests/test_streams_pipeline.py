@@ -379,4 +379,11 @@ def test_producer_retry_lookups_only_for_ids_the_judge_cannot_clear(pipeline, tr
     # The same request twice within one micro-batch, nothing of it stored yet: caught in memory.
     twice = restarted.process(at(traffic[600:700] + traffic[600:610], first_offset=1000))
     assert twice.duplicates == 3 * 10 and twice.diff_rows == 3 * 100 and restarted.judge.lookups == 3 * 50
+    # Batches from a replay stage that sent no id hashes (column of zeros): the judge hashes itself.
+    out = restarted.replay.replay(at(traffic[:20], partition=3))
+    assert all(b.columns["id_hash"].all() for b in out.batches)
+    for b in out.batches:
+        b.columns["id_hash"][:] = 0
+    older = restarted.judge.apply(out.batches)
+    assert older.duplicates == 3 * 20 and older.rows == 0
     assert pipeline.sink.diff_counts()[("digits", "digits-v2")] == 600
