@@ -141,8 +141,10 @@ class JudgeCore:
         (a producer retry, a replayed backfill). ClickHouse is asked, in one lookup within the
         horizon, only about the ids the pair's ``RecentIds`` cannot clear (streams/recent_ids.py)."""
         asked: list[str] = []
-        hashes = {}
+        hashes = []  # per kept batch: its ids' hashes (0 in the column: an older replay sent none)
         for pw, rows, _ in kept:
+            h = rows.columns["id_hash"]
+            hashes.append(h if h.all() else id_hashes(rows.request_id))
             if not len(rows):
                 continue
             key, sent = pair_key(pw.model, pw.candidate), rows.columns["sent_ms"]
@@ -152,9 +154,7 @@ class JudgeCore:
                 # (partitions read at different paces) are covered too; older ones are looked up.
                 since = int(sent.min()) - self.horizon_ms - RECENT_MARGIN_MS
                 recent = self._recent[key] = self._load_recent(pw, since)
-            h = rows.columns["id_hash"]
-            hashes[id(rows)] = h = h if h.all() else id_hashes(rows.request_id)  # 0: an older replay sent none
-            ask = ~recent.covers(sent) | recent.maybe_seen(h)
+            ask = ~recent.covers(sent) | recent.maybe_seen(hashes[-1])
             asked.extend(rows.request_id[i] for i in np.flatnonzero(ask).tolist())
         prior: dict = {}
         if asked:
@@ -166,15 +166,15 @@ class JudgeCore:
         # A pair whose ids in this call have distinct hashes repeats no id within the call, and
         # with nothing found in ClickHouse all its rows are fresh: no per-row check needed.
         by_pair: dict[str, list[np.ndarray]] = {}
-        for pw, rows, _ in kept:
-            by_pair.setdefault(pair_key(pw.model, pw.candidate), []).append(hashes.get(id(rows), np.zeros(0, np.uint64)))
+        for (pw, _, _), h in zip(kept, hashes, strict=True):
+            by_pair.setdefault(pair_key(pw.model, pw.candidate), []).append(h)
         distinct = {key: np.unique(np.concatenate(hs)).size == sum(map(len, hs)) for key, hs in by_pair.items()}
         seen: dict[str, set[str]] = {}
         out = []
-        for pw, rows, routed in kept:
+        for (pw, rows, routed), h in zip(kept, hashes, strict=True):
             key = pair_key(pw.model, pw.candidate)
             if not prior and distinct[key]:
-                out.append((pw, rows, routed, [], hashes.get(id(rows), np.zeros(0, dtype=np.uint64))))
+                out.append((pw, rows, routed, [], h))
                 continue
             pair_seen = seen.setdefault(key, set())
             keep, dups = [], []
@@ -186,9 +186,10 @@ class JudgeCore:
                     continue
                 pair_seen.add(rid)
                 keep.append(i)
-            fresh = rows if len(keep) == len(rows) else rows.take(keep)
-            h = hashes.get(id(rows), np.zeros(0, dtype=np.uint64))
-            out.append((pw, fresh, routed, dups, h if len(keep) == len(rows) else h[keep]))
+            if len(keep) == len(rows):
+                out.append((pw, rows, routed, dups, h))
+            else:
+                out.append((pw, rows.take(keep), routed, dups, h[keep]))
         return out
 
     def _load_recent(self, pw: PairWindows, since_ms: int) -> RecentIds:

@@ -90,12 +90,12 @@ class ReplayCore:
                 candidates[cfg.model].append(Candidate.load(cfg, settings.replay.providers))
         self.candidates = candidates
         self._warned: dict[tuple[str, str, str], tuple[int, float]] = {}
+        self._groups: set[int] = set()  # ids of this micro-batch's groups (_per_group)
+        self._shared: dict[tuple, object] = {}
 
     def replay(self, messages: Sequence[Inbound]) -> ReplayOutput:
         out = ReplayOutput()
-        # What every candidate of a model reads from the same requests, made once per group (the
-        # groups stay alive for the call, so their ids key it): request columns, baseline rows.
-        self._shared: dict[tuple, object] = {}
+        self._groups, self._shared = set(), {}  # see _per_group
         by_model: dict[str, list[tuple[MirroredRequest, Inbound]]] = defaultdict(list)
         for msg in messages:
             # Inputs' finiteness is checked below, once per stacked group (cheaper than per message).
@@ -124,7 +124,7 @@ class ReplayCore:
                 out.dead_letters.extend(letters)
                 if group:
                     groups.append((group, stacked, keys))
-                    self._shared[("group", id(group))] = True
+                    self._groups.add(id(group))
             valid = [item for group, _, _ in groups for item in group]
             out.requests += len(valid)
             model_batches = []
@@ -215,7 +215,9 @@ class ReplayCore:
             raise
         outputs, latencies = cand.runner.run_stacked(feeds, len(events), cfg.output, self.settings.replay.timing)
         cand_rows = np.asarray(outputs, dtype=np.float64).reshape(len(events), -1)
-        base_rows, problems = self._baseline(group, events, cfg, cand_rows.shape[1])
+        width = cand_rows.shape[1]
+        base_rows, problems = self._per_group(group, ("baseline", cfg.baseline_output, width),
+                                              lambda: _baseline_rows(events, cfg, width))  # fmt: skip
         letters = [_letter(group[i][1], "baseline_mismatch", f"{reason}; the producer must send it, or fix "
                            f"candidates.{cfg.name}.baseline_output", candidate=cand)
                    for i, reason in problems.items()]  # fmt: skip
@@ -225,40 +227,21 @@ class ReplayCore:
             latencies = np.asarray(latencies, dtype=np.float64)[keep]
         return self._columns(cand, group, keys, scored_ms, base_rows, cand_rows, latencies), letters
 
-    def _baseline(self, group, events, cfg: CandidateConfig, width: int):
-        """``_baseline_rows``, once per group and baseline output for all candidates of a model."""
-        if ("group", id(group)) not in self._shared:  # a group filtered for one candidate
-            return _baseline_rows(events, cfg, width)
-        key = ("baseline", id(group), cfg.baseline_output, width)
+    def _per_group(self, group, what: tuple, make):
+        """``make()`` once per group of the micro-batch for all candidates of its model: what
+        every candidate reads from the same requests. The groups stay alive for the call, so
+        their ids key it; a group filtered for one candidate is a temporary list whose id may be
+        reused, so it is never cached."""
+        if id(group) not in self._groups:
+            return make()
+        key = (id(group), *what)
         if key not in self._shared:
-            self._shared[key] = _baseline_rows(events, cfg, width)
+            self._shared[key] = make()
         return self._shared[key]
-
-    def _request_columns(self, group) -> dict:
-        """What the diff rows of every candidate take from the requests themselves."""
-        key = ("requests", id(group))
-        cached = self._shared.get(key) if ("group", id(group)) in self._shared else None
-        if cached is not None:
-            return cached
-        events = [ev for ev, _ in group]
-        columns = {
-            "sent_ms": np.array([_ms(ev) for ev in events], dtype=np.int64),
-            "baseline_latency_ms": np.array([ev.baseline_latency_ms for ev in events], dtype=np.float64),
-            "label": np.array([np.nan if ev.label is None else float(ev.label) for ev in events], dtype=np.float64),
-            "source_partition": np.array([msg.partition for _, msg in group], dtype=np.int64),
-            "source_offset": np.array([msg.offset for _, msg in group], dtype=np.int64),
-            "request_id": [ev.request_id for ev in events],
-            "id_hash": id_hashes([ev.request_id for ev in events]),
-            "baseline_version": [ev.baseline_version for ev in events],
-            "attributes": [ev.attributes for ev in events],
-        }  # fmt: skip
-        if ("group", id(group)) in self._shared:
-            self._shared[key] = columns
-        return columns
 
     def _columns(self, cand: Candidate, group, keys, scored_ms, base_rows, cand_rows, latencies, failure: str = ""):
         cfg = cand.config
-        req = self._request_columns(group)
+        req = self._per_group(group, ("requests",), lambda: _request_columns(group))
         diffs = classification_diffs(base_rows, cand_rows, from_logits=cfg.from_logits)
         if failure:
             diffs.error[:] = failure  # the exception replaces the scorer's generic NaN reason
@@ -279,6 +262,22 @@ class ReplayCore:
             cfg.model, cfg.name, scored_ms, cols, req["request_id"], req["baseline_version"],
             [str(e) for e in diffs.error.tolist()], req["attributes"], diffs.top_k,
         )  # fmt: skip
+
+
+def _request_columns(group) -> dict:
+    """What the diff rows of every candidate take from the requests themselves."""
+    events = [ev for ev, _ in group]
+    return {
+        "sent_ms": np.array([_ms(ev) for ev in events], dtype=np.int64),
+        "baseline_latency_ms": np.array([ev.baseline_latency_ms for ev in events], dtype=np.float64),
+        "label": np.array([np.nan if ev.label is None else float(ev.label) for ev in events], dtype=np.float64),
+        "source_partition": np.array([msg.partition for _, msg in group], dtype=np.int64),
+        "source_offset": np.array([msg.offset for _, msg in group], dtype=np.int64),
+        "request_id": [ev.request_id for ev in events],
+        "id_hash": id_hashes([ev.request_id for ev in events]),
+        "baseline_version": [ev.baseline_version for ev in events],
+        "attributes": [ev.attributes for ev in events],
+    }  # fmt: skip
 
 
 def _pair_reference_latency(model_batches) -> None:
