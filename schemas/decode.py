@@ -99,8 +99,8 @@ def _decode(raw, max_bytes: int, max_depth: int, check_finite: bool = True) -> M
         return Rejection("too_deep", f"(message): JSON nests {depth} levels, over the limit of {max_depth}; "
                                      "send a MirroredRequest (tensor data as base64, not deep lists)")  # fmt: skip
     plain = parse_plain(raw)  # the common well-formed case, without pydantic's per-field machinery
-    if plain is not None:
-        return check_scorable(plain, check_finite) or plain
+    if plain is not None:  # its shapes are checked already: only the inputs' finiteness is left
+        return (_non_finite(plain) if check_finite else None) or plain
     try:
         # pydantic's own JSON parser: faster than json.loads + model_validate on the hot path.
         request = MirroredRequest.model_validate_json(raw)
@@ -131,8 +131,10 @@ def check_scorable(request: MirroredRequest, check_finite: bool = True) -> Rejec
                 if size == 0:
                     return _reject("invalid_tensor", f"{field}.{clip(name, 64)}.shape: dimension {axis} is 0; "
                                                      "every dimension must be >= 1")  # fmt: skip
-    if not check_finite:
-        return None
+    return _non_finite(request) if check_finite else None
+
+
+def _non_finite(request: MirroredRequest) -> Rejection | None:
     for name, tensor in request.inputs.items():
         array = tensor.to_array()
         if array.dtype.kind in _FLOAT_KINDS:

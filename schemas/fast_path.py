@@ -32,6 +32,7 @@ _REQUIRED = frozenset({"request_id", "model", "baseline_version", "sent_at", "in
                        "baseline_latency_ms"})  # fmt: skip
 _ALLOWED = _REQUIRED | {"schema_version", "attributes", "label"}
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data"})
+_INT = frozenset({int})  # bool is a subclass of int, not int: shapes of true/false take the full path
 # What both pydantic and datetime.fromisoformat read the same way; anything else takes the full path.
 _ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?(Z|[+-]\d\d:\d\d)\Z")
 
@@ -41,7 +42,8 @@ class _NotPlain(Exception):
 
 
 def parse_plain(raw: bytes) -> MirroredRequest | None:
-    """The request, when ``raw`` is a valid request in the plain form; else ``None``."""
+    """The request, when ``raw`` is a valid request in the plain form; else ``None``. A plain
+    request's tensors have no zero-size dimension (``check_scorable``'s shape rule holds)."""
     try:
         return _parse(raw)
     except Exception:  # noqa: BLE001 - _NotPlain, or anything unforeseen: pydantic decides
@@ -101,7 +103,10 @@ def _tensors(value: Any) -> dict[str, Tensor]:
         dtype, shape, data = tensor["dtype"], tensor["shape"], tensor["data"]
         if type(dtype) is not str or dtype not in _LITTLE_ENDIAN or type(shape) is not list or type(data) is not str:
             raise _NotPlain
-        if len(shape) > MAX_TENSOR_DIMS or any(type(d) is not int or not 0 <= d <= MAX_TENSOR_ELEMENTS for d in shape):
+        # Every dimension an int from 1 (a zero-size tensor cannot be scored: pydantic accepts it,
+        # schemas.decode.check_scorable then explains) to the element limit.
+        if len(shape) > MAX_TENSOR_DIMS or (shape and (not _INT.issuperset(map(type, shape))
+                                                       or min(shape) < 1 or max(shape) > MAX_TENSOR_ELEMENTS)):
             raise _NotPlain
         count = math.prod(shape)
         little = _LITTLE_ENDIAN[dtype]

@@ -167,9 +167,11 @@ async def _quietly_stop(p: AIOKafkaProducer, timeout_s: float = 3) -> None:
 
 
 def producer(settings: Settings, transactional_id: str | None = None) -> AIOKafkaProducer:
+    # snappy, not lz4: aiokafka compresses lz4 at level 9 (1.2 ms per 57 KB diff batch, 8 % of a
+    # replay process's time), snappy in 0.06 ms, to 2.0x against lz4's 2.3x on these batches.
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka.bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
-        compression_type="lz4", max_request_size=PRODUCER_MAX_REQUEST_BYTES, request_timeout_ms=15000,
+        compression_type="snappy", max_request_size=PRODUCER_MAX_REQUEST_BYTES, request_timeout_ms=15000,
         transactional_id=transactional_id, transaction_timeout_ms=int(settings.kafka.transaction_timeout_s * 1000),
     )  # fmt: skip
 

@@ -192,10 +192,10 @@ def test_oversized_respects_the_parameter():
 
 
 def test_unexpected_exceptions_are_other_and_named(monkeypatch):
-    def boom(request, check_finite=True):
+    def boom(request):
         raise RuntimeError("scorer bug")
 
-    monkeypatch.setattr(schemas.decode, "check_scorable", boom)
+    monkeypatch.setattr(schemas.decode, "_non_finite", boom)  # run for plain and pydantic-read requests alike
     result = decode_request(_message())
     assert result == Rejection("other", "(message): unexpected RuntimeError while decoding: scorer bug")
 
