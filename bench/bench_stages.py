@@ -51,44 +51,72 @@ def bootstrap() -> str:
     return out.stdout.strip().splitlines()[-1].split("=", 1)[1]
 
 
-async def _progress(broker: str, topic: str, group: str) -> tuple[int, int]:
-    """(committed, end) summed over the topic's partitions for the group."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
-    consumer = AIOKafkaConsumer(bootstrap_servers=broker)
-    await admin.start()
-    await consumer.start()
-    try:
-        (described,) = await admin.describe_topics([topic])
-        tps = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
-        end = sum((await consumer.end_offsets(tps)).values())
+class GroupProgress:
+    """(committed, end) of a group on a topic, summed over partitions, from Kafka clients opened
+    once: opening them at every check (5 times a second) took CPU from what is measured."""
+
+    def __init__(self, broker: str):
+        self.broker = broker
+        self.loop = asyncio.new_event_loop()
+        self.partitions: dict[str, list[TopicPartition]] = {}
+
+        async def start() -> None:  # aiokafka clients are made inside their loop
+            self.admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+            self.consumer = AIOKafkaConsumer(bootstrap_servers=broker)
+            await self.admin.start()
+            await self.consumer.start()
+
+        self.loop.run_until_complete(start())
+
+    def __call__(self, topic: str, group: str) -> tuple[int, int]:
+        return self.loop.run_until_complete(self._progress(topic, group))
+
+    async def _progress(self, topic: str, group: str) -> tuple[int, int]:
+        if topic not in self.partitions:
+            (described,) = await self.admin.describe_topics([topic])
+            self.partitions[topic] = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+        end = sum((await self.consumer.end_offsets(self.partitions[topic])).values())
         try:
-            committed = await admin.list_consumer_group_offsets(group)
+            committed = await self.admin.list_consumer_group_offsets(group)
         except GroupCoordinatorNotAvailableError:  # a fresh broker creates __consumer_offsets on first use
             return 0, end
         return sum(o.offset for tp, o in committed.items() if tp.topic == topic and o.offset > 0), end
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.consumer.stop())
+        self.loop.run_until_complete(self.admin.close())
+        self.loop.close()
+
+
+def _progress(broker: str, topic: str, group: str) -> tuple[int, int]:
+    progress = GroupProgress(broker)
+    try:
+        return progress(topic, group)
     finally:
-        await consumer.stop()
-        await admin.close()
+        progress.close()
 
 
 def drain_rate(broker: str, topic: str, group: str, procs: list[WorkerProcess], what: str, timeout_s: float = 900,
                poll_s: float = 0.2):  # fmt: skip
-    """Wait until the group has committed the topic's end; items/s from its first commit (each
-    check opens Kafka clients: a longer ``poll_s`` leaves more CPU to what is measured)."""
+    """Wait until the group has committed the topic's end; items/s from its first commit."""
     first: tuple[float, int] | None = None
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for p in procs:
-            if not p.alive:
-                raise RuntimeError(f"{what}: a process exited:\n{p.log_tail()}")
-        committed, end = asyncio.run(_progress(broker, topic, group))
-        now = time.perf_counter()
-        if committed and first is None:
-            first = (now, committed)
-        if end and committed >= end:
-            assert first is not None
-            return (committed - first[1]) / max(now - first[0], 1e-9), now - first[0]
-        time.sleep(poll_s)
+    progress = GroupProgress(broker)
+    try:
+        while time.monotonic() < deadline:
+            for p in procs:
+                if not p.alive:
+                    raise RuntimeError(f"{what}: a process exited:\n{p.log_tail()}")
+            committed, end = progress(topic, group)
+            now = time.perf_counter()
+            if committed and first is None:
+                first = (now, committed)
+            if end and committed >= end:
+                assert first is not None
+                return (committed - first[1]) / max(now - first[0], 1e-9), now - first[0]
+            time.sleep(poll_s)
+    finally:
+        progress.close()
     raise TimeoutError(f"{what}: not drained in {timeout_s} s")
 
 
@@ -222,7 +250,7 @@ def bench_judge(broker, models, mirror, diffs_topic, rows, work, runs, stored) -
         else:  # the next run must meet the same table: the pre-filled rows only, not this run's ids
             forget_run_rows(chdb)
         # Kafka records per second -> diff rows per second (each record is one micro-batch of one pair).
-        rates.append(rate * rows / max(1, asyncio.run(_progress(broker, diffs_topic, group))[1]))
+        rates.append(rate * rows / max(1, _progress(broker, diffs_topic, group)[1]))
         print(f"  judge run {i + 1} ({stored:,} rows stored): {rates[-1]:,.0f} diff rows/s ({took:.1f} s)")
     print(f"judge stage, {stored:,} rows stored: median {statistics.median(rates):,.0f} diff rows/s into chDB")
 
@@ -239,14 +267,18 @@ def bench_e2e(broker, models, messages, work, runs) -> None:
             start = time.perf_counter()
             produce(broker, topic, messages)
             group = f"worker-{topic}-judge"
-            while True:
-                committed, end = asyncio.run(_progress(broker, f"{topic}.diffs", group))
-                replayed, produced = asyncio.run(_progress(broker, topic, f"worker-{topic}"))
-                if produced and replayed >= produced and end and committed >= end:
-                    break
-                if not all(p.alive for p in procs):
-                    raise RuntimeError("e2e: a process exited")
-                time.sleep(0.2)
+            progress = GroupProgress(broker)
+            try:
+                while True:
+                    committed, end = progress(f"{topic}.diffs", group)
+                    replayed, produced = progress(topic, f"worker-{topic}")
+                    if produced and replayed >= produced and end and committed >= end:
+                        break
+                    if not all(p.alive for p in procs):
+                        raise RuntimeError("e2e: a process exited")
+                    time.sleep(0.2)
+            finally:
+                progress.close()
             rates.append(len(messages) / (time.perf_counter() - start))
         finally:
             for p in procs:
