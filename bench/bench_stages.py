@@ -18,7 +18,6 @@ Usage: KAFKA_BOOTSTRAP=127.0.0.1:19092 python bench/bench_stages.py [--requests 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import statistics
@@ -29,12 +28,11 @@ import time
 import uuid
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from streams.demo import TrafficGenerator
-from streams.harness import WorkerProcess, create_topic, free_port, produce, write_worker_config
+from streams.harness import (
+    GroupProgress, WorkerProcess, create_topic, free_port, group_progress, produce, write_worker_config,
+)  # fmt: skip
 from streams.models import build_digits_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,51 +47,6 @@ def bootstrap() -> str:
         return os.environ["KAFKA_BOOTSTRAP"]
     out = subprocess.run(["bash", str(ROOT / "scripts/kafka.sh"), "start"], check=True, capture_output=True, text=True)
     return out.stdout.strip().splitlines()[-1].split("=", 1)[1]
-
-
-class GroupProgress:
-    """(committed, end) of a group on a topic, summed over partitions, from Kafka clients opened
-    once: opening them at every check (5 times a second) took CPU from what is measured."""
-
-    def __init__(self, broker: str):
-        self.broker = broker
-        self.loop = asyncio.new_event_loop()
-        self.partitions: dict[str, list[TopicPartition]] = {}
-
-        async def start() -> None:  # aiokafka clients are made inside their loop
-            self.admin = AIOKafkaAdminClient(bootstrap_servers=broker)
-            self.consumer = AIOKafkaConsumer(bootstrap_servers=broker)
-            await self.admin.start()
-            await self.consumer.start()
-
-        self.loop.run_until_complete(start())
-
-    def __call__(self, topic: str, group: str) -> tuple[int, int]:
-        return self.loop.run_until_complete(self._progress(topic, group))
-
-    async def _progress(self, topic: str, group: str) -> tuple[int, int]:
-        if topic not in self.partitions:
-            (described,) = await self.admin.describe_topics([topic])
-            self.partitions[topic] = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
-        end = sum((await self.consumer.end_offsets(self.partitions[topic])).values())
-        try:
-            committed = await self.admin.list_consumer_group_offsets(group)
-        except GroupCoordinatorNotAvailableError:  # a fresh broker creates __consumer_offsets on first use
-            return 0, end
-        return sum(o.offset for tp, o in committed.items() if tp.topic == topic and o.offset > 0), end
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.consumer.stop())
-        self.loop.run_until_complete(self.admin.close())
-        self.loop.close()
-
-
-def _progress(broker: str, topic: str, group: str) -> tuple[int, int]:
-    progress = GroupProgress(broker)
-    try:
-        return progress(topic, group)
-    finally:
-        progress.close()
 
 
 def drain_rate(broker: str, topic: str, group: str, procs: list[WorkerProcess], what: str, timeout_s: float = 900,
@@ -250,7 +203,7 @@ def bench_judge(broker, models, mirror, diffs_topic, rows, work, runs, stored) -
         else:  # the next run must meet the same table: the pre-filled rows only, not this run's ids
             forget_run_rows(chdb)
         # Kafka records per second -> diff rows per second (each record is one micro-batch of one pair).
-        rates.append(rate * rows / max(1, _progress(broker, diffs_topic, group)[1]))
+        rates.append(rate * rows / max(1, group_progress(broker, diffs_topic, group)[1]))
         print(f"  judge run {i + 1} ({stored:,} rows stored): {rates[-1]:,.0f} diff rows/s ({took:.1f} s)")
     print(f"judge stage, {stored:,} rows stored: median {statistics.median(rates):,.0f} diff rows/s into chDB")
 

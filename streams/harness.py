@@ -23,6 +23,8 @@ from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from streams.demo import DEMO_POLICY
 
@@ -125,7 +127,7 @@ def _sdk_key(i: int, message: bytes | None) -> bytes:
 
 
 def create_topic(bootstrap: str, name: str, partitions: int, config: dict | None = None) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.admin import NewTopic
 
     async def run() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
@@ -172,28 +174,58 @@ def consume_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 30, 
     return asyncio.run(run())
 
 
-def group_lag(bootstrap: str, topic: str, group: str) -> int:
-    """Records of ``topic`` past what ``group`` committed, summed over partitions (the end offsets
-    count transaction markers too: a group that commits only one past its last record never
-    reaches 0 on a transactional topic)."""
-    from aiokafka.admin import AIOKafkaAdminClient
+class GroupProgress:
+    """(committed, end) of a group on a topic, summed over partitions, from Kafka clients opened
+    once (a bench that opened them at every check, 5 times a second, took CPU from what it measured)."""
 
-    async def run() -> int:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-        await admin.start()
-        await consumer.start()
+    def __init__(self, broker: str):
+        self.broker = broker
+        self.loop = asyncio.new_event_loop()
+        self.partitions: dict[str, list[TopicPartition]] = {}
+
+        async def start() -> None:  # aiokafka clients are made inside their loop
+            self.admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+            self.consumer = AIOKafkaConsumer(bootstrap_servers=broker)
+            await self.admin.start()
+            await self.consumer.start()
+
+        self.loop.run_until_complete(start())
+
+    def __call__(self, topic: str, group: str) -> tuple[int, int]:
+        return self.loop.run_until_complete(self._progress(topic, group))
+
+    async def _progress(self, topic: str, group: str) -> tuple[int, int]:
+        if topic not in self.partitions:
+            (described,) = await self.admin.describe_topics([topic])
+            self.partitions[topic] = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+        end = sum((await self.consumer.end_offsets(self.partitions[topic])).values())
         try:
-            (described,) = await admin.describe_topics([topic])
-            tps = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
-            end = await consumer.end_offsets(tps)
-            committed = await admin.list_consumer_group_offsets(group)
-            return sum(max(0, end[tp] - max(committed[tp].offset, 0) if tp in committed else end[tp]) for tp in tps)
-        finally:
-            await consumer.stop()
-            await admin.close()
+            committed = await self.admin.list_consumer_group_offsets(group)
+        except GroupCoordinatorNotAvailableError:  # a fresh broker creates __consumer_offsets on first use
+            return 0, end
+        return sum(o.offset for tp, o in committed.items() if tp.topic == topic and o.offset > 0), end
 
-    return asyncio.run(run())
+    def close(self) -> None:
+        self.loop.run_until_complete(self.consumer.stop())
+        self.loop.run_until_complete(self.admin.close())
+        self.loop.close()
+
+
+def group_progress(bootstrap: str, topic: str, group: str) -> tuple[int, int]:
+    """One (committed, end) check (``GroupProgress``)."""
+    progress = GroupProgress(bootstrap)
+    try:
+        return progress(topic, group)
+    finally:
+        progress.close()
+
+
+def group_lag(bootstrap: str, topic: str, group: str) -> int:
+    """Records of ``topic`` past what ``group`` committed (the end offsets count transaction
+    markers too: a group that commits only one past its last record never reaches 0 on a
+    transactional topic)."""
+    committed, end = group_progress(bootstrap, topic, group)
+    return end - committed
 
 
 class WorkerProcess:
