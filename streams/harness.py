@@ -307,12 +307,18 @@ class Workers:
         self.replays[index].stop(sig)
         self.replays[index] = self._start("replay")
 
+    def stop_replays(self) -> None:
+        """Stop the replay processes gently (``split`` only), so the diffs topic goes quiet: each
+        one reports its progress to every diffs partition once a second, in a transaction."""
+        for p in self.replays:
+            p.stop()
+
     def all_alive(self) -> bool:
         return all(p.alive for p in self.processes)
 
     def wait_for(self, predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
         for p in self.replays:
-            if not p.alive:
+            if not p.alive and p.proc.returncode not in (0, -signal.SIGTERM):
                 raise RuntimeError(f"replay process exited ({p.proc.returncode}):\n{p.log_tail()}")
         return self.judge.wait_for(predicate, timeout_s, what)
 
