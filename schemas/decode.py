@@ -6,13 +6,16 @@ and each one bounds the cost of the next:
 
 1. ``None`` (a Kafka tombstone) -> ``tombstone``.
 2. More than ``MAX_MESSAGE_BYTES`` -> ``oversized``, without reading it.
+
+   A valid request in the plain form the SDK writes is read right here (schemas/fast_path.py),
+   without pydantic's per-field machinery; everything else goes on:
+
 3. Not UTF-8 -> ``invalid_json``.
 4. Nested deeper than ``MAX_JSON_DEPTH`` -> ``too_deep``, found by a scan *before* parsing:
    ``json.loads`` recurses per level and "[" * 200000 would raise RecursionError (or worse,
    exhaust the C stack in a thread with a small one). A RecursionError is still caught.
 5. Not JSON -> ``invalid_json``.
-6. A valid request in the plain form (schemas/fast_path.py) is read without pydantic's per-field
-   machinery; everything else is validated by pydantic. Not a valid ``MirroredRequest`` -> ``invalid_tensor`` when any problem is inside a named
+6. Validated by pydantic. Not a valid ``MirroredRequest`` -> ``invalid_tensor`` when any problem is inside a named
    tensor of ``inputs``/``baseline_output``, else ``invalid_schema``.
 7. Valid but unscorable (``check_scorable``): a tensor with a zero-size dimension ->
    ``invalid_tensor``; NaN/infinity in an input tensor -> ``non_finite_input``. Non-finite
@@ -31,7 +34,7 @@ from typing import Literal
 import numpy as np
 from pydantic import ValidationError
 
-from schemas.fast_path import parse_plain
+from schemas.fast_path import PlainRequest, parse_plain_request
 from schemas.events import MAX_REASON_CHARS, MirroredRequest, describe_validation_error
 from schemas.tensors import clip
 
@@ -67,7 +70,21 @@ def decode_request(
     ``Exception``s (``KeyboardInterrupt``/``SystemExit`` still propagate).
 
     ``check_finite=False`` leaves the NaN/infinity check of the inputs to the caller (the replay
-    stage does it once over a micro-batch's stacked inputs, ``inputs_finite``)."""
+    stage does it once over a micro-batch's stacked inputs)."""
+    decoded = _guarded(raw, max_bytes, max_depth, check_finite)
+    return decoded.to_request() if isinstance(decoded, PlainRequest) else decoded
+
+
+def decode_for_replay(
+    raw: bytes | bytearray | memoryview | str | None, *, max_bytes: int = MAX_MESSAGE_BYTES
+) -> PlainRequest | MirroredRequest | Rejection:
+    """``decode_request(raw, check_finite=False)``, except that a request in the plain form comes
+    back as the ``PlainRequest`` the fast path read (no pydantic objects: the replay stage stacks
+    its tensors' bytes directly). Its inputs' finiteness is the caller's to check."""
+    return _guarded(raw, max_bytes, MAX_JSON_DEPTH, False)
+
+
+def _guarded(raw, max_bytes: int, max_depth: int, check_finite: bool) -> PlainRequest | MirroredRequest | Rejection:
     try:
         return _decode(raw, max_bytes, max_depth, check_finite)
     except RecursionError:
@@ -87,6 +104,9 @@ def _decode(raw, max_bytes: int, max_depth: int, check_finite: bool = True) -> M
     if len(raw) > max_bytes:
         return Rejection("oversized", f"(message): {len(raw)} bytes exceed the limit of {max_bytes}; "
                                       "mirror smaller tensors (or a summary of them)")  # fmt: skip
+    plain = parse_plain_request(raw)  # the common well-formed case, without pydantic's per-field machinery
+    if plain is not None:  # its shapes are checked already: only the inputs' finiteness is left
+        return (_non_finite(plain) if check_finite else None) or plain
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -98,9 +118,6 @@ def _decode(raw, max_bytes: int, max_depth: int, check_finite: bool = True) -> M
     if depth > max_depth:
         return Rejection("too_deep", f"(message): JSON nests {depth} levels, over the limit of {max_depth}; "
                                      "send a MirroredRequest (tensor data as base64, not deep lists)")  # fmt: skip
-    plain = parse_plain(raw)  # the common well-formed case, without pydantic's per-field machinery
-    if plain is not None:  # its shapes are checked already: only the inputs' finiteness is left
-        return (_non_finite(plain) if check_finite else None) or plain
     try:
         # pydantic's own JSON parser: faster than json.loads + model_validate on the hot path.
         request = MirroredRequest.model_validate_json(raw)
@@ -134,7 +151,7 @@ def check_scorable(request: MirroredRequest, check_finite: bool = True) -> Rejec
     return _non_finite(request) if check_finite else None
 
 
-def _non_finite(request: MirroredRequest) -> Rejection | None:
+def _non_finite(request: MirroredRequest | PlainRequest) -> Rejection | None:
     for name, tensor in request.inputs.items():
         array = tensor.to_array()
         if array.dtype.kind in _FLOAT_KINDS:

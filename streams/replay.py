@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import softmax
 
-from schemas import DeadLetter, MirroredRequest, decode_request
+from schemas import DeadLetter, MirroredRequest
+from schemas.decode import Rejection, decode_for_replay
+from schemas.fast_path import PlainRequest
 from scorers.diffs import classification_diffs
 from streams.adapter import InputAdapter
 from streams.config import CandidateConfig, Settings
@@ -36,6 +38,7 @@ from streams.evidence_keys import evidence_keys
 from streams.recent_ids import id_hashes
 from streams.records import DiffBatch, empty_columns
 from streams.runner import OnnxRunner
+from streams.stacking import baseline_rows, groups_by_signature, stack
 
 log = logging.getLogger("shadowlens.replay")
 # Dead letters that are nobody's fault but the payload's or the config's: counted per pair so the
@@ -96,11 +99,11 @@ class ReplayCore:
     def replay(self, messages: Sequence[Inbound]) -> ReplayOutput:
         out = ReplayOutput()
         self._groups, self._shared = set(), {}  # see _per_group
-        by_model: dict[str, list[tuple[MirroredRequest, Inbound]]] = defaultdict(list)
+        by_model: dict[str, list[tuple[PlainRequest | MirroredRequest, Inbound]]] = defaultdict(list)
         for msg in messages:
             # Inputs' finiteness is checked below, once per stacked group (cheaper than per message).
-            decoded = decode_request(msg.value, check_finite=False)
-            if not isinstance(decoded, MirroredRequest):
+            decoded = decode_for_replay(msg.value)
+            if isinstance(decoded, Rejection):
                 out.dead_letters.append(_letter(msg, decoded.error_type, decoded.reason))
                 continue
             sent_ms = _ms(decoded)
@@ -113,7 +116,7 @@ class ReplayCore:
         scored_ms = int(time.time() * 1000)
         for model, items in by_model.items():
             groups = []
-            for group in _groups_by_signature(items):
+            for group in groups_by_signature(items):
                 try:
                     stacked, group, letters = _stack_finite(group)
                     # Evidence keys once per request, before any candidate's adapter: (n, 2) uint64.
@@ -196,7 +199,7 @@ class ReplayCore:
         could not have been compared anyway, and it is not counted against the candidate."""
         cfg = cand.config
         events = [ev for ev, _ in group]
-        base_rows, problems = _baseline_rows(events, cfg, None)
+        base_rows, problems = baseline_rows(events, cfg, None)
         if problems:
             return None, _letter(group[0][1], "baseline_mismatch", f"{problems[0]}; the producer must send it, or fix "
                                  f"candidates.{cfg.name}.baseline_output", candidate=cand)  # fmt: skip
@@ -217,7 +220,7 @@ class ReplayCore:
         cand_rows = np.asarray(outputs, dtype=np.float64).reshape(len(events), -1)
         width = cand_rows.shape[1]
         base_rows, problems = self._per_group(group, ("baseline", cfg.baseline_output, width),
-                                              lambda: _baseline_rows(events, cfg, width))  # fmt: skip
+                                              lambda: baseline_rows(events, cfg, width))  # fmt: skip
         letters = [_letter(group[i][1], "baseline_mismatch", f"{reason}; the producer must send it, or fix "
                            f"candidates.{cfg.name}.baseline_output", candidate=cand)
                    for i, reason in problems.items()]  # fmt: skip
@@ -297,8 +300,7 @@ def _stack_finite(group):
     """Stack a group's inputs along axis 0 (one row per request); requests with NaN/infinite
     float inputs become dead letters and leave the group. Returns (stacked, kept, letters)."""
     events = [ev for ev, _ in group]
-    stacked = {name: np.concatenate([_as_batch(ev.inputs[name].to_array()) for ev in events])
-               for name in events[0].inputs}  # fmt: skip
+    stacked = {name: stack([ev.inputs[name] for ev in events]) for name in events[0].inputs}
     letters, bad = [], np.zeros(len(events), dtype=bool)
     for name, array in stacked.items():
         if array.shape[0] != len(events):  # a request carrying several rows: its own group, refused
@@ -315,39 +317,6 @@ def _stack_finite(group):
         keep = np.flatnonzero(~bad)
         return {name: array[keep] for name, array in stacked.items()}, [group[i] for i in keep.tolist()], letters
     return stacked, group, letters
-
-
-def _groups_by_signature(items):
-    """Requests whose inputs stack (same names, dtypes, per-row shapes), in arrival order."""
-    groups: dict[tuple, list] = {}
-    for ev, msg in items:
-        # Shapes as one row sees them: (64,) and (1, 64) stack alike; (5, 64) is its own group.
-        sig = tuple(sorted((n, t.dtype, tuple(t.shape if len(t.shape) >= 2 else [1, *t.shape])) for n, t in ev.inputs.items()))
-        groups.setdefault(sig, []).append((ev, msg))
-    return list(groups.values())
-
-
-def _baseline_rows(events: list[MirroredRequest], cfg: CandidateConfig, width: int | None):
-    """The baseline's outputs as an (n, width) array (width None: the first request's); a missing
-    or mis-shaped one is a row problem (index -> reason naming the field)."""
-    base, problems = None, {}
-    for i, ev in enumerate(events):
-        tensor = ev.baseline_output.get(cfg.baseline_output)
-        if tensor is None:
-            have = ", ".join(sorted(ev.baseline_output)) or "none"
-            problems[i] = f"baseline_output.{cfg.baseline_output}: missing in the request (it has: {have})"
-            continue
-        row = np.asarray(tensor.to_array(), dtype=np.float64).reshape(-1)
-        width = row.shape[0] if width is None else width
-        if base is None:
-            base = np.full((len(events), width), np.nan)
-        if row.shape[0] != width:
-            problems[i] = (f"baseline_output.{cfg.baseline_output}: {row.shape[0]} values, the candidate's "
-                           f"{cfg.output} has {width}; shape mismatch")  # fmt: skip
-            continue
-        base[i] = row
-    return (np.full((len(events), width or 1), np.nan) if base is None else base), problems
-
 
 
 def _concat(cfg: CandidateConfig, scored_ms: int, parts: list[DiffBatch]) -> DiffBatch:
@@ -379,13 +348,8 @@ def _top_confidence(rows: np.ndarray, from_logits: bool) -> np.ndarray:
     return np.nan_to_num(top, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _as_batch(array: np.ndarray) -> np.ndarray:
-    # A request tensor of shape (64,) and (1, 64) both mean one row of 64 features.
-    return array if array.ndim >= 2 else array[None, ...]
-
-
-def _ms(ev: MirroredRequest) -> int:
-    return int(ev.sent_at.timestamp() * 1000)
+def _ms(ev: PlainRequest | MirroredRequest) -> int:
+    return ev.sent_ms if type(ev) is PlainRequest else int(ev.sent_at.timestamp() * 1000)
 
 
 def _describe(exc: BaseException) -> str:

@@ -18,7 +18,8 @@ from pydantic import ValidationError
 
 from schemas import MirroredRequest, Tensor, decode_request
 from schemas.events import MAX_ATTRIBUTE_VALUE_CHARS, MAX_REQUEST_ID_CHARS
-from schemas.fast_path import parse_plain
+from schemas.decode import decode_for_replay
+from schemas.fast_path import PlainRequest, parse_plain
 
 
 def _message(rng_seed: int = 0, **overrides) -> dict:
@@ -41,11 +42,17 @@ def _tensor(**overrides) -> dict:
 ODD = [True, False, None, 0, 1, -1, 1.0, 2.5, -0.0, 1e308, 10**400, "", "x", "1.5", "2026-11-27", [], [1], {}, {"a": 1},
        "2026-11-27T04:50:13Z", "2026-11-27T04:50:13.1234567Z", "2026-11-27 04:50:13Z", "2026-11-27T04:50:13",
        "2026-11-27T04:50:13+05:30", "2026-11-27T04:50:13z", "2026-11-27T24:00:00Z", "0000-01-01T00:00:00Z",
-       "9999-12-31T23:59:59-12:00", "x" * (MAX_REQUEST_ID_CHARS + 1), "y" * (MAX_ATTRIBUTE_VALUE_CHARS + 1)]  # fmt: skip
+       "9999-12-31T23:59:59-12:00", "x" * (MAX_REQUEST_ID_CHARS + 1), "y" * (MAX_ATTRIBUTE_VALUE_CHARS + 1),
+       "\ud800", "a\u0000b", "é" * MAX_REQUEST_ID_CHARS, 10**30, -(2**63) - 1, 2**64]  # fmt: skip
 TENSOR_ODD = [_tensor(), _tensor(dtype="float"), _tensor(dtype="int64"), _tensor(shape=[6]), _tensor(shape=[2, 3.0]),
               _tensor(shape=[2, True, 3]), _tensor(shape=[-2, -3]), _tensor(shape=[0, 3]), _tensor(data="!!!!"),
               _tensor(data=base64.b64encode(b"\0" * 23).decode()), _tensor(data=[[1, 2, 3], [4, 5, 6]]),
-              {"dtype": "int32", "shape": [1]}, {**_tensor(), "extra": 1}, _tensor(shape=[2**70, 0])]  # fmt: skip
+              {"dtype": "int32", "shape": [1]}, {**_tensor(), "extra": 1}, _tensor(shape=[2**70, 0]),
+              # base64 edge forms: canonical, non-zero padding bits, missing, excess or inner padding, whitespace
+              *({"dtype": "float32", "shape": [1], "data": d}
+                for d in ("AAAAAA==", "AAAAAB==", "AAAAAA", "AAAAAA=", "AAAAAA===", "AAA=AAA=", "AAAA AA==",
+                          "AAAAAA==\n", "-_-_AA==", "")),
+              {"dtype": "float32", "shape": [], "data": "AACAPw=="}, {"dtype": "float32", "shape": [1], "data": 1.0}]  # fmt: skip
 FIELDS = ["schema_version", "request_id", "model", "baseline_version", "sent_at", "inputs", "baseline_output",
           "baseline_latency_ms", "attributes", "label", "unknown_field"]  # fmt: skip
 
@@ -79,6 +86,10 @@ def test_the_sdk_form_takes_the_fast_path():
     minimal = {k: v for k, v in _message().items() if k not in ("schema_version", "attributes", "label")}
     assert _assert_agrees(json.dumps(minimal).encode())
     assert decode_request(json.dumps(_message()).encode()) == parse_plain(json.dumps(_message()).encode())
+    # The replay stage's reading of the same bytes: the fast path's struct, equal once converted.
+    plain = decode_for_replay(json.dumps(_message()).encode())
+    assert isinstance(plain, PlainRequest) and plain.to_request() == parse_plain(json.dumps(_message()).encode())
+    assert plain.sent_ms == int(plain.to_request().sent_at.timestamp() * 1000)
 
 
 def test_every_single_field_change_agrees():
