@@ -1,7 +1,8 @@
 """Throughput of the two stages, each measured as it runs in production (separate processes, real
 Kafka, chDB), plus the embedded pipeline. Prints medians of --runs runs; none of this is a test.
 
-- pipeline: ReplayCore + JudgeCore in one process, no Kafka (what the demo runs), requests/s;
+- pipeline: ReplayCore + JudgeCore in one process, no Kafka (what the demo runs), requests/s, with
+            the demo's chunks of requests per call and with one 256-request micro-batch per call;
 - replay:   --role replay processes (1, then 2) draining a pre-filled mirror topic of --requests
             digits requests against 2 candidates, requests/s from the group's first commit to its
             last (start-up excluded);
@@ -83,25 +84,30 @@ def config_for(work: Path, broker: str, models: dict, topic: str, name: str, chd
 
 
 def bench_pipeline(models: dict, messages: list[bytes], work: Path, runs: int) -> None:
+    """The demo's chunks (EMBEDDED_CHUNK requests per process call, one insert each) and one
+    replay micro-batch (256) per call, alternating, so the two are measured side by side."""
     from streams.demo import demo_settings
-    from streams.pipeline import Pipeline
+    from streams.pipeline import EMBEDDED_CHUNK, Pipeline
     from streams.sink import ClickHouseSink
 
-    rates = []
+    rates: dict[int, list[float]] = {EMBEDDED_CHUNK: [], 256: []}
     for i in range(runs):
-        settings = demo_settings(work / f"pipeline-{i}", models)
-        settings.replay.timing = TIMING
-        settings.candidates = [c for c in settings.candidates if not c.noise_reference]  # 2 candidates, as the others
-        sink = ClickHouseSink(settings.clickhouse.dsn)
-        pipeline = Pipeline(settings, sink)
-        start = time.perf_counter()
-        for lo in range(0, len(messages), 256):
-            pipeline.process(messages[lo : lo + 256])
-        pipeline.close_due(force=True)
-        rates.append(len(messages) / (time.perf_counter() - start))
-        sink.close()
-        print(f"  pipeline run {i + 1}: {rates[-1]:,.0f} requests/s")
-    print(f"pipeline (in process, no Kafka): median {statistics.median(rates):,.0f} requests/s, 2 candidates")
+        for chunk, series in rates.items():
+            settings = demo_settings(work / f"pipeline-{chunk}-{i}", models)
+            settings.replay.timing = TIMING
+            settings.candidates = [c for c in settings.candidates if not c.noise_reference]  # 2 candidates, as the others
+            sink = ClickHouseSink(settings.clickhouse.dsn)
+            pipeline = Pipeline(settings, sink)
+            start = time.perf_counter()
+            for lo in range(0, len(messages), chunk):
+                pipeline.process(messages[lo : lo + chunk])
+            pipeline.close_due(force=True)
+            series.append(len(messages) / (time.perf_counter() - start))
+            sink.close()
+            print(f"  pipeline run {i + 1}, {chunk} requests per call: {series[-1]:,.0f} requests/s")
+    for chunk, series in rates.items():
+        print(f"pipeline (in process, no Kafka), {chunk} requests per call: median {statistics.median(series):,.0f} "
+              "requests/s, 2 candidates")  # fmt: skip
 
 
 def bench_replay(broker, models, mirror, n, work, runs, processes) -> str:
@@ -264,7 +270,7 @@ def main() -> None:
         print(f"{args.requests:,} mirrored digits requests generated in {time.perf_counter() - t:.0f} s; "
               f"broker {broker}; {os.cpu_count()} cores; timing {TIMING}")  # fmt: skip
         if "pipeline" in args.only:
-            bench_pipeline(models, messages[:20_000], work, args.runs)
+            bench_pipeline(models, messages[:40_000], work, args.runs)
         judge_runs = {"judge": (0, args.stored_rows), "judge-empty": (0,), "judge-stored": (args.stored_rows,)}
         stored_cases = sorted({n for name in args.only for n in judge_runs.get(name, ())})
         if {"replay", "transactions"} & set(args.only) or stored_cases:

@@ -9,19 +9,20 @@ dict per field) and a few Python checks, in about a fifth of that, and answers `
 *anything* else: every other form, every invalid message, anything it is unsure of goes to the
 full pydantic path, which accepts or rejects it with the field and the fix named, exactly as
 before. So this path can only be slower to refuse, never more lenient: whenever it answers, the
-request equals ``MirroredRequest.model_validate_json(raw)`` (``PlainRequest.to_request``; a
-property test in tests/test_schemas_fast_path.py checks this on valid, mutated and hand-written
-messages).
+request equals ``MirroredRequest.model_validate_json(raw)`` (``PlainRequest.to_request``), its
+tensors' ``data`` written as canonical base64 of the same bytes (property tests in
+tests/test_schemas_fast_path.py check this on valid, mutated and hand-written messages, and
+msgspec's base64 against binascii's).
 
 msgspec (rather than more hand-written Python over a parsed dict) because it validates types,
 required and unknown keys while parsing, in C; it is stricter than pydantic where they differ
-(no bool for an int, no float for an int, no ``NaN`` literal, base64 left to ``binascii``), and
+(no bool for an int, no float for an int, no ``NaN`` literal, no excess base64 padding), and
 whatever it refuses simply takes the pydantic path.
 """
 
 from __future__ import annotations
 
-import binascii
+import base64
 import math
 import re
 from datetime import UTC, datetime
@@ -43,19 +44,26 @@ _REQUIRED = frozenset({"request_id", "model", "baseline_version", "sent_at", "in
 _TENSOR_FIELDS = frozenset({"dtype", "shape", "data"})
 
 
-class PlainTensor(msgspec.Struct, forbid_unknown_fields=True, dict=True):
-    """A tensor of a plain request: what ``Tensor`` holds, with the decoded bytes in ``raw``
-    (set by the checks; ``dict=True`` lets an instance carry it without making it a JSON field)."""
+class PlainTensor(msgspec.Struct, forbid_unknown_fields=True):
+    """A tensor of a plain request: ``data`` is the decoded bytes (msgspec reads base64 into
+    ``bytes`` in C, refusing padding or characters that binascii would let through)."""
 
     dtype: str
     shape: list[int]
-    data: str
+    data: bytes
+
+    @property
+    def raw(self) -> bytes:
+        return self.data
 
     def to_array(self) -> np.ndarray:
-        return np.frombuffer(self.raw, dtype=_LITTLE_ENDIAN[self.dtype]).reshape(self.shape)
+        return np.frombuffer(self.data, dtype=_LITTLE_ENDIAN[self.dtype]).reshape(self.shape)
 
     def to_tensor(self) -> Tensor:
-        t = _bare(Tensor, {"dtype": self.dtype, "shape": self.shape, "data": self.data}, _TENSOR_FIELDS)
+        # The canonical base64 of the same bytes: pydantic keeps the text as sent, which differs
+        # only where a producer set the unused bits of the last character (same array).
+        text = base64.b64encode(self.data).decode("ascii")
+        t = _bare(Tensor, {"dtype": self.dtype, "shape": self.shape, "data": text}, _TENSOR_FIELDS)
         t.__pydantic_private__["_array"] = self.to_array()
         return t
 
@@ -154,11 +162,8 @@ def _tensors(tensors: dict[str, PlainTensor]) -> None:
         count = math.prod(shape)
         if count > MAX_TENSOR_ELEMENTS:
             raise _NotPlain
-        # binascii, as pydantic's Tensor does (base64.b64decode(validate=True)): same leniency.
-        raw = binascii.a2b_base64(t.data, strict_mode=True) if t.data else b""
-        if len(raw) != count * little.itemsize:
+        if len(t.data) != count * little.itemsize:
             raise _NotPlain
-        t.raw = raw
 
 
 def _bare(cls, fields: dict[str, Any], fields_set):

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from schemas import MirroredRequest, Tensor
 from streams.config import Settings, load_settings
 from streams.models import PIXEL_SCALE, build_digits_models, load_digits_split
-from streams.pipeline import Pipeline
+from streams.pipeline import EMBEDDED_CHUNK, Pipeline
 from streams.sink import ClickHouseSink
 
 COUNTRIES = ("de", "fr", "us", "jp", "br")
@@ -108,7 +108,7 @@ def run_demo(data_dir: Path, requests: int = 6000, progress: bool = True) -> tup
     sink = ClickHouseSink(settings.clickhouse.dsn, settings.clickhouse.database, settings.clickhouse.retention_days)
     messages = TrafficGenerator(models["baseline"]).messages(requests)
     pipeline = Pipeline(settings, sink)
-    batch = settings.replay.batch_size
+    batch = max(settings.replay.batch_size, EMBEDDED_CHUNK)
     dead = 0
     with tqdm(total=len(messages), unit="req", desc="replaying", disable=not progress) as bar:
         for lo in range(0, len(messages), batch):

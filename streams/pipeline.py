@@ -21,6 +21,14 @@ from streams.sink import ClickHouseSink
 from streams.windows import PairWindows, SourceView, pair_key
 
 
+# How many requests an embedded source (the demo, a file) hands ``Pipeline.process`` at once.
+# Each call writes its diff rows in one insert, and chDB commits a part per insert at a cost of
+# about 10 ms whatever its size (bench/bench_stages.py --only pipeline shows both sizes): 256 at
+# a time would spend most of the time on commits. The Kafka judge stage batches the same way,
+# taking up to 64 diff batches per insert.
+EMBEDDED_CHUNK = 4096
+
+
 @dataclass
 class BatchResult:
     requests: int = 0  # valid requests in the micro-batch
