@@ -44,7 +44,7 @@ _REQUIRED = frozenset({"request_id", "model", "baseline_version", "sent_at", "in
 _TENSOR_FIELDS = frozenset({"dtype", "shape", "data"})
 
 
-class PlainTensor(msgspec.Struct, forbid_unknown_fields=True):
+class PlainTensor(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """A tensor of a plain request: ``data`` is the decoded bytes (msgspec reads base64 into
     ``bytes`` in C, refusing padding or characters that binascii would let through)."""
 
@@ -68,9 +68,14 @@ class PlainTensor(msgspec.Struct, forbid_unknown_fields=True):
         return t
 
 
-class PlainRequest(msgspec.Struct, forbid_unknown_fields=True, dict=True):
+class PlainRequest(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """A plain request as the replay stage reads it: the ``MirroredRequest`` fields it uses
-    (``sent_at`` as text, its epoch milliseconds in ``sent_ms``), tensors as ``PlainTensor``."""
+    (``sent_at`` as text, its epoch milliseconds in ``sent_ms``), tensors as ``PlainTensor``.
+
+    ``gc=False``: thousands of these live through a micro-batch, and they hold no reference
+    cycles (strings, numbers, bytes, dicts and lists of them), so the cycle collector need not
+    scan them. ``sent_ms`` and ``absent`` are set by the checks, not read from JSON: a message
+    that carries either key is not plain (pydantic refuses it as an unknown field)."""
 
     request_id: str
     model: str
@@ -82,6 +87,8 @@ class PlainRequest(msgspec.Struct, forbid_unknown_fields=True, dict=True):
     schema_version: int | msgspec.UnsetType = msgspec.UNSET
     attributes: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
     label: int | float | None | msgspec.UnsetType = msgspec.UNSET
+    sent_ms: int | msgspec.UnsetType = msgspec.UNSET
+    absent: tuple[str, ...] | msgspec.UnsetType = msgspec.UNSET  # optional fields the message left out
 
     def to_request(self) -> MirroredRequest:
         """The equal ``MirroredRequest`` (what pydantic builds from the same bytes)."""
@@ -92,7 +99,7 @@ class PlainRequest(msgspec.Struct, forbid_unknown_fields=True, dict=True):
             "baseline_output": {n: t.to_tensor() for n, t in self.baseline_output.items()},
             "baseline_latency_ms": self.baseline_latency_ms, "attributes": self.attributes, "label": self.label,
         }  # fmt: skip
-        given = _REQUIRED | {"attributes", "label"}.difference(getattr(self, "absent", ()))
+        given = _REQUIRED | {"attributes", "label"}.difference(self.absent)
         return _bare(MirroredRequest, fields, given | ({"schema_version"} if self.schema_version is not msgspec.UNSET else set()))
 
 
@@ -121,6 +128,8 @@ class _NotPlain(Exception):
 
 def _checked(req: PlainRequest) -> PlainRequest:
     """What msgspec's types do not say: pydantic's limits and value rules."""
+    if req.sent_ms is not msgspec.UNSET or req.absent is not msgspec.UNSET:  # keys a request does not have
+        raise _NotPlain
     if req.schema_version is not msgspec.UNSET and req.schema_version != SCHEMA_VERSION:
         raise _NotPlain
     if not (0 < len(req.request_id) <= MAX_REQUEST_ID_CHARS and 0 < len(req.model) <= MAX_NAME_CHARS
@@ -135,6 +144,7 @@ def _checked(req: PlainRequest) -> PlainRequest:
     latency = req.baseline_latency_ms
     if not math.isfinite(latency) or latency < 0:
         raise _NotPlain
+    req.absent = ()
     if req.attributes is msgspec.UNSET:  # the replay stage reads the defaults; to_request knows they were absent
         req.attributes, req.absent = {}, ("attributes",)
     elif len(req.attributes) > MAX_ATTRIBUTES or any(
@@ -142,7 +152,7 @@ def _checked(req: PlainRequest) -> PlainRequest:
     ):
         raise _NotPlain
     if req.label is msgspec.UNSET:
-        req.label, req.absent = None, (*getattr(req, "absent", ()), "label")
+        req.label, req.absent = None, (*req.absent, "label")
     elif type(req.label) is int:
         float(req.label)  # OverflowError past float64: pydantic's validator explains it
     return req
