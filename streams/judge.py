@@ -112,13 +112,17 @@ class JudgeCore:
             unscorable.append((pw, batch))
         fresh = self._drop_producer_retries(kept)
         self.sink.insert_diff_batches([rows for _, rows, _, _, _ in fresh if len(rows)])
-        # Written: now (and only now) count them.
+        # Written: now (and only now) count them, once per pair for all of this call's batches
+        # (an accumulator update and two merges have a cost per call, not only per row).
         now = time.time()
+        to_count: dict[str, tuple[PairWindows, list[DiffBatch], list[int]]] = {}
         for pw, rows, routed, dups, hashes in fresh:
             key = pair_key(pw.model, pw.candidate)
             if len(rows):
                 self._recent[key].add(hashes, rows.columns["sent_ms"])
-            self._count(pw, rows, dups)
+            _, parts, pair_dups = to_count.setdefault(key, (pw, [], []))
+            parts.extend([rows] if len(rows) else [])
+            pair_dups.extend(dups)
             # Requests routed to the candidate that are new to it, dead-lettered ones included.
             pw.received += max(0, routed - len(dups))
             pw.applied_offsets = pending[key]
@@ -126,6 +130,8 @@ class JudgeCore:
             result.rows += len(rows)
             result.duplicates += len(dups)
             result.touched.add(key)
+        for pw, parts, dups in to_count.values():
+            self._count(pw, DiffBatch.concat(parts) if parts else None, dups)
         self.board.mark_scoring((pw.model, pw.candidate) for pw, _, _, _, _ in fresh)
         for pw, batch in unscorable:  # counted per batch (a batch partly redelivered counts again: rare)
             for kind, n in batch.unscorable.items():
@@ -199,14 +205,14 @@ class JudgeCore:
         recent.add(hashes, sent)
         return recent
 
-    def _count(self, pw: PairWindows, rows: DiffBatch, dups: list[int]) -> None:
+    def _count(self, pw: PairWindows, rows: DiffBatch | None, dups: list[int]) -> None:
         for sent_ms in dups:
             start = sent_ms - sent_ms % self.size_ms
             if start < pw.closed_upto_ms:
                 pw.late_duplicates += 1  # its window row is already written
             else:
                 pw.duplicates[start] = pw.duplicates.get(start, 0) + 1
-        if not len(rows):
+        if rows is None or not len(rows):
             return
         c = rows.columns
         seen = self._seen.setdefault(pair_key(pw.model, pw.candidate), SeenFilter())

@@ -111,6 +111,21 @@ class DiffBatch:
             dict(self.covers), dict(self.unscorable), list(self.unscorable_ms),
         )  # fmt: skip
 
+    @classmethod
+    def concat(cls, parts: list[DiffBatch]) -> DiffBatch:
+        """The rows of several batches of one pair, in order, as one batch (for counting: the
+        accumulators merge exactly, so one update on the concatenation equals one per batch)."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        return DiffBatch(
+            first.model, first.candidate, parts[-1].scored_ms,
+            {k: np.concatenate([p.columns[k] for p in parts]) for k in first.columns},
+            [r for p in parts for r in p.request_id], [v for p in parts for v in p.baseline_version],
+            [e for p in parts for e in p.error], [a for p in parts for a in p.attributes], first.top_k,
+            sum(p.routed for p in parts),
+        )  # fmt: skip
+
     def encode(self) -> bytes:
         header = {
             "model": self.model, "candidate": self.candidate, "scored_ms": self.scored_ms, "n": len(self),

@@ -17,6 +17,7 @@ from streams.config import ConfigError, load_settings
 from streams.demo import TrafficGenerator, demo_settings
 from streams.models import build_digits_models
 from streams.harness import window_aligned_start
+from streams.judge import JudgeCore
 from streams.pipeline import Pipeline
 from streams.replay import Inbound
 from streams.runner import OnnxRunner, choose_providers
@@ -387,3 +388,41 @@ def test_producer_retry_lookups_only_for_ids_the_judge_cannot_clear(pipeline, tr
     older = restarted.judge.apply(out.batches)
     assert older.duplicates == 3 * 20 and older.rows == 0
     assert pipeline.sink.diff_counts()[("digits", "digits-v2")] == 600
+
+
+def test_one_apply_of_many_batches_counts_like_one_apply_per_batch(pipeline, traffic):
+    """The judge counts a call's batches once per pair (concatenated): the accumulators merge
+    exactly, so the pair state equals applying the same batches one call at a time."""
+    outputs = [pipeline.replay.replay(at(traffic[lo : lo + 100], first_offset=lo)) for lo in range(0, 600, 100)]
+    batches = [b for out in outputs for b in out.batches]
+    retry = pipeline.replay.replay(at(traffic[:50], partition=1)).batches  # producer retries among them
+    one_by_one = JudgeCore(pipeline.settings, pipeline.sink)
+    for b in [*batches, *retry]:
+        one_by_one.apply([b])
+    other = ClickHouseSink(pipeline.settings.clickhouse.dsn, "shadowlens_all_at_once")
+    try:
+        at_once = JudgeCore(pipeline.settings, other)
+        result = at_once.apply([*batches, *retry])
+        assert result.duplicates == 3 * 50 and result.rows == 3 * 600
+        assert set(at_once.pairs()) == set(one_by_one.pairs())
+        for key in one_by_one.pairs():
+            _assert_same_state(json.loads(at_once.serialized(key)), json.loads(one_by_one.serialized(key)), key)
+    finally:
+        other.close()
+
+
+def _assert_same_state(a, b, where: str) -> None:
+    """Equal, floats to 1e-12 relative: sums taken in another grouping differ in the last bits."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-12, abs=1e-12, nan_ok=True), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            if not k.endswith("_wall"):  # wall-clock times of the two runs
+                _assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
