@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import base64
 import math
-import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
 import numpy as np
 
 from schemas.events import (
@@ -38,18 +38,29 @@ from schemas.events import (
 from schemas.tensors import _LITTLE_ENDIAN, MAX_TENSOR_DIMS, MAX_TENSOR_ELEMENTS, Tensor
 
 # What both pydantic and datetime.fromisoformat read the same way; anything else takes the full path.
-_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?(Z|[+-]\d\d:\d\d)\Z")
+_ISO_PATTERN = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?(Z|[+-]\d\d:\d\d)\Z"  # \Z: "$" would let a final newline through
 _REQUIRED = frozenset({"request_id", "model", "baseline_version", "sent_at", "inputs", "baseline_output",
                        "baseline_latency_ms"})  # fmt: skip
 _TENSOR_FIELDS = frozenset({"dtype", "shape", "data"})
+
+
+# pydantic's limits as msgspec constraints, checked in C while parsing (lengths count characters
+# in both); what msgspec cannot say is checked in _checked below.
+_Dtype = Literal[tuple(_LITTLE_ENDIAN)]  # type: ignore[valid-type]
+_Attributes = Annotated[
+    dict[Annotated[str, Meta(max_length=MAX_ATTRIBUTE_KEY_CHARS)], Annotated[str, Meta(max_length=MAX_ATTRIBUTE_VALUE_CHARS)]],
+    Meta(max_length=MAX_ATTRIBUTES),
+]
 
 
 class PlainTensor(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """A tensor of a plain request: ``data`` is the decoded bytes (msgspec reads base64 into
     ``bytes`` in C, refusing padding or characters that binascii would let through)."""
 
-    dtype: str
-    shape: list[int]
+    dtype: _Dtype
+    # Every dimension from 1 (a zero-size tensor cannot be scored: pydantic accepts it,
+    # schemas.decode.check_scorable then explains) to the element limit.
+    shape: Annotated[list[Annotated[int, Meta(ge=1, le=MAX_TENSOR_ELEMENTS)]], Meta(max_length=MAX_TENSOR_DIMS)]
     data: bytes
 
     @property
@@ -68,6 +79,11 @@ class PlainTensor(msgspec.Struct, forbid_unknown_fields=True, gc=False):
         return t
 
 
+_TensorMap = Annotated[
+    dict[Annotated[str, Meta(max_length=MAX_TENSOR_NAME_CHARS)], PlainTensor], Meta(min_length=1, max_length=MAX_TENSORS)
+]
+
+
 class PlainRequest(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """A plain request as the replay stage reads it: the ``MirroredRequest`` fields it uses
     (``sent_at`` as text, its epoch milliseconds in ``sent_ms``), tensors as ``PlainTensor``.
@@ -77,15 +93,15 @@ class PlainRequest(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     scan them. ``sent_ms`` and ``absent`` are set by the checks, not read from JSON: a message
     that carries either key is not plain (pydantic refuses it as an unknown field)."""
 
-    request_id: str
-    model: str
-    baseline_version: str
-    sent_at: str
-    inputs: dict[str, PlainTensor]
-    baseline_output: dict[str, PlainTensor]
-    baseline_latency_ms: float
-    schema_version: int | msgspec.UnsetType = msgspec.UNSET
-    attributes: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+    request_id: Annotated[str, Meta(min_length=1, max_length=MAX_REQUEST_ID_CHARS)]
+    model: Annotated[str, Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+    baseline_version: Annotated[str, Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+    sent_at: Annotated[str, Meta(pattern=_ISO_PATTERN)]
+    inputs: _TensorMap
+    baseline_output: _TensorMap
+    baseline_latency_ms: Annotated[float, Meta(ge=0)]
+    schema_version: Literal[1] | msgspec.UnsetType = msgspec.UNSET
+    attributes: _Attributes | msgspec.UnsetType = msgspec.UNSET
     label: int | float | None | msgspec.UnsetType = msgspec.UNSET
     sent_ms: int | msgspec.UnsetType = msgspec.UNSET
     absent: tuple[str, ...] | msgspec.UnsetType = msgspec.UNSET  # optional fields the message left out
@@ -130,27 +146,15 @@ def _checked(req: PlainRequest) -> PlainRequest:
     """What msgspec's types do not say: pydantic's limits and value rules."""
     if req.sent_ms is not msgspec.UNSET or req.absent is not msgspec.UNSET:  # keys a request does not have
         raise _NotPlain
-    if req.schema_version is not msgspec.UNSET and req.schema_version != SCHEMA_VERSION:
-        raise _NotPlain
-    if not (0 < len(req.request_id) <= MAX_REQUEST_ID_CHARS and 0 < len(req.model) <= MAX_NAME_CHARS
-            and 0 < len(req.baseline_version) <= MAX_NAME_CHARS):  # fmt: skip
-        raise _NotPlain
-    if not _ISO.match(req.sent_at):
-        raise _NotPlain
     # astimezone: pydantic refuses what has no UTC datetime (9999-12-31T23:00-12:00); OverflowError here
     req.sent_ms = int(datetime.fromisoformat(req.sent_at).astimezone(UTC).timestamp() * 1000)
     _tensors(req.inputs)
     _tensors(req.baseline_output)
-    latency = req.baseline_latency_ms
-    if not math.isfinite(latency) or latency < 0:
+    if not math.isfinite(req.baseline_latency_ms):
         raise _NotPlain
     req.absent = ()
     if req.attributes is msgspec.UNSET:  # the replay stage reads the defaults; to_request knows they were absent
         req.attributes, req.absent = {}, ("attributes",)
-    elif len(req.attributes) > MAX_ATTRIBUTES or any(
-        len(k) > MAX_ATTRIBUTE_KEY_CHARS or len(v) > MAX_ATTRIBUTE_VALUE_CHARS for k, v in req.attributes.items()
-    ):
-        raise _NotPlain
     if req.label is msgspec.UNSET:
         req.label, req.absent = None, (*req.absent, "label")
     elif type(req.label) is int:
@@ -159,20 +163,9 @@ def _checked(req: PlainRequest) -> PlainRequest:
 
 
 def _tensors(tensors: dict[str, PlainTensor]) -> None:
-    if not 1 <= len(tensors) <= MAX_TENSORS:
-        raise _NotPlain
-    for name, t in tensors.items():
-        little = _LITTLE_ENDIAN.get(t.dtype)
-        shape = t.shape
-        # Every dimension from 1 (a zero-size tensor cannot be scored: pydantic accepts it,
-        # schemas.decode.check_scorable then explains) to the element limit.
-        if (len(name) > MAX_TENSOR_NAME_CHARS or little is None or len(shape) > MAX_TENSOR_DIMS
-                or (shape and (min(shape) < 1 or max(shape) > MAX_TENSOR_ELEMENTS))):  # fmt: skip
-            raise _NotPlain
-        count = math.prod(shape)
-        if count > MAX_TENSOR_ELEMENTS:
-            raise _NotPlain
-        if len(t.data) != count * little.itemsize:
+    for t in tensors.values():
+        count = math.prod(t.shape)
+        if count > MAX_TENSOR_ELEMENTS or len(t.data) != count * _LITTLE_ENDIAN[t.dtype].itemsize:
             raise _NotPlain
 
 

@@ -44,7 +44,7 @@ ODD = [True, False, None, 0, 1, -1, 1.0, 2.5, -0.0, 1e308, 10**400, "", "x", "1.
        "2026-11-27T04:50:13Z", "2026-11-27T04:50:13.1234567Z", "2026-11-27 04:50:13Z", "2026-11-27T04:50:13",
        "2026-11-27T04:50:13+05:30", "2026-11-27T04:50:13z", "2026-11-27T24:00:00Z", "0000-01-01T00:00:00Z",
        "9999-12-31T23:59:59-12:00", "x" * (MAX_REQUEST_ID_CHARS + 1), "y" * (MAX_ATTRIBUTE_VALUE_CHARS + 1),
-       "\ud800", "a\u0000b", "é" * MAX_REQUEST_ID_CHARS, 10**30, -(2**63) - 1, 2**64]  # fmt: skip
+       "\ud800", "a\u0000b", "2026-11-27T04:50:13Z\n", "2026-11-27T04:50:13.5+01:00", "é" * MAX_REQUEST_ID_CHARS, 10**30, -(2**63) - 1, 2**64]  # fmt: skip
 TENSOR_ODD = [_tensor(), _tensor(dtype="float"), _tensor(dtype="int64"), _tensor(shape=[6]), _tensor(shape=[2, 3.0]),
               _tensor(shape=[2, True, 3]), _tensor(shape=[-2, -3]), _tensor(shape=[0, 3]), _tensor(data="!!!!"),
               _tensor(data=base64.b64encode(b"\0" * 23).decode()), _tensor(data=[[1, 2, 3], [4, 5, 6]]),
