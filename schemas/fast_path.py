@@ -63,10 +63,6 @@ class PlainTensor(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     shape: Annotated[list[Annotated[int, Meta(ge=1, le=MAX_TENSOR_ELEMENTS)]], Meta(max_length=MAX_TENSOR_DIMS)]
     data: bytes
 
-    @property
-    def raw(self) -> bytes:
-        return self.data
-
     def to_array(self) -> np.ndarray:
         return np.frombuffer(self.data, dtype=_LITTLE_ENDIAN[self.dtype]).reshape(self.shape)
 

@@ -113,7 +113,9 @@ class DiffBatch:
 
     @classmethod
     def concat(cls, parts: list[DiffBatch]) -> DiffBatch:
-        """The rows of several batches of one pair, in order, as one batch (for counting: the
+        """The rows of several batches of one pair, in order, as one batch; ``routed`` summed,
+        ``covers`` and the unscorable counts left to the caller. The replay core joins a
+        candidate's groups with it; the judge counts a call's batches of a pair at once (the
         accumulators merge exactly, so one update on the concatenation equals one per batch)."""
         if len(parts) == 1:
             return parts[0]

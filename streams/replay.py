@@ -320,16 +320,9 @@ def _stack_finite(group):
 
 
 def _concat(cfg: CandidateConfig, scored_ms: int, parts: list[DiffBatch]) -> DiffBatch:
-    if len(parts) == 1:
-        return parts[0]
-    cols = empty_columns(0)
     if parts:
-        cols = {k: np.concatenate([p.columns[k] for p in parts]) for k in cols}
-    return DiffBatch(
-        cfg.model, cfg.name, scored_ms, cols, [r for p in parts for r in p.request_id],
-        [r for p in parts for r in p.baseline_version], [r for p in parts for r in p.error],
-        [r for p in parts for r in p.attributes], parts[0].top_k if parts else 3,
-    )  # fmt: skip
+        return DiffBatch.concat(parts)
+    return DiffBatch(cfg.model, cfg.name, scored_ms, empty_columns(0), [], [], [], [])
 
 
 def _covers(items) -> dict[int, int]:

@@ -18,7 +18,7 @@ def stack(tensors: list) -> np.ndarray:
     if type(first) is PlainTensor and all(type(t) is PlainTensor and (len(t.shape) < 2 or t.shape[0] == 1)
                                           for t in tensors):  # fmt: skip
         row = first.shape[1:] if len(first.shape) >= 2 else first.shape
-        return np.frombuffer(b"".join([t.raw for t in tensors]), dtype=_LITTLE_ENDIAN[first.dtype]).reshape(
+        return np.frombuffer(b"".join([t.data for t in tensors]), dtype=_LITTLE_ENDIAN[first.dtype]).reshape(
             len(tensors), *row
         )
     return np.concatenate([as_batch(t.to_array()) for t in tensors])
@@ -67,10 +67,10 @@ def _joined_baseline(events, name: str, width: int | None) -> np.ndarray | None:
     first = tensors[0]
     if first is None:
         return None
-    size = len(first.raw)
-    if any(t is None or t.dtype != first.dtype or len(t.raw) != size for t in tensors):
+    size = len(first.data)
+    if any(t is None or t.dtype != first.dtype or len(t.data) != size for t in tensors):
         return None
-    rows = np.frombuffer(b"".join([t.raw for t in tensors]), dtype=_LITTLE_ENDIAN[first.dtype]).reshape(len(tensors), -1)
+    rows = np.frombuffer(b"".join([t.data for t in tensors]), dtype=_LITTLE_ENDIAN[first.dtype]).reshape(len(tensors), -1)
     if width is not None and rows.shape[1] != width:
         return None
     return rows.astype(np.float64)
