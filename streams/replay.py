@@ -106,7 +106,7 @@ class ReplayCore:
             if isinstance(decoded, Rejection):
                 out.dead_letters.append(_letter(msg, decoded.error_type, decoded.reason))
                 continue
-            sent_ms = _ms(decoded)
+            sent_ms = decoded.sent_ms
             out.max_sent_ms[msg.partition] = max(sent_ms, out.max_sent_ms.get(msg.partition, 0))
             if decoded.model not in self.candidates:
                 reason = f"model: no candidate is configured for {decoded.model!r}; add one under [[candidates]]"
@@ -173,7 +173,7 @@ class ReplayCore:
         batch = _concat(cand.config, scored_ms, [p for p in parts if len(p)])
         unscorable = [letter for letter in letters if letter.error_type in UNSCORABLE]
         if unscorable:  # their sent times, so that their windows still close
-            sent = {(msg.partition, msg.offset): _ms(ev) for group, _, _ in groups for ev, msg in group}
+            sent = {(msg.partition, msg.offset): ev.sent_ms for group, _, _ in groups for ev, msg in group}
             for letter in unscorable:
                 batch.unscorable[letter.error_type] = batch.unscorable.get(letter.error_type, 0) + 1
                 batch.unscorable_ms.append(sent.get((letter.partition, letter.offset), 0))
@@ -271,7 +271,7 @@ def _request_columns(group) -> dict:
     """What the diff rows of every candidate take from the requests themselves."""
     events = [ev for ev, _ in group]
     return {
-        "sent_ms": np.array([_ms(ev) for ev in events], dtype=np.int64),
+        "sent_ms": np.array([ev.sent_ms for ev in events], dtype=np.int64),
         "baseline_latency_ms": np.array([ev.baseline_latency_ms for ev in events], dtype=np.float64),
         "label": np.array([np.nan if ev.label is None else float(ev.label) for ev in events], dtype=np.float64),
         "source_partition": np.array([msg.partition for _, msg in group], dtype=np.int64),
@@ -339,10 +339,6 @@ def _top_confidence(rows: np.ndarray, from_logits: bool) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         top = np.max(probs, axis=1) if probs.shape[1] else np.zeros(len(probs))
     return np.nan_to_num(top, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def _ms(ev: PlainRequest | MirroredRequest) -> int:
-    return ev.sent_ms if type(ev) is PlainRequest else int(ev.sent_at.timestamp() * 1000)
 
 
 def _describe(exc: BaseException) -> str:
