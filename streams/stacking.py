@@ -29,7 +29,7 @@ def groups_by_signature(items):
     groups: dict[tuple, list] = {}
     for ev, msg in items:
         # Shapes as one row sees them: (64,) and (1, 64) stack alike; (5, 64) is its own group.
-        sig = tuple(sorted((n, t.dtype, tuple(t.shape if len(t.shape) >= 2 else [1, *t.shape])) for n, t in ev.inputs.items()))
+        sig = tuple(sorted((n, t.dtype, tuple(t.shape) if len(t.shape) >= 2 else (1, *t.shape)) for n, t in ev.inputs.items()))
         groups.setdefault(sig, []).append((ev, msg))
     return list(groups.values())
 
