@@ -87,6 +87,7 @@ def bench_pipeline(models: dict, messages: list[bytes], work: Path, runs: int) -
     """The demo's chunks (EMBEDDED_CHUNK requests per process call, one insert each) and one
     replay micro-batch (256) per call, alternating, so the two are measured side by side."""
     from streams.demo import demo_settings
+    from streams.heap import tune_collector
     from streams.pipeline import EMBEDDED_CHUNK, Pipeline
     from streams.sink import ClickHouseSink
 
@@ -98,6 +99,7 @@ def bench_pipeline(models: dict, messages: list[bytes], work: Path, runs: int) -
             settings.candidates = [c for c in settings.candidates if not c.noise_reference]  # 2 candidates, as the others
             sink = ClickHouseSink(settings.clickhouse.dsn)
             pipeline = Pipeline(settings, sink)
+            tune_collector()  # as the demo and the worker do before their first message
             start = time.perf_counter()
             for lo in range(0, len(messages), chunk):
                 pipeline.process(messages[lo : lo + chunk])

@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from schemas import MirroredRequest, Tensor
 from streams.config import Settings, load_settings
+from streams.heap import tune_collector
 from streams.models import PIXEL_SCALE, build_digits_models, load_digits_split
 from streams.pipeline import EMBEDDED_CHUNK, Pipeline
 from streams.sink import ClickHouseSink
@@ -97,8 +98,11 @@ class TrafficGenerator:
         return out
 
 
-def run_demo(data_dir: Path, requests: int = 6000, progress: bool = True) -> tuple[Pipeline, dict]:
-    """Build models, mirror traffic, replay it; returns the pipeline and figures."""
+def run_demo(data_dir: Path, requests: int = 6000, progress: bool = True,
+             tune_gc: bool = True) -> tuple[Pipeline, dict]:  # fmt: skip
+    """Build models, mirror traffic, replay it; returns the pipeline and figures. ``tune_gc``:
+    tune this process's cycle collector as a worker does (``streams.heap``; off when the caller
+    is not a process of its own, e.g. a test)."""
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -108,6 +112,8 @@ def run_demo(data_dir: Path, requests: int = 6000, progress: bool = True) -> tup
     sink = ClickHouseSink(settings.clickhouse.dsn, settings.clickhouse.database, settings.clickhouse.retention_days)
     messages = TrafficGenerator(models["baseline"]).messages(requests)
     pipeline = Pipeline(settings, sink)
+    if tune_gc:
+        tune_collector()  # as the worker does once its models are loaded
     batch = max(settings.replay.batch_size, EMBEDDED_CHUNK)
     dead = 0
     with tqdm(total=len(messages), unit="req", desc="replaying", disable=not progress) as bar:

@@ -25,6 +25,7 @@ import time
 from typing import Literal
 
 from streams.config import Settings
+from streams.heap import tune_collector
 from streams.kafka_io import Health, ensure_topics, until_done
 from streams.metrics import WorkerMetrics, health_collector, judge_collector
 
@@ -76,6 +77,7 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
             api.start()
             _write_api_sidecar(settings)
             tasks.append(asyncio.create_task(_watch_api(api, health), name="api"))
+    tune_collector()  # models, sessions and imports are loaded: keep full collections off them
     _startup_summary(settings, role, api is not None, metrics_port)
     tasks.append(asyncio.create_task(_progress(settings, metrics, replay if role != "judge" else None,
                                                judge if role != "replay" else None), name="progress"))

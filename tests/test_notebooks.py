@@ -44,7 +44,7 @@ def demo_dsn(tmp_path_factory) -> str:
     from streams.demo import run_demo
 
     data_dir = tmp_path_factory.mktemp("notebook-demo")
-    pipeline, figures = run_demo(data_dir, requests=1500, progress=False)
+    pipeline, figures = run_demo(data_dir, requests=1500, progress=False, tune_gc=False)
     try:
         assert figures["dead_letters"] == 0
         # The demo's candidates never fail; add a few failed requests so the error section has rows.
