@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import clickhouse_connect
+from clickhouse_connect.driver import options as _insert_options
 
 import numpy as np
 
@@ -71,6 +72,10 @@ class ClickHouseSink:
                 held.release()  # chDB's own lines may help; a held path is said in one line
             raise explained from exc
         held.release()
+        # clickhouse-connect imports pandas (when installed) at the first insert, to ask whether
+        # the data is a DataFrame: about a second in the first micro-batch, and a heap that
+        # streams.heap.tune_collector would not freeze. Resolve it now, at start-up.
+        _insert_options.pd  # noqa: B018 - a lazy attribute; reading it is the point
         if create:
             for statement in ddl_statements(database, retention_days):
                 self.client.command(statement)
