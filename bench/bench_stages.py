@@ -30,9 +30,11 @@ import uuid
 from pathlib import Path
 
 
+from streams.config import ReplayConfig
 from streams.demo import TrafficGenerator
 from streams.harness import (
-    GroupProgress, WorkerProcess, create_topic, free_port, group_progress, produce, write_worker_config,
+    GroupProgress, WorkerProcess, create_topic, free_port, group_progress, produce, produce_batched,
+    write_worker_config,
 )  # fmt: skip
 from streams.models import build_digits_models
 
@@ -41,6 +43,8 @@ CANDIDATES = ("digits-v2", "digits-v2-degraded")
 MIRROR_PARTITIONS = 6
 TIMING = "per_request"  # --timing
 EXACTLY_ONCE = True  # --at-least-once turns the replay transactions off
+BATCH_SIZE = ReplayConfig.model_fields["batch_size"].default  # --batch-size: [replay] batch_size of the workers
+PRODUCER = "sdk"  # --producer: e2e's producer batches records per partition as the mirror SDK's sender does
 
 
 def bootstrap() -> str:
@@ -80,6 +84,7 @@ def config_for(work: Path, broker: str, models: dict, topic: str, name: str, chd
         work, broker, {c: models["good" if c == "digits-v2" else "degraded"] for c in CANDIDATES}, topic, free_port(),
         timing=TIMING, window_s=3600, idle_close_s=3600, partitions=MIRROR_PARTITIONS, diffs_partitions=4,
         kafka={"exactly_once": EXACTLY_ONCE, **kafka}, name=name, chdb=chdb or work / name.replace(".toml", "-chdb"),
+        replay={"batch_size": BATCH_SIZE},
     )  # fmt: skip
 
 
@@ -226,7 +231,7 @@ def bench_e2e(broker, models, messages, work, runs) -> None:
         try:
             time.sleep(8)  # both processes up and in their groups
             start = time.perf_counter()
-            produce(broker, topic, messages)
+            (produce_batched if PRODUCER == "sdk" else produce)(broker, topic, messages)
             group = f"worker-{topic}-judge"
             progress = GroupProgress(broker)
             try:
@@ -259,8 +264,14 @@ def main() -> None:
                         help="candidate timing: one session.run per row (default) or per micro-batch")
     parser.add_argument("--at-least-once", action="store_true",
                         help="replay without Kafka transactions ([kafka] exactly_once = false), to measure their cost")
+    parser.add_argument("--producer", default="sdk", choices=["sdk", "per-record"],
+                        help="e2e producer: batches per partition as mirror.sender does (default), or one "
+                             "aiokafka send per record (what this bench used before)")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help="the worker processes' [replay] batch_size (default: the product's default)")
     args = parser.parse_args()
-    global TIMING, EXACTLY_ONCE
+    global TIMING, EXACTLY_ONCE, PRODUCER, BATCH_SIZE
+    PRODUCER, BATCH_SIZE = args.producer, args.batch_size
     TIMING = args.timing
     EXACTLY_ONCE = not args.at_least_once
     broker = bootstrap()
