@@ -59,7 +59,14 @@ def test_mirrored_traffic_through_kafka_worker_chdb_and_api(kafka_bootstrap, tmp
     api_port = free_port()
     topic, dlq = f"mirror-{suffix}", f"mirror-{suffix}.dlq"
     candidates = {"digits-v2": models["good"], "digits-v2-broken": models["broken"]}
-    config = write_worker_config(tmp_path, kafka_bootstrap, candidates, topic, api_port)
+    # Production's latencies come from this test process (TrafficGenerator, an idle moment), the
+    # candidates' from a worker sharing 2 cores with the broker: an equally fast model measured
+    # 1.3-1.45x at p95 there, and with the demo's 1.5 margin the good candidate sometimes held
+    # (1 run in 2 on the code before this line). This test is about the data path and the
+    # flip/accuracy verdicts; latency on the same hardware, against a replayed baseline, is
+    # checked in tests/test_scorers_realistic.py.
+    config = write_worker_config(tmp_path, kafka_bootstrap, candidates, topic, api_port,
+                                 policy={"latency_p99_ratio_margin": 2.5})  # fmt: skip
 
     # 50 requests/s from a 20 s window boundary: requests 1000..1399 share the window [20 s, 40 s).
     start = window_aligned_start(REQUESTS, rate_per_s=50, window_s=20)
