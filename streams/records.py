@@ -27,6 +27,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 
 MAGIC = b"SLD1"
@@ -136,7 +137,7 @@ class DiffBatch:
             "covers": {str(p): o for p, o in self.covers.items()}, "unscorable": self.unscorable,
             "unscorable_ms": self.unscorable_ms, "columns": [[name, dt] for name, dt in NUMERIC.items()],
         }  # fmt: skip
-        head = json.dumps(header, separators=(",", ":")).encode()
+        head = msgspec.json.encode(header)  # the same JSON as json.dumps (ints, strings), ~9x faster
         buffers = [np.ascontiguousarray(self.columns[name], dtype=dt).tobytes() for name, dt in NUMERIC.items()]
         return b"".join([MAGIC, struct.pack("<I", len(head)), head, *buffers])
 
@@ -145,7 +146,7 @@ class DiffBatch:
         if raw[:4] != MAGIC:
             raise ValueError(f"not a shadowlens diff batch (magic {raw[:4]!r}, want {MAGIC!r})")
         (head_len,) = struct.unpack_from("<I", raw, 4)
-        header = json.loads(raw[8 : 8 + head_len])
+        header = msgspec.json.decode(raw[8 : 8 + head_len])
         n = int(header["n"])
         offset = 8 + head_len
         layout = header.get("columns")
