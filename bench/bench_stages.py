@@ -267,7 +267,7 @@ def main() -> None:
     parser.add_argument("--producer", default="sdk", choices=["sdk", "per-record"],
                         help="e2e producer: batches per partition as mirror.sender does (default), or one "
                              "aiokafka send per record (what this bench used before)")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+    parser.add_argument("--batch-size", type=int, default=ReplayConfig.model_fields["batch_size"].default,
                         help="the worker processes' [replay] batch_size (default: the product's default)")
     args = parser.parse_args()
     global TIMING, EXACTLY_ONCE, PRODUCER, BATCH_SIZE
