@@ -89,8 +89,8 @@ def config_for(work: Path, broker: str, models: dict, topic: str, name: str, chd
 
 
 def bench_pipeline(models: dict, messages: list[bytes], work: Path, runs: int) -> None:
-    """The demo's chunks (EMBEDDED_CHUNK requests per process call, one insert each) and one
-    replay micro-batch (256) per call, alternating, so the two are measured side by side."""
+    """The demo's chunks (EMBEDDED_CHUNK requests per process call, one insert each) and small
+    calls of 256 requests, alternating, so the two are measured side by side."""
     from streams.demo import demo_settings
     from streams.heap import tune_collector
     from streams.pipeline import EMBEDDED_CHUNK, Pipeline

@@ -131,7 +131,7 @@ def produce_batched(bootstrap: str, topic: str, messages: list[bytes | None], li
             open_batches: dict[int, Any] = {}
             deliveries = []
             for i, message in enumerate(messages):
-                key = _request_key(i, message)
+                key = _sdk_key(i, message)
                 partition = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]  # Kafka's default
                 builder = open_batches.get(partition) or producer.create_batch()
                 if builder.append(key=key, value=message, timestamp=None) is None:  # full: ship, start anew
@@ -150,22 +150,21 @@ def produce_batched(bootstrap: str, topic: str, messages: list[bytes | None], li
 
 
 class _RequestId(msgspec.Struct):
-    request_id: str
+    request_id: Any
 
 
 _REQUEST_ID = msgspec.json.Decoder(_RequestId)
 
 
-def _request_key(i: int, message: bytes) -> bytes:
-    """``_sdk_key`` without a whole JSON parse: msgspec reads only ``request_id``."""
-    try:
-        return _REQUEST_ID.decode(message).request_id.encode()
-    except Exception:  # noqa: BLE001 - not a request (poison, None): as _sdk_key keys it
-        return _sdk_key(i, message)
-
-
 def _sdk_key(i: int, message: bytes | None) -> bytes:
+    """The key the mirror SDK gives a message, its ``request_id``; the index for a message that has
+    none (poison). msgspec reads only that field (a whole parse cost more than a send); what it
+    refuses (``NaN`` literals, ...) the json module tries."""
     if message and message[:1] == b"{" and len(message) < (1 << 20):
+        try:
+            return str(_REQUEST_ID.decode(message).request_id).encode()
+        except Exception:  # noqa: BLE001 - refused: the json module decides
+            pass
         try:
             return str(json.loads(message)["request_id"]).encode()
         except Exception:  # noqa: BLE001 - not a request: keyed by position
