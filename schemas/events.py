@@ -114,13 +114,13 @@ class MirroredRequest(BaseModel):
     label: int | float | None = Field(default=None, description="ground truth, when known")
 
     _sent_at_utc = field_validator("sent_at")(_utc)
+    _tensor_maps = field_validator("inputs", "baseline_output", mode="before")(_check_tensor_map)
+    _attributes = field_validator("attributes", mode="before")(_check_attributes)
 
     @property
     def sent_ms(self) -> int:
         """``sent_at`` in epoch milliseconds (what ``schemas.fast_path.PlainRequest`` carries too)."""
         return int(self.sent_at.timestamp() * 1000)
-    _tensor_maps = field_validator("inputs", "baseline_output", mode="before")(_check_tensor_map)
-    _attributes = field_validator("attributes", mode="before")(_check_attributes)
 
     @field_validator("baseline_latency_ms")
     @classmethod
