@@ -59,6 +59,7 @@ class ClickHouseSink:
         self.dsn = dsn = resolve_dsn(dsn)
         self.database = database
         self._lock = threading.Lock()
+        self._analyst, self._analyst_lock = None, threading.Lock()  # opened on the first analyst query
         path = chdb_path(dsn)
         if path is not None and not create and not os.path.isdir(path):
             raise SinkUnavailable(f"no shadowlens data at {path}: run where the worker (or demo) ran, or pass the "
@@ -81,6 +82,8 @@ class ClickHouseSink:
                 self.client.command(statement)
 
     def close(self) -> None:
+        if self._analyst is not None:
+            self._analyst.close()
         with self._lock:
             self.client.close()
 
@@ -138,17 +141,20 @@ class ClickHouseSink:
         with self._lock:
             return self.client.query(sql, parameters=parameters or {}).result_rows
 
-    def readonly_query(self, sql: str, max_rows: int = 10_000, max_seconds: float = 10.0) -> dict[str, Any]:
-        """A query an analyst sends through the API while this process holds the data path:
-        ClickHouse ``readonly = 2`` (reads only; settings may change), bounded rows and time.
-        Returns {"columns": [...], "rows": [[...]]} with values made JSON-friendly."""
-        settings = {"readonly": 2, "max_result_rows": max_rows, "result_overflow_mode": "throw",
-                    "max_execution_time": max_seconds}
-        with self._lock:
-            result = self.client.query(sql, settings=settings)
-        rows = [[v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for v in row]
-                for row in result.result_rows]
-        return {"columns": list(result.column_names), "rows": rows}
+    def readonly_query(self, sql: str) -> dict[str, Any]:
+        """An analyst's query (``POST /v1/query``): checked by the engine's analysis and run on a
+        read-only session of its own, never on the writer's (streams/analyst_sql.py says why).
+        Returns {"columns": [...], "rows": [[...]]}; raises ``QueryRefused`` (one line) for a 400."""
+        return self._analyst_session().run(sql)
+
+    def _analyst_session(self):
+        from streams.analyst_sql import AnalystSession
+
+        with self._analyst_lock:
+            if self._analyst is None:
+                self._analyst = AnalystSession(clickhouse_connect.get_client(dsn=self.dsn), self.database,
+                                               chdb=chdb_path(self.dsn) is not None)  # fmt: skip
+            return self._analyst
 
     def latest_verdict(self, model: str, candidate: str) -> Verdict | None:
         rows = self.query(
