@@ -10,8 +10,12 @@ keep-alive connections for as long as the worker drains. Reported:
 - the worker's drain rate (requests/s from its first commit to its last) with and without polling,
   and their ratio, side by side in one run.
 
+``--analyst``: every run is polled, and in alternate runs an analyst keeps a long query running
+through ``POST /v1/query`` for the whole drain (each one ends at the 10 s cap). Reported side by
+side: drain rate and verdict p99 with and without the analyst (issue: reads never touch the writer).
+
 Usage: KAFKA_BOOTSTRAP=127.0.0.1:19092 python bench/bench_api.py [--requests 60000] [--runs 3]
-       [--rate 1000] [--connections 16]
+       [--rate 1000] [--connections 16] [--analyst]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -37,6 +42,18 @@ from streams.harness import WorkerProcess, create_topic, free_port, produce, wri
 from streams.models import build_digits_models  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"
+# About 30 s of CPU on one core: each one runs until the analyst session's 10 s cap ends it.
+LONG_QUERY = "SELECT count() FROM numbers(100000000) WHERE NOT ignore(arraySum(range(number % 3000)))"
+
+
+def _analyst(port: int, stop: threading.Event, answers: list) -> None:
+    import httpx
+
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/query", json={"sql": LONG_QUERY},
+                       headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)  # fmt: skip
+        answers.append((r.status_code, time.perf_counter() - t0))
 
 
 # -- the poller (its own process) ------------------------------------------------------------------
@@ -82,7 +99,8 @@ def poller_main(port: int, path: str, rate: float, connections: int, stop_file: 
 
 
 # -- the benchmark ------------------------------------------------------------------------------------
-def run_once(broker, models, messages, work: Path, i: int, poll: bool, rate: float, connections: int) -> dict:
+def run_once(broker, models, messages, work: Path, i: int, poll: bool, rate: float, connections: int,
+             analyst: bool = False) -> dict:  # fmt: skip
     topic = f"bench-api-{uuid.uuid4().hex[:8]}"
     create_topic(broker, topic, MIRROR_PARTITIONS)
     produce(broker, topic, messages)
@@ -95,18 +113,22 @@ def run_once(broker, models, messages, work: Path, i: int, poll: bool, rate: flo
     worker = WorkerProcess(config, work / f"api-{i}.log")
     stop_file, out = work / f"stop-{i}", work / f"poll-{i}.json"
     poller = None
+    stop_analyst, answers = threading.Event(), []
     try:
         if poll:
             time.sleep(6)  # the API is up (it binds first); the poller starts before the drain
             poller = subprocess.Popen([sys.executable, __file__, "--poller", str(port), "/v1/verdicts/digits/digits-v2",
                                        str(rate), str(connections), str(stop_file), str(out)])  # fmt: skip
+        if analyst:
+            threading.Thread(target=_analyst, args=(port, stop_analyst, answers), daemon=True).start()
         rate_rps, _ = drain_rate(broker, topic, f"worker-{topic}", [worker], "api bench", poll_s=1.0)
     finally:
+        stop_analyst.set()
         stop_file.touch()
         if poller is not None:
             poller.wait(timeout=60)
         worker.stop()
-    result = {"drain_rps": rate_rps}
+    result = {"drain_rps": rate_rps, "analyst_queries": answers}
     if poll:
         polled = json.loads(out.read_text())
         lat = sorted(polled["latencies_ms"])
@@ -121,6 +143,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rate", type=float, default=1000)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--analyst", action="store_true", help="polled runs with and without a long analyst query")
     parser.add_argument("--poller", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.poller:
@@ -134,6 +157,9 @@ def main() -> None:
         messages = TrafficGenerator(models["baseline"], rate_per_s=1000).messages(args.requests)
         print(f"{args.requests:,} requests, 2 candidates, one --role all worker; poller {args.rate:g} req/s over "
               f"{args.connections} connections; {os.cpu_count()} cores")  # fmt: skip
+        if args.analyst:
+            analyst_series(broker, models, messages, work, args)
+            return
         quiet, polled = [], []
         for i in range(args.runs):
             quiet.append(run_once(broker, models, messages, work, 2 * i, False, args.rate, args.connections))
@@ -147,6 +173,22 @@ def main() -> None:
               f"{med(polled, 'achieved'):,.0f} req/s; worker {med(quiet, 'drain_rps'):,.0f} -> "
               f"{med(polled, 'drain_rps'):,.0f} req/s while polled "
               f"({med(polled, 'drain_rps') / med(quiet, 'drain_rps'):.0%})")  # fmt: skip
+
+
+def analyst_series(broker, models, messages, work: Path, args) -> None:
+    alone, beside = [], []
+    for i in range(args.runs):
+        alone.append(run_once(broker, models, messages, work, 2 * i, True, args.rate, args.connections))
+        beside.append(run_once(broker, models, messages, work, 2 * i + 1, True, args.rate, args.connections, True))
+        a, b = alone[-1], beside[-1]
+        queries = ", ".join(f"{code} after {secs:.1f} s" for code, secs in b["analyst_queries"])
+        print(f"  run {i + 1}: worker {a['drain_rps']:,.0f} req/s alone, {b['drain_rps']:,.0f} beside the analyst "
+              f"({b['drain_rps'] / a['drain_rps']:.0%}); verdicts p99 {a['p99']:.2f} ms alone, {b['p99']:.2f} ms "
+              f"beside; analyst queries: {queries}")  # fmt: skip
+    med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
+    print(f"median: worker {med(alone, 'drain_rps'):,.0f} -> {med(beside, 'drain_rps'):,.0f} req/s beside a long "
+          f"analyst query ({med(beside, 'drain_rps') / med(alone, 'drain_rps'):.0%}); verdicts p99 "
+          f"{med(alone, 'p99'):.2f} -> {med(beside, 'p99'):.2f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":
