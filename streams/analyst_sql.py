@@ -246,8 +246,11 @@ class AnalystSession:
                 raise RuntimeError("the analyst session did not become read-only")
         else:  # HTTP: no session; the caps travel with each query
             self._settings = {**CAPS, "readonly": 1}
-        rows = self.client.query("SELECT name, alias_to, categories FROM system.functions",
-                                 settings=self._settings or None).result_rows  # fmt: skip
+        try:
+            rows = self.client.query("SELECT name, alias_to, categories FROM system.functions",
+                                     settings=self._settings or None).result_rows  # fmt: skip
+        except Exception:  # noqa: BLE001 - a server user without access to it: its grants refuse dictionaries
+            rows = []
         self.blocked = blocked_function_names(rows)
 
     def close(self) -> None:

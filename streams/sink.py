@@ -152,8 +152,10 @@ class ClickHouseSink:
 
         with self._analyst_lock:
             if self._analyst is None:
-                self._analyst = AnalystSession(clickhouse_connect.get_client(dsn=self.dsn), self.database,
-                                               chdb=chdb_path(self.dsn) is not None)  # fmt: skip
+                chdb = chdb_path(self.dsn) is not None
+                # HTTP: plain table names resolve in the project's database (chDB: the session's USE)
+                client = clickhouse_connect.get_client(dsn=self.dsn, **({} if chdb else {"database": self.database}))
+                self._analyst = AnalystSession(client, self.database, chdb=chdb)
             return self._analyst
 
     def latest_verdict(self, model: str, candidate: str) -> Verdict | None:
