@@ -8,6 +8,13 @@ Status codes are chosen for the controllers that poll them (deploy/README.md has
   for a pair neither configured nor ever seen.
 - Flagger's webhooks pass on 200-202 and fail otherwise and cannot send headers: the gate
   endpoints answer 200 or 412, and take the bearer token from the payload's ``metadata.token``.
+  A caller the rollback hook cannot authenticate gets 200 ("rolling back"), never 401: Flagger
+  reads any non-2xx as "not yet", so a wrong token would otherwise hide a rollback for ever.
+
+Authentication (``[api] tokens``): every /v1 path needs a bearer token when tokens are set; SQL
+(``POST /v1/query``) and writes (retiring a verdict) need one always, and answer 403 while none is
+set. /healthz and /readyz stay open for kubelet probes; /openapi.json stays open, as it is the
+contract (paths and schemas) and holds no data.
 
 Verdict endpoints answer from memory (streams/board.py): no database call, nothing shared with the
 worker's writes. A worker serves this app from a process of its own (streams/api_process.py);
@@ -19,10 +26,11 @@ from __future__ import annotations
 import contextlib
 import hmac
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from fastapi import Path as PathParam
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
@@ -38,32 +46,44 @@ class Health(BaseModel):
     status: str
 
 
+class Unavailable(RuntimeError):
+    """What is behind this API (the worker, the database) cannot answer now: a 503."""
+
+
 def create_app(
-    board: VerdictBoard, sink: Any = None, health: Any = None, tokens: Sequence[str] = ()
-) -> FastVerdicts:
+    board: VerdictBoard, sink: Any = None, health: Any = None, tokens: Sequence[str] = (),
+    retire: Callable[[str, str, str, str], Verdict] | None = None,
+) -> FastVerdicts:  # fmt: skip
     """``board``: the verdicts to serve; ``sink``: ClickHouseSink for windows and readiness (None:
     those answer 503); ``health``: the worker's ``streams.kafka_io.Health`` when served from a
-    worker; ``tokens``: accepted bearer tokens (empty: no authentication)."""
+    worker; ``tokens``: accepted bearer tokens (empty: no authentication, except for SQL and
+    writes, which are then off); ``retire(model, candidate, reason, by)``: writes a retirement
+    (streams/retire.py; None: 503)."""
     app = FastAPI(
         title="shadowlens verdicts API",
-        version="1.1",
+        version="1.2",
         description="Latest promote / hold / rollback verdict per (model, candidate), with its evidence, its age "
-        "and the state it rests on.",
+        "and the state it rests on. A rollback stands until the judge writes a newer verdict or an operator "
+        "retires it; it never turns into a hold by age, a restart or a missing configuration.",
     )
     accepted = [t.encode() for t in tokens]
     bearer = HTTPBearer(auto_error=False, description="one of [api] tokens (SHADOWLENS_API_TOKENS)")
 
-    async def authorize(request: Request, credentials=Depends(bearer)) -> None:  # noqa: B008 - FastAPI idiom
-        if not accepted:
-            return
-        offered = credentials.credentials if credentials is not None else None
-        if offered is None and request.method == "POST":
-            # Flagger webhooks cannot set headers: the token rides in the payload's metadata.
+    def valid(offered: Any) -> bool:
+        return isinstance(offered, str) and any(hmac.compare_digest(offered.encode(), t) for t in accepted)
+
+    async def authenticated(request: Request, credentials: HTTPAuthorizationCredentials | None) -> bool:
+        if credentials is not None and valid(credentials.credentials):
+            return True
+        if request.method == "POST":  # Flagger webhooks cannot set headers: the token rides in metadata
             with contextlib.suppress(Exception):
                 body = await request.json()
                 meta = body.get("metadata") if isinstance(body, dict) else None
-                offered = meta.get("token") if isinstance(meta, dict) else None
-        if isinstance(offered, str) and any(hmac.compare_digest(offered.encode(), t) for t in accepted):
+                return valid(meta.get("token") if isinstance(meta, dict) else None)
+        return False
+
+    async def authorize(request: Request, credentials=Depends(bearer)) -> None:  # noqa: B008 - FastAPI idiom
+        if not accepted or await authenticated(request, credentials):
             return
         raise HTTPException(
             status_code=401, headers={"WWW-Authenticate": "Bearer"},
@@ -71,7 +91,17 @@ def create_app(
                    "with one of the API's [api] tokens",
         )  # fmt: skip
 
+    def token_required(what: str) -> Callable[[], None]:
+        async def require() -> None:  # runs after ``authorize``: with tokens set, the caller presented one
+            if not accepted:
+                raise HTTPException(status_code=403, detail=f"{what} needs authentication, and this API has no "
+                                    "tokens: set [api] tokens (or SHADOWLENS_API_TOKENS) and restart it, then send "
+                                    "'Authorization: Bearer <token>'")  # fmt: skip
+
+        return require
+
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    gates = APIRouter(prefix="/v1")  # the rollback hook authenticates in its body: it fails closed
 
     @app.get("/healthz", response_model=Health, tags=["ops"])
     async def healthz() -> Health:
@@ -93,9 +123,11 @@ def create_app(
 
     @v1.get("/verdicts", response_model=list[Verdict], tags=["verdicts"])
     async def list_verdicts(
-        all: bool = Query(False, description="also pairs that are not configured (retired, other workers')"),  # noqa: A002
+        all: bool = Query(False, description="every pair seen: also retired ones and other workers'"),  # noqa: A002
     ) -> list[Verdict]:
-        """The latest verdict of every configured pair (hold while waiting for traffic)."""
+        """The latest verdict of every configured pair (hold while waiting for traffic), and of every
+        pair whose latest stored verdict is a rollback, configured here or not: a rollback is listed
+        wherever it is served. ``all=true``: every pair with a stored verdict or scored traffic."""
         return board.verdicts(include_all=all)
 
     @v1.get(
@@ -106,7 +138,9 @@ def create_app(
     )
     async def get_verdict(model: Name, candidate: Name) -> Verdict:
         """Latest verdict. Argo Rollouts: ``successCondition: result.verdict == "promote"``,
-        ``failureCondition: result.verdict == "rollback"``; hold is inconclusive."""
+        ``failureCondition: result.verdict == "rollback"``; hold is inconclusive. Served for every
+        pair with a stored verdict, configured here or not; a stale promote is a hold, a stale
+        rollback stays rollback (state ``stale``) until a newer verdict or a retirement."""
         verdict = board.verdict(model, candidate)
         if verdict is None:
             raise HTTPException(
@@ -128,9 +162,23 @@ def create_app(
         """Flagger ``confirm-promotion`` webhook: 200 only on promote; 412 halts the canary at maxWeight."""
         return await gate(model, candidate, response, passes_on="promote")
 
-    @v1.post("/gates/flagger-rollback/{model}/{candidate}", response_model=Verdict, tags=["gates"], responses=not_now)
-    async def flagger_rollback(model: Name, candidate: Name, response: Response) -> Verdict:
-        """Flagger ``rollback`` webhook: 200 (which rolls the canary back) only on rollback."""
+    @gates.post("/gates/flagger-rollback/{model}/{candidate}", response_model=Verdict | GateRefusal, tags=["gates"],
+                responses={**not_now, 200: {"description": "the verdict is rollback (a Verdict), or the caller "
+                                            "could not be authenticated (a GateRefusal): Flagger rolls back"}})
+    async def flagger_rollback(
+        model: Name, candidate: Name, request: Request, response: Response, credentials=Depends(bearer),  # noqa: B008
+    ) -> Verdict | GateRefusal:
+        """Flagger ``rollback`` webhook: 200 (which rolls the canary back) on rollback, 412 otherwise.
+
+        **Fails closed**: with [api] tokens set, a caller with neither a valid bearer header nor a
+        valid ``metadata.token`` gets **200** and a body that says nothing about the verdict, so
+        Flagger rolls the canary back. A 401 here would read to Flagger exactly as "not yet", and a
+        candidate with a rollback verdict would wait at maxWeight for ever behind a wrong token.
+        (confirm-promotion answers 401 to the same caller: never a pass.)"""
+        if accepted and not await authenticated(request, credentials):
+            return GateRefusal(detail="rolling back: this gate cannot authenticate the caller (missing or wrong "
+                               "token), so it fails closed; put one of the API's [api] tokens in the webhook's "
+                               "metadata.token (or an 'Authorization: Bearer' header)")  # fmt: skip
         return await gate(model, candidate, response, passes_on="rollback")
 
     @v1.get("/windows/{model}/{candidate}", response_model=list[WindowSummary], tags=["windows"])
@@ -140,24 +188,50 @@ def create_app(
         """Closed windows, newest first (read from ClickHouse in the thread pool)."""
         if sink is None:
             raise HTTPException(status_code=503, detail="no database attached to this API")
-        return sink.windows(model, candidate, limit=limit)
+        try:
+            return sink.windows(model, candidate, limit=limit)
+        except Unavailable as exc:
+            raise HTTPException(status_code=503, detail=str(exc)) from None
+
+    @v1.post("/verdicts/{model}/{candidate}/retire", response_model=Verdict, tags=["verdicts"],
+             dependencies=[Depends(token_required("retiring a verdict"))],
+             responses={403: {"description": "this API has no [api] tokens: writes are off"},
+                        404: {"description": "no verdict is stored for the pair"}})  # fmt: skip
+    def retire_verdict(model: Name, candidate: Name, body: RetireRequest) -> Verdict:
+        """Retire the pair: how an operator clears a rollback (``shadowlens verdicts retire``). Writes
+        a hold with state ``retired`` (the replaced decision in ``last_decision``, who and why in the
+        first reason) to ClickHouse and serves it from now on; the judge's next verdict for the pair,
+        if its traffic still flows, replaces it. Always behind a token. In the thread pool."""
+        if retire is None:
+            raise HTTPException(status_code=503, detail="this API cannot write verdicts")
+        try:
+            return retire(model, candidate, body.reason, body.by or "an unnamed caller of the API")
+        except LookupError as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from None
+        except Unavailable as exc:
+            raise HTTPException(status_code=503, detail=str(exc)) from None
 
     @v1.post("/query", response_model=QueryResult, tags=["query"],
-              responses={400: {"description": "ClickHouse refused the query; its message is the detail"}})
+             dependencies=[Depends(token_required("SQL (POST /v1/query)"))],
+             responses={400: {"description": "the query was refused; the one-line reason is the detail"},
+                        403: {"description": "this API has no [api] tokens: SQL is off"}})  # fmt: skip
     def run_query(body: QueryRequest) -> dict[str, Any]:
         """A read-only SQL query (ClickHouse ``readonly``, at most 10,000 rows and 10 s), for analysts
         while the worker holds a chDB data path (``shadowlens query`` falls back to it). In the thread
-        pool; behind the same bearer token as every /v1 path."""
+        pool. Never without a token: 403 while the API has no [api] tokens."""
         if sink is None:
             raise HTTPException(status_code=503, detail="no database attached to this API")
         try:
             return sink.readonly_query(body.sql)
+        except Unavailable as exc:
+            raise HTTPException(status_code=503, detail=str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - the server's first line is the useful part
             text = str(exc).strip()
             line = next((x for x in text.splitlines() if "Code:" in x), text.splitlines()[0] if text else "")
             raise HTTPException(status_code=400, detail=line[:500]) from None
 
     app.include_router(v1)
+    app.include_router(gates)
     return FastVerdicts(app, board, accepted)
 
 
@@ -168,6 +242,17 @@ class QueryRequest(BaseModel):
 class QueryResult(BaseModel):
     columns: list[str]
     rows: list[list[Any]]
+
+
+class RetireRequest(BaseModel):
+    reason: str = Field(min_length=1, max_length=1000, description="why: it goes into the retired row's reason")
+    by: str = Field(default="", max_length=200, description="who retires it (the CLI sends user@host)")
+
+
+class GateRefusal(BaseModel):
+    """The rollback hook's answer to a caller it cannot authenticate: 200, and nothing about the verdict."""
+
+    detail: str
 
 
 class FastVerdicts:

@@ -107,7 +107,7 @@ def test_worker_and_api_are_wired_by_environment(tmp_path, monkeypatch):
 
     models = build_digits_models(tmp_path)
     for key, value in services["api"]["environment"].items():
-        monkeypatch.setenv(key, str(value))
+        monkeypatch.setenv(key, interpolate(str(value), {"SHADOWLENS_API_TOKEN": "compose-token-0123456789"}))
     config = ROOT / "scripts/compose/shadowlens.toml"
     text = config.read_text().replace("/models/digits-good.onnx", str(models["good"]))
     (tmp_path / "shadowlens.toml").write_text(text)
@@ -115,3 +115,40 @@ def test_worker_and_api_are_wired_by_environment(tmp_path, monkeypatch):
     assert settings.clickhouse.dsn == "http://clickhouse:8123"
     assert settings.kafka.bootstrap == "kafka:9092"
     assert settings.api.host == "0.0.0.0" and settings.api.port == 8080
+    assert settings.api.tokens == ["compose-token-0123456789"] and settings.api.exposure_problem() is None
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ``${NAME}``, ``${NAME:-default}`` and ``${NAME:?error}`` (an unset required one raises)."""
+    import re
+
+    def one(match: re.Match) -> str:
+        name, op, arg = match.group(1), match.group(2) or "", match.group(3) or ""
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise LookupError(f"required variable {name} is missing a value: {arg}")
+        return arg
+
+    return re.sub(r"\$\{(\w+)(?:(:[-?])([^}]*))?\}", one, value)
+
+
+def test_the_api_on_every_interface_needs_a_token_and_compose_has_no_default(tmp_path, monkeypatch):
+    """The API listens on 0.0.0.0 in compose: `docker compose up` refuses to start without a token
+    (a required variable, no default in the file), and the config without one is refused too."""
+    import pytest
+
+    from streams.models import build_digits_models
+
+    api = load_compose()["services"]["api"]
+    tokens = api["environment"]["SHADOWLENS_API_TOKENS"]
+    assert tokens.startswith("${SHADOWLENS_API_TOKEN:?") and "openssl rand" in tokens
+    with pytest.raises(LookupError, match="SHADOWLENS_API_TOKEN"):
+        interpolate(tokens, {})
+    assert "SHADOWLENS_API_TOKENS" not in load_compose()["x-shadowlens"]["environment"]  # no shared default
+    models = build_digits_models(tmp_path)
+    text = (ROOT / "scripts/compose/shadowlens.toml").read_text()
+    (tmp_path / "shadowlens.toml").write_text(text.replace("/models/digits-good.onnx", str(models["good"])))
+    monkeypatch.delenv("SHADOWLENS_API_TOKENS", raising=False)
+    problem = load_settings(tmp_path / "shadowlens.toml").api.exposure_problem()
+    assert problem is not None and "[api] tokens" in problem and "0.0.0.0" in problem

@@ -1,10 +1,12 @@
 """Promotion gates on real parts: a worker process on real Kafka and chDB, polled over HTTP.
 
 What a gate reads before, during and after traffic: configured pairs answer 200 hold while
-waiting, unknown ones 404, a retired pair (verdicts from an earlier config in the same data path)
-is listed only on request; every /v1 call needs the token (Flagger's in the payload metadata);
-a candidate configured with the wrong ``baseline_output`` is a data problem (dead letters and a
-hold that says so), never a rollback; a verdict older than the stale limit is served as hold.
+waiting, unknown ones 404, a pair no longer configured (verdicts from an earlier config in the same
+data path) is served as stored, by the stale rule, and listed only on request; every /v1 call
+needs the token (Flagger's in the payload metadata); a candidate configured with the wrong
+``baseline_output`` is a data problem (dead letters and a hold that says so), never a rollback; a
+promote or hold older than the stale limit is served as hold (a rollback stands:
+tests/test_sticky_rollback.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -32,10 +34,10 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 REQUESTS = 1500
 
 
-def seed_retired_verdict(chdb_path) -> None:
-    """A verdict from an earlier configuration, in the data path the worker will use."""
+def seed_unconfigured_verdict(chdb_path) -> None:
+    """A verdict from an earlier configuration, an hour old, in the data path the worker will use."""
     sink = ClickHouseSink(f"chdb:///{chdb_path}")
-    now = datetime.now(UTC)
+    now = datetime.now(UTC) - timedelta(hours=1)
     try:
         sink.insert_verdicts([Verdict(model="digits", candidate="digits-v1-old", verdict="promote", reasons=["old."],
                                       metrics=[], samples=9000, window_start=now, window_end=now, updated_at=now)])
@@ -53,7 +55,7 @@ def test_gate_states_auth_blame_and_staleness_on_a_live_worker(kafka_bootstrap, 
         api={"tokens": [TOKEN], "stale_after_windows": 3},  # stale after 3 x 5 s + 2 s grace
         extra={"digits-v2-misnamed": {"baseline_output": "probs"}, "other-v2": {"model": "other"}},
     )  # fmt: skip
-    seed_retired_verdict(tmp_path / "chdb")
+    seed_unconfigured_verdict(tmp_path / "chdb")
     worker = WorkerProcess(config, tmp_path / "worker.log")
     api = f"http://127.0.0.1:{api_port}"
     get = lambda path, **kw: httpx.get(f"{api}{path}", timeout=5, **kw)  # noqa: E731
@@ -63,7 +65,7 @@ def test_gate_states_auth_blame_and_staleness_on_a_live_worker(kafka_bootstrap, 
         assert get("/v1/verdicts").status_code == 401
         assert get("/v1/verdicts", headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
         assert get("/v1/verdicts").headers["www-authenticate"] == "Bearer"
-        # -- before traffic: configured pairs wait, unknown ones are 404, retired ones hidden --
+        # -- before traffic: configured pairs wait, unknown ones are 404, unconfigured ones hidden --
         for model, cand in (("digits", "digits-v2"), ("other", "other-v2")):
             r = get(f"/v1/verdicts/{model}/{cand}", headers=AUTH)
             assert r.status_code == 200 and r.json()["verdict"] == "hold", r.text
@@ -72,8 +74,10 @@ def test_gate_states_auth_blame_and_staleness_on_a_live_worker(kafka_bootstrap, 
         listed = {(v["model"], v["candidate"]) for v in get("/v1/verdicts", headers=AUTH).json()}
         assert listed == {("digits", "digits-v2"), ("digits", "digits-v2-misnamed"), ("other", "other-v2")}
         everything = {v["candidate"]: v for v in get("/v1/verdicts", params={"all": "true"}, headers=AUTH).json()}
-        retired = everything["digits-v1-old"]
-        assert retired["state"] == "retired" and retired["verdict"] == "hold" and retired["last_decision"] == "promote"
+        # Not configured here: served as stored, by the stale rule ("retired" is an operator's act only).
+        unconfigured = everything["digits-v1-old"]
+        assert unconfigured["state"] == "stale" and unconfigured["verdict"] == "hold"
+        assert unconfigured["last_decision"] == "promote" and unconfigured["age_s"] > 3000
         # -- bounded parameters: 422, never 500 ---------------------------------------------
         for limit in (10**30, -1, 0, 1001):
             assert get("/v1/windows/digits/digits-v2", params={"limit": limit}, headers=AUTH).status_code == 422
@@ -122,8 +126,11 @@ def test_gate_states_auth_blame_and_staleness_on_a_live_worker(kafka_bootstrap, 
             return v if v["state"] == "stale" else None
 
         old = worker.wait_for(stale, 60, "the verdict to go stale")
-        assert old["verdict"] == "hold" and old["last_decision"] == decision and old["age_s"] > 17
-        assert old["reasons"][0].startswith("Hold: stale")
+        assert old["last_decision"] == decision and old["age_s"] > 17
+        if decision == "rollback":  # a rollback stands, stale or not
+            assert old["verdict"] == "rollback" and old["reasons"][0].startswith("Rollback stands")
+        else:
+            assert old["verdict"] == "hold" and old["reasons"][0].startswith("Hold: stale")
         assert httpx.post(gate, json=hook, timeout=5).status_code == 412  # a stale promote never promotes
 
         # -- the worker hangs (SIGSTOP, its API process keeps running): not ready, verdicts served --
