@@ -204,6 +204,8 @@ def test_notebook_queries_through_the_worker_api_when_the_chdb_path_is_held(demo
 
     path = demo_dsn[len("chdb://"):]
     port = free_port()
+    token = "notebook-token-0123456789abcdef"  # the API never runs SQL without one
+    monkeypatch.setenv("SHADOWLENS_API_TOKEN", token)
     code = (
         "import json, uvicorn\n"
         "from streams.api import bind, create_app\n"
@@ -213,7 +215,8 @@ def test_notebook_queries_through_the_worker_api_when_the_chdb_path_is_held(demo
         f"sock = bind('127.0.0.1', {port})\n"
         f"json.dump({{'url': 'http://127.0.0.1:{port}'}}, open({path + '.api.json'!r}, 'w'))\n"
         "print('serving', flush=True)\n"
-        "uvicorn.Server(uvicorn.Config(create_app(VerdictBoard(set(), 3600.0), sink), log_level='warning'))"
+        f"uvicorn.Server(uvicorn.Config(create_app(VerdictBoard(set(), 3600.0), sink, tokens=[{token!r}]), "
+        "log_level='warning'))"
         ".run(sockets=[sock])\n"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
