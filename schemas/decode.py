@@ -19,7 +19,9 @@ and each one bounds the cost of the next:
    tensor of ``inputs``/``baseline_output``, else ``invalid_schema``.
 7. Valid but unscorable (``check_scorable``): a tensor with a zero-size dimension ->
    ``invalid_tensor``; NaN/infinity in an input tensor -> ``non_finite_input``. Non-finite
-   *baseline outputs* pass: they are production's answer, which the scorer reports as such.
+   *baseline outputs* pass decoding: only the output a candidate compares with matters, and the
+   replay stage makes a request whose configured baseline output is NaN, infinite or no
+   probability vector a ``baseline_invalid`` dead letter for that candidate (streams/blame.py).
 
 Anything else (a bug, MemoryError) -> ``other``, naming the exception.
 """

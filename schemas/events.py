@@ -272,7 +272,9 @@ DeadLetterErrorType = Literal[
     "non_finite_input",  # NaN or infinity in an input tensor: the producer's data is bad
     "unknown_model",  # valid, but no candidate is configured for its model
     "adapter",  # the candidate's input adapter (or input check) refused the request
+    "input_dtype",  # an input's dtype the model does not take and the candidate's cast policy does not cast
     "baseline_mismatch",  # baseline_output lacks the configured output, or its shape differs from the candidate's
+    "baseline_invalid",  # the configured baseline output is no probability vector (NaN/inf, negative, sum != 1)
     "replay_failed",  # the candidate failed on this request alone (``candidate`` names it)
     "other",  # anything unexpected; the reason names the exception
 ]

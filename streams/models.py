@@ -7,6 +7,11 @@ Used by the demo and the tests. The migration story they tell:
 - ``degraded`` (v2): same input contract, trained on a small subset with 30 % of the
   labels corrupted: a plausible bad retrain.
 - ``broken`` (v2): the good model with its class weight rows permuted, i.e. a wiring bug.
+
+``build_export_variants`` exports the ways a model can reach shadowlens that the blame rules
+(streams/blame.py) are about: the good model with skl2onnx's default ZipMap output (``output_probability``,
+a sequence of maps class -> probability, besides the ``output_label`` tensor), and a regression
+model on the same input (``variable``, a ``[None, 1]`` float tensor: not a classifier).
 """
 
 from __future__ import annotations
@@ -39,17 +44,42 @@ def load_digits_split(seed: int = 0) -> DigitsData:
     return DigitsData(x[tr], y[tr], x[ho], y[ho])
 
 
-def _to_onnx(model, input_name: str, n_features: int) -> bytes:
+def _to_onnx(model, input_name: str, n_features: int, zipmap: bool = False) -> bytes:
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
 
     onx = to_onnx(
         model,
         initial_types=[(input_name, FloatTensorType([None, n_features]))],
-        options={id(model): {"zipmap": False}},  # plain probability tensor, not a list of dicts
+        # zipmap=False: a plain probability tensor, not a list of dicts (skl2onnx's default)
+        options=None if zipmap or not hasattr(model, "classes_") else {id(model): {"zipmap": False}},
         target_opset=17,
     )
     return onx.SerializeToString()
+
+
+def _good_model(data: DigitsData):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(max_iter=2000, C=1.0).fit(data.train_x / PIXEL_SCALE, data.train_y)
+
+
+def build_export_variants(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """The good v2 model exported with skl2onnx's default ZipMap (``good-zipmap``: outputs
+    ``output_label`` and ``output_probability``), and a regression model on the same ``image``
+    input (``regression``: output ``variable`` [None, 1]); name -> .onnx path. The same seed gives
+    ``good-zipmap`` the weights of ``build_digits_models``' ``good``."""
+    from sklearn.linear_model import LinearRegression
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_digits_split(seed)
+    n_features = data.train_x.shape[1]
+    regression = LinearRegression().fit(data.train_x / PIXEL_SCALE, data.train_y.astype(np.float64))
+    paths = {"good-zipmap": out / "digits-good-zipmap.onnx", "regression": out / "digits-regression.onnx"}
+    paths["good-zipmap"].write_bytes(_to_onnx(_good_model(data), "image", n_features, zipmap=True))
+    paths["regression"].write_bytes(_to_onnx(regression, "image", n_features))
+    return paths
 
 
 def build_digits_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
@@ -65,7 +95,7 @@ def build_digits_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     baseline = LogisticRegression(max_iter=2000, C=0.05).fit(data.train_x, data.train_y)
 
     scaled = data.train_x / PIXEL_SCALE
-    good = LogisticRegression(max_iter=2000, C=1.0).fit(scaled, data.train_y)
+    good = _good_model(data)
 
     subset = rng.choice(len(scaled), size=400, replace=False)
     noisy_y = data.train_y[subset].copy()

@@ -36,6 +36,8 @@ class BatchResult:
     redelivered: int = 0
     duplicates: int = 0
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    # Requests whose inputs the cast policy cast, per pair: {(model, candidate): {"pixels float64->float32": n}}
+    cast: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -61,7 +63,8 @@ class Pipeline:
         for p, ms in out.max_sent_ms.items():
             self._max_sent_ms[p] = max(ms, self._max_sent_ms.get(p, 0))
         self._report(inbound, time.time())
-        return BatchResult(out.requests, applied.rows, applied.redelivered, applied.duplicates, out.dead_letters)
+        cast = {(b.model, b.candidate): dict(b.cast) for b in out.batches if b.cast}
+        return BatchResult(out.requests, applied.rows, applied.redelivered, applied.duplicates, out.dead_letters, cast)
 
     def _report(self, inbound: Sequence[Inbound], now: float) -> None:
         """What a replay process would report: here every partition is read to its end."""

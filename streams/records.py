@@ -91,9 +91,14 @@ class DiffBatch:
     routed: int = 0
     covers: dict[int, int] = field(default_factory=dict)
     # Requests routed to the candidate that could not be compared, by dead-letter error type
-    # ("baseline_mismatch", "adapter"): the payload's or the config's fault, not the candidate's.
+    # (streams.blame.UNSCORABLE: "baseline_mismatch", "baseline_invalid", "input_dtype", "adapter",
+    # "non_finite_input", "invalid_tensor"): the payload's or the config's fault, not the candidate's.
     unscorable: dict[str, int] = field(default_factory=dict)
     unscorable_ms: list[int] = field(default_factory=list)  # their sent_at: their windows open and close
+    # Rows of this batch whose inputs the candidate's cast policy cast to the model's dtypes, by what
+    # was cast (e.g. {"pixels float64->float32": 250}); each row counts once. Like ``unscorable``,
+    # per batch: ``concat`` leaves it to the caller.
+    cast: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.request_id)
@@ -109,13 +114,13 @@ class DiffBatch:
             self.model, self.candidate, self.scored_ms, {k: v[idx] for k, v in self.columns.items()},
             [self.request_id[i] for i in pick], [self.baseline_version[i] for i in pick],
             [self.error[i] for i in pick], [self.attributes[i] for i in pick], self.top_k, self.routed,
-            dict(self.covers), dict(self.unscorable), list(self.unscorable_ms),
+            dict(self.covers), dict(self.unscorable), list(self.unscorable_ms), dict(self.cast),
         )  # fmt: skip
 
     @classmethod
     def concat(cls, parts: list[DiffBatch]) -> DiffBatch:
         """The rows of several batches of one pair, in order, as one batch; ``routed`` summed,
-        ``covers`` and the unscorable counts left to the caller. The replay core joins a
+        ``covers``, the unscorable counts and ``cast`` left to the caller. The replay core joins a
         candidate's groups with it; the judge counts a call's batches of a pair at once (the
         accumulators merge exactly, so one update on the concatenation equals one per batch)."""
         if len(parts) == 1:
@@ -135,7 +140,8 @@ class DiffBatch:
             "top_k": self.top_k, "request_id": self.request_id, "baseline_version": self.baseline_version,
             "error": self.error, "attributes": self.attributes, "routed": self.routed,
             "covers": {str(p): o for p, o in self.covers.items()}, "unscorable": self.unscorable,
-            "unscorable_ms": self.unscorable_ms, "columns": [[name, dt] for name, dt in NUMERIC.items()],
+            "unscorable_ms": self.unscorable_ms, "cast": self.cast,
+            "columns": [[name, dt] for name, dt in NUMERIC.items()],
         }  # fmt: skip
         head = msgspec.json.encode(header)  # the same JSON as json.dumps (ints, strings), ~9x faster
         buffers = [np.ascontiguousarray(self.columns[name], dtype=dt).tobytes() for name, dt in NUMERIC.items()]
@@ -171,6 +177,7 @@ class DiffBatch:
             int(header.get("routed", n)), {int(p): int(o) for p, o in header.get("covers", {}).items()},
             {str(k): int(v) for k, v in header.get("unscorable", {}).items()},
             [int(t) for t in header.get("unscorable_ms", [])],
+            {str(k): int(v) for k, v in header.get("cast", {}).items()},
         )  # fmt: skip
 
 

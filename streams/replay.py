@@ -4,11 +4,13 @@ No Kafka, no database, no per-pair state: the replay stage (streams/stages.py) w
 consumer and a producer, the embedded pipeline (streams/pipeline.py) calls it directly, and it can
 run on a GPU machine that reaches nothing but Kafka.
 
-Poison is isolated per message. Decoding never raises (``schemas.decode_request``); a message that
-does not fit a candidate's adapter or input shapes is a dead letter *for that candidate*, the other
-candidates still score it; an unexpected exception in a batched step is retried message by message,
-and a message that still raises alone becomes a dead letter naming the exception. Nothing a single
-message carries can stop the batch.
+Poison is isolated per message. Decoding never raises (``schemas.decode_request``). Who is to blame
+decides where a request ends up, by the rules of streams/blame.py: what the producer sent wrong for
+a candidate (its adapter, input shapes or dtypes, the baseline output) is a dead letter *for that
+candidate*, counted in the pair's ``unscorable``, while the other candidates still score it; an
+exception in a candidate's batched run is retried message by message, and the message that still
+raises alone is a diff row carrying the exception (a candidate error). Nothing a single message
+carries can stop the batch. Dead letters reach the log as a summary a minute (``LetterLog``).
 
 Columnar hot path: requests whose inputs share names, dtypes and shapes are stacked once, adapted
 once (rename / cast / scale / shift are element-wise), checked once and replayed in one
@@ -33,6 +35,9 @@ from schemas.decode import Rejection, decode_for_replay
 from schemas.fast_path import PlainRequest
 from scorers.diffs import classification_diffs
 from streams.adapter import InputAdapter
+from streams.blame import (
+    UNSCORABLE, CandidateRefused, baseline_invalid_reason, baseline_problems, conform_inputs, refusal,
+)  # fmt: skip
 from streams.config import CandidateConfig, Settings
 from streams.evidence_keys import evidence_keys
 from streams.recent_ids import id_hashes
@@ -41,9 +46,10 @@ from streams.runner import OnnxRunner
 from streams.stacking import baseline_rows, groups_by_signature, stack
 
 log = logging.getLogger("shadowlens.replay")
-# Dead letters that are nobody's fault but the payload's or the config's: counted per pair so the
-# verdict can say why it cannot decide, never as candidate errors.
-UNSCORABLE = ("adapter", "baseline_mismatch")
+# UNSCORABLE (streams/blame.py, which states the blame rules): dead letters that are the payload's
+# or the config's fault, counted per pair so the verdict can say why it cannot decide, never as
+# candidate errors.
+__all__ = ["UNSCORABLE", "Candidate", "Inbound", "LetterLog", "ReplayCore", "ReplayOutput"]
 
 
 @dataclass
@@ -65,12 +71,13 @@ class Candidate:
 
     @classmethod
     def load(cls, config: CandidateConfig, providers: Sequence[str] | None) -> Candidate:
+        """The candidate, ready to replay; ``CandidateRefused`` (a ``ConfigError``, one line naming the
+        field and the fix) when it cannot be judged as configured (streams/blame.py, rule 4). A file
+        onnxruntime cannot load raises onnxruntime's own exception (streams/doctor.py words it)."""
         runner = OnnxRunner(str(config.path), providers=providers or None)
-        if config.output not in runner.output_names:
-            raise ValueError(
-                f"candidates.{config.name}.output: {config.output!r} is not an output of {config.path} "
-                f"(it has {runner.output_names})"
-            )
+        problem = refusal(config, runner)
+        if problem is not None:
+            raise CandidateRefused(problem)
         return cls(config, InputAdapter(config.adapter), runner)
 
 
@@ -92,7 +99,7 @@ class ReplayCore:
             for cfg in settings.candidates:
                 candidates[cfg.model].append(Candidate.load(cfg, settings.replay.providers))
         self.candidates = candidates
-        self._warned: dict[tuple[str, str, str], tuple[int, float]] = {}
+        self.letter_log = LetterLog()
         self._groups: set[int] = set()  # ids of this micro-batch's groups (_per_group)
         self._shared: dict[tuple, object] = {}
 
@@ -115,7 +122,7 @@ class ReplayCore:
             by_model[decoded.model].append((decoded, msg))
         scored_ms = int(time.time() * 1000)
         for model, items in by_model.items():
-            groups = []
+            groups, model_letters = [], []
             for group in groups_by_signature(items):
                 try:
                     stacked, group, letters = _stack_finite(group)
@@ -124,108 +131,145 @@ class ReplayCore:
                 except Exception as exc:  # noqa: BLE001 - never expected (same signature); never fatal
                     stacked, letters = {}, [_letter(msg, "other", f"inputs: {_describe(exc)}") for _, msg in group]
                     group = []
-                out.dead_letters.extend(letters)
+                model_letters.extend(letters)
                 if group:
                     groups.append((group, stacked, keys))
                     self._groups.add(id(group))
+            out.dead_letters.extend(model_letters)
+            # The producer's bad inputs (NaN, several rows) are unscorable for every candidate of the model.
+            unscorable = [letter for letter in model_letters if letter.error_type in UNSCORABLE]
+            sent = {(msg.partition, msg.offset): ev.sent_ms for ev, msg in items} if unscorable else {}
             valid = [item for group, _, _ in groups for item in group]
             out.requests += len(valid)
             model_batches = []
             for cand in self.candidates[model]:
                 batch, letters = self._replay_candidate(cand, groups, scored_ms)
-                batch.routed = len(valid)
+                batch.routed = len(valid) + len(unscorable)
                 batch.covers = _covers(items)  # every message of the model, dead letters included
+                _count_unscorable(batch, unscorable, sent)
                 model_batches.append((cand, batch))
                 out.dead_letters.extend(letters)
             _pair_reference_latency(model_batches)
             out.batches.extend(b for _, b in model_batches)
+        self._log_letters(out.dead_letters, by_model)
         return out
+
+    def _log_letters(self, letters: list[DeadLetter], by_model) -> None:
+        """Dead letters into the log's per-minute summary (``LetterLog``), never a line per message."""
+        if letters:
+            known = {(msg.partition, msg.offset): (model, ev.request_id)
+                     for model, items in by_model.items() for ev, msg in items}  # fmt: skip
+            for letter in letters:
+                model, request_id = known.get((letter.partition, letter.offset), (None, None))
+                example = (f"request {request_id}" if request_id is not None
+                           else f"message {letter.topic}/{letter.partition}@{letter.offset}")  # fmt: skip
+                self.letter_log.add((model, letter.candidate, letter.error_type), example, letter.reason)
+        self.letter_log.flush()
 
     # -- one candidate --------------------------------------------------------------------------
     def _replay_candidate(self, cand: Candidate, groups, scored_ms: int) -> tuple[DiffBatch, list[DeadLetter]]:
-        """Who is to blame decides where a request ends up: a request that does not fit the
-        candidate's adapter or whose baseline output cannot be compared is a dead letter and counts
-        as *unscorable* (the producer's payload or our config); an exception in the candidate's
-        own run is a diff row with the error (a *candidate error*, judged by error_rate)."""
+        """Who is to blame decides where a request ends up (streams/blame.py): a request the producer
+        sent wrong for this candidate (adapter, input dtype, baseline output) is a dead letter and
+        counts as *unscorable*; an exception in the candidate's own run, or an answer that is no
+        probability vector, is a diff row with the error (a *candidate error*, judged by error_rate)."""
         letters: list[DeadLetter] = []
         parts: list[DiffBatch] = []
+        cast: dict[str, int] = {}
         for group, stacked, keys in groups:
-            try:
-                part, more = self._score(cand, group, stacked, keys, scored_ms)
-                parts.append(part)
-                letters.extend(more)
-            except Exception as exc:  # noqa: BLE001 - isolate the message that causes it
-                if len(group) == 1:
-                    ev, msg = group[0]
-                    reason = f"candidate {cand.config.name}: {_describe(exc)}"
-                    if getattr(exc, "error_type", None) == "adapter":
-                        letters.append(_letter(msg, "adapter", reason, candidate=cand))
-                        continue
-                    failed, letter = self._failed(cand, group, keys, scored_ms, reason)
-                    parts.extend([failed] if failed is not None else [])
-                    letters.extend([letter] if letter is not None else [])
-                    continue
-                for i in range(len(group)):  # retry alone: only the poison message fails
-                    one = {name: array[i : i + 1] for name, array in stacked.items()}
-                    batch, more = self._replay_candidate(cand, [([group[i]], one, keys[i : i + 1])], scored_ms)
-                    parts.append(batch)
-                    letters.extend(more)
+            group, feeds, keys, refused, what = self._prepare(cand, group, stacked, keys)
+            letters.extend(refused)
+            if not group:
+                continue
+            scored, more = self._run(cand, group, feeds, keys, scored_ms)
+            parts.extend(scored)
+            letters.extend(more)
+            rows = sum(len(p) for p in scored)
+            if what and rows:
+                cast[what] = cast.get(what, 0) + rows
         batch = _concat(cand.config, scored_ms, [p for p in parts if len(p)])
+        batch.cast = cast
         unscorable = [letter for letter in letters if letter.error_type in UNSCORABLE]
         if unscorable:  # their sent times, so that their windows still close
             sent = {(msg.partition, msg.offset): ev.sent_ms for group, _, _ in groups for ev, msg in group}
-            for letter in unscorable:
-                batch.unscorable[letter.error_type] = batch.unscorable.get(letter.error_type, 0) + 1
-                batch.unscorable_ms.append(sent.get((letter.partition, letter.offset), 0))
-        self._warn(cand, letters)
+            _count_unscorable(batch, unscorable, sent)
         return batch, letters
 
-    def _warn(self, cand: Candidate, letters: list[DeadLetter]) -> None:
-        """One log line per candidate and reason a minute, with the count since the last one."""
-        now = time.monotonic()
-        for letter in letters:
-            key = (cand.config.model, cand.config.name, letter.error_type)
-            count, last = self._warned.get(key, (0, -1e9))
-            count += 1
-            if now - last >= 60.0:
-                log.warning("%s/%s: %d request(s) dead-lettered as %s, e.g. %s", key[0], key[1], count, key[2],
-                            letter.reason)  # fmt: skip
-                count, last = 0, now
-            self._warned[key] = (count, last)
+    def _prepare(self, cand: Candidate, group, stacked: dict[str, np.ndarray], keys: np.ndarray):
+        """The group's inputs as the model takes them: adapter, declared shapes, cast policy.
+        Returns (group, feeds, keys, letters, what was cast): requests the producer sent wrong for
+        this candidate leave the group as dead letters. A group's requests share input names, dtypes
+        and per-row shapes, so the adapter, the shape check and the dtype check hold for all or none."""
+        cfg = cand.config
+        try:
+            feeds = cand.adapter(stacked)
+            cand.runner.check_row(feeds)
+        except (ValueError, TypeError) as exc:  # AdapterError, InputShapeError: the request does not fit
+            reason = f"candidate {cfg.name}: {_describe(exc)}"
+            return [], {}, keys[:0], [_letter(msg, "adapter", reason, candidate=cand) for _, msg in group], ""
+        fit = conform_inputs(feeds, cfg, cand.runner.input_dtypes)
+        if fit.refused:
+            return [], {}, keys[:0], [_letter(msg, "input_dtype", fit.refused, candidate=cand) for _, msg in group], ""
+        if not fit.bad_rows:
+            return group, fit.feeds, keys, [], fit.cast
+        letters = [_letter(group[i][1], "input_dtype", reason, candidate=cand) for i, reason in fit.bad_rows.items()]
+        keep = [i for i in range(len(group)) if i not in fit.bad_rows]
+        feeds = {name: array[keep] for name, array in fit.feeds.items()}
+        return [group[i] for i in keep], feeds, keys[keep], letters, fit.cast
+
+    def _run(self, cand: Candidate, group, feeds, keys, scored_ms: int) -> tuple[list[DiffBatch], list[DeadLetter]]:
+        """Score a prepared group; when the candidate raises, retry its requests one by one so only
+        the request that makes it raise fails (a diff row carrying the exception: a candidate error)."""
+        try:
+            batch, letters = self._score(cand, group, feeds, keys, scored_ms)
+            return [batch], letters
+        except Exception as exc:  # noqa: BLE001 - isolate the message that causes it
+            if len(group) == 1:
+                failed, letter = self._failed(cand, group, keys, scored_ms, f"candidate {cand.config.name}: "
+                                              f"{_describe(exc)}")  # fmt: skip
+                return ([failed] if failed is not None else []), ([letter] if letter is not None else [])
+        parts, letters = [], []
+        for i in range(len(group)):
+            one = {name: array[i : i + 1] for name, array in feeds.items()}
+            more_parts, more = self._run(cand, [group[i]], one, keys[i : i + 1], scored_ms)
+            parts.extend(more_parts)
+            letters.extend(more)
+        return parts, letters
 
     def _failed(self, cand: Candidate, group, keys: np.ndarray, scored_ms: int, reason: str):
         """The candidate raised on this one request: (a diff row carrying the error, None), or
-        (None, a baseline_mismatch letter) when the baseline is unusable too: then the request
-        could not have been compared anyway, and it is not counted against the candidate."""
+        (None, a baseline_mismatch / baseline_invalid letter) when the baseline is unusable too: then
+        the request could not have been compared anyway, and it is not counted against the candidate."""
         cfg = cand.config
         events = [ev for ev, _ in group]
         base_rows, problems = baseline_rows(events, cfg, None)
         if problems:
             return None, _letter(group[0][1], "baseline_mismatch", f"{problems[0]}; the producer must send it, or fix "
                                  f"candidates.{cfg.name}.baseline_output", candidate=cand)  # fmt: skip
+        invalid = baseline_problems(base_rows, cfg.baseline_output, cfg.from_logits)
+        if invalid:
+            reason = baseline_invalid_reason(invalid[0], cfg)
+            return None, _letter(group[0][1], "baseline_invalid", reason, candidate=cand)
         cand_rows = np.full(base_rows.shape, np.nan)
         batch = self._columns(cand, group, keys, scored_ms, base_rows, cand_rows, np.full(len(events), np.nan), reason)
         return batch, None
 
-    def _score(self, cand: Candidate, group, stacked: dict[str, np.ndarray], keys: np.ndarray, scored_ms: int):
+    def _score(self, cand: Candidate, group, feeds: dict[str, np.ndarray], keys: np.ndarray, scored_ms: int):
         cfg = cand.config
         events = [ev for ev, _ in group]
-        try:
-            feeds = cand.adapter(stacked)
-            cand.runner.check_row(feeds)
-        except ValueError as exc:  # AdapterError, InputShapeError: the request does not fit this candidate
-            exc.error_type = "adapter"  # type: ignore[attr-defined]
-            raise
         outputs, latencies = cand.runner.run_stacked(feeds, len(events), cfg.output, self.settings.replay.timing)
         cand_rows = np.asarray(outputs, dtype=np.float64).reshape(len(events), -1)
         width = cand_rows.shape[1]
         base_rows, problems = self._per_group(group, ("baseline", cfg.baseline_output, width),
                                               lambda: baseline_rows(events, cfg, width))  # fmt: skip
+        invalid = self._per_group(group, ("valid", cfg.baseline_output, width, cfg.from_logits), lambda: (
+            baseline_problems(base_rows, cfg.baseline_output, cfg.from_logits, problems)))  # fmt: skip
         letters = [_letter(group[i][1], "baseline_mismatch", f"{reason}; the producer must send it, or fix "
                            f"candidates.{cfg.name}.baseline_output", candidate=cand)
                    for i, reason in problems.items()]  # fmt: skip
-        if problems:
-            keep = [i for i in range(len(events)) if i not in problems]
+        letters += [_letter(group[i][1], "baseline_invalid", baseline_invalid_reason(reason, cfg), candidate=cand)
+                    for i, reason in invalid.items()]  # fmt: skip
+        if letters:
+            keep = [i for i in range(len(events)) if i not in problems and i not in invalid]
             group, base_rows, cand_rows, keys = [group[i] for i in keep], base_rows[keep], cand_rows[keep], keys[keep]
             latencies = np.asarray(latencies, dtype=np.float64)[keep]
         return self._columns(cand, group, keys, scored_ms, base_rows, cand_rows, latencies), letters
@@ -265,6 +309,50 @@ class ReplayCore:
             cfg.model, cfg.name, scored_ms, cols, req["request_id"], req["baseline_version"],
             [str(e) for e in diffs.error.tolist()], req["attributes"], diffs.top_k,
         )  # fmt: skip
+
+
+def _count_unscorable(batch: DiffBatch, letters: list[DeadLetter], sent: dict[tuple[int, int], int]) -> None:
+    """Count the pair's unscorable letters on its batch, with their sent times (their windows still close)."""
+    for letter in letters:
+        batch.unscorable[letter.error_type] = batch.unscorable.get(letter.error_type, 0) + 1
+        batch.unscorable_ms.append(sent.get((letter.partition, letter.offset), 0))
+
+
+class LetterLog:
+    """Dead letters in the log, summarised: one WARNING line per (model, candidate, error type) a
+    minute at most, with the count since the previous line and one example request id (the first
+    of its kind at once). 1,200 dead letters a minute make one line, not 1,200; every letter is on
+    the dead-letter topic and in ``shadowlens_dead_letters_total{reason}``."""
+
+    def __init__(self, every_s: float = 60.0):
+        self.every_s = every_s
+        self._pending: dict[tuple, list] = {}  # key -> [count, example, reason] since the key's last line
+        self._last: dict[tuple, float] = {}  # key -> monotonic time of its last line
+
+    def add(self, key: tuple[str | None, str | None, str], example: str, reason: str) -> None:
+        entry = self._pending.get(key)
+        if entry is None:
+            self._pending[key] = [1, example, reason]
+        else:
+            entry[0] += 1
+
+    def flush(self, now: float | None = None) -> list[str]:
+        """Log the keys whose minute is up (a key never logged: at once); returns the lines."""
+        now = time.monotonic() if now is None else now
+        lines = []
+        for key in list(self._pending):
+            last = self._last.get(key)
+            if last is not None and now - last < self.every_s:
+                continue
+            count, example, reason = self._pending.pop(key)
+            model, candidate, kind = key
+            pair = f"{model}/{candidate}" if candidate else (model or "mirror topic")
+            since = "" if last is None else f" in the last {now - last:.0f} s"
+            line = f"{pair}: {count} request(s) dead-lettered as {kind}{since}, e.g. {example}: {reason[:300]}"
+            log.warning("%s", line)
+            lines.append(line)
+            self._last[key] = now
+        return lines
 
 
 def _request_columns(group) -> dict:

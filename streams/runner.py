@@ -4,10 +4,16 @@ CUDA is used when onnxruntime reports it available (the ``gpu`` extra installs o
 else CPU. ``timing="per_request"`` runs rows one by one so the candidate latency is comparable
 with production's single-request latency; ``"batched"`` runs the micro-batch at once (higher
 throughput) and attributes the batch time evenly to its rows.
+
+Outputs come back as ``(n, ...)`` float arrays. A scikit-learn classifier exported with skl2onnx's
+default ZipMap (``output_probability``: a sequence of maps class -> probability, one per row) is
+read as the probability vector of its classes in sorted order, the order skl2onnx gives
+``classes_`` and the ``zipmap=False`` export's tensor, so both exports of one model compare alike.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Literal
@@ -39,7 +45,10 @@ class OnnxRunner:
         self.session = ort.InferenceSession(path, sess_options=options, providers=choose_providers(providers))
         self.providers = self.session.get_providers()
         self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        # What each input takes ('tensor(float)' -> float32; None: no numpy dtype, e.g. strings).
+        self.input_dtypes = {name: onnx_dtype(meta.type) for name, meta in self.inputs.items()}
+        self.outputs = {o.name: o for o in self.session.get_outputs()}
+        self.output_names = list(self.outputs)
 
     def check_row(self, row: Mapping[str, np.ndarray]) -> None:
         """Raise InputShapeError naming the input when one request cannot be fed to the model.
@@ -74,11 +83,12 @@ class OnnxRunner:
         views of the stacked arrays, timed one by one, comparable with production's latency.
         """
         names = list(self.inputs)
+        zipmap = is_zipmap(self.outputs[output].type) if output in self.outputs else False
         if timing == "batched":
             start = time.perf_counter()
             result = self.session.run([output], {name: feeds[name] for name in names})[0]
             elapsed_ms = (time.perf_counter() - start) * 1e3
-            return result, np.full(n, elapsed_ms / max(n, 1))
+            return (zipmap_rows(result) if zipmap else result), np.full(n, elapsed_ms / max(n, 1))
         run = self.session.run
         latencies = np.empty(n)
         outs = []
@@ -88,7 +98,45 @@ class OnnxRunner:
             result = run([output], row)[0]
             latencies[i] = (time.perf_counter() - start) * 1e3
             outs.append(result)
+        if zipmap:  # one list of one map per row
+            return zipmap_rows([m for maps in outs for m in maps]), latencies
         return np.concatenate(outs), latencies
+
+
+# ONNX tensor element types that a mirrored tensor (schemas.SUPPORTED_DTYPES) can carry.
+ONNX_DTYPES = {
+    "tensor(float)": np.dtype("float32"), "tensor(double)": np.dtype("float64"), "tensor(float16)": np.dtype("float16"),
+    "tensor(int8)": np.dtype("int8"), "tensor(int16)": np.dtype("int16"), "tensor(int32)": np.dtype("int32"),
+    "tensor(int64)": np.dtype("int64"), "tensor(uint8)": np.dtype("uint8"), "tensor(uint16)": np.dtype("uint16"),
+    "tensor(uint32)": np.dtype("uint32"), "tensor(uint64)": np.dtype("uint64"), "tensor(bool)": np.dtype("bool"),
+}  # fmt: skip
+
+
+def onnx_dtype(onnx_type: str) -> np.dtype | None:
+    """numpy's dtype for an onnxruntime type string ('tensor(float)' -> float32); None for types no
+    mirrored tensor carries (strings, bfloat16, sequences, maps)."""
+    return ONNX_DTYPES.get(onnx_type)
+
+
+_ZIPMAP = re.compile(r"seq\(map\((int64|string),tensor\((float|double)\)\)\)")
+
+
+def is_zipmap(onnx_type: str) -> bool:
+    """A ZipMap output: a sequence of maps class -> float probability, e.g. 'seq(map(int64,tensor(float)))'."""
+    return _ZIPMAP.fullmatch(onnx_type.replace(" ", "")) is not None
+
+
+def zipmap_rows(maps: Sequence[Mapping]) -> np.ndarray:
+    """A ZipMap output (one map class -> probability per row) as an ``(n, classes)`` float64 array,
+    classes in sorted order (skl2onnx's ``classes_`` order: numbers ascending, strings lexically).
+    A row whose classes differ from the first row's raises KeyError / ValueError (the candidate's)."""
+    if not len(maps):
+        return np.zeros((0, 0))
+    keys = sorted(maps[0])
+    rows = [[m[k] for k in keys] for m in maps]
+    if any(len(m) != len(keys) for m in maps):
+        raise ValueError(f"ZipMap rows have different classes (first row: {keys[:10]})")
+    return np.asarray(rows, dtype=np.float64)
 
 
 def _as_batch(array: np.ndarray) -> np.ndarray:
