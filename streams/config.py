@@ -118,11 +118,18 @@ class ApiConfig(_Section):
     port: int = Field(default=8080, ge=0, le=65535)
     tokens: list[str] = Field(
         default_factory=list,
-        description="bearer tokens accepted on /v1 (several: rotation); empty = no auth. Env: SHADOWLENS_API_TOKENS=a,b",
+        description="bearer tokens accepted on /v1 (several: rotation). Empty: reads need none (loopback only, "
+        "unless insecure), SQL and retiring are off. Env: SHADOWLENS_API_TOKENS=a,b",
+    )
+    insecure: bool = Field(
+        default=False,
+        description="listen on a non-loopback host without tokens, on purpose (a network where every client is "
+        "trusted); /v1/query and retiring still need a token",
     )
     stale_after_windows: float = Field(
-        default=3.0, gt=0, description="a verdict older than this many windows is served as hold (stale)"
-    )
+        default=3.0, gt=0,
+        description="a promote or hold older than this many windows is served as hold (stale); a rollback stands",
+    )  # fmt: skip
     refresh_s: float = Field(default=2.0, gt=0, description="standalone API: how often it re-reads the verdicts")
 
     @field_validator("tokens", mode="before")
@@ -139,6 +146,28 @@ class ApiConfig(_Section):
             if len(token) < 16:
                 raise ValueError(f"token {i} has {len(token)} characters; use at least 16 (e.g. openssl rand -hex 24)")
         return value
+
+    def exposure_problem(self) -> str | None:
+        """Why this API must not start listening, or None: verdicts and windows served without a token
+        to anyone who can reach a non-loopback address is an accident far more often than a choice,
+        so the choice is a setting of its own (``insecure``)."""
+        if self.tokens or self.insecure or _is_loopback(self.host):
+            return None
+        return (f"[api] host = {self.host!r} is reachable from other machines and [api] tokens is empty, so "
+                "anyone who reaches it could read verdicts and window statistics; set [api] tokens (or "
+                "SHADOWLENS_API_TOKENS, e.g. from openssl rand -hex 24), listen on 127.0.0.1, or set "
+                "[api] insecure = true on a network you trust")  # fmt: skip
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 class MetricsConfig(_Section):
@@ -159,6 +188,13 @@ class CandidateConfig(_Section):
     baseline_output: str = Field(default="probabilities", description="name in MirroredRequest.baseline_output")
     from_logits: bool = False
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    cast: Literal["no", "safe", "same_kind"] = Field(
+        default="same_kind",
+        description="inputs whose dtype the model does not take, after the adapter: numpy's casting rule for "
+        "casting them to the model's dtype ('no': never; 'safe': value-preserving only; 'same_kind': also "
+        "float64 -> float32, int64 -> int32, int -> float). Other dtypes are input_dtype dead letters "
+        "(streams/blame.py)",
+    )
     policy: dict[str, Any] = Field(default_factory=dict, description="scorers.judge.JudgePolicy fields")
     noise_reference: bool = Field(
         default=False, description="this 'candidate' is the baseline model replayed: its diffs measure the noise floor"
