@@ -78,35 +78,87 @@ def worker(
     config: Path = typer.Option(..., "--config", "-c", help="TOML config file"),
     role: str = typer.Option("all", help="replay | judge | all (both stages in this process)"),
     loglevel: str = typer.Option("info"),
+    processes: int = typer.Option(1, min=1, help="with --role replay: run this many replay processes on this box "
+                                                 "(a replay process uses one core), supervised by this one; each "
+                                                 "serves metrics on [metrics] port + i (0: any free port)"),
+    replica: str = typer.Option(None, hidden=True, help="set by --processes: 'i/N', shown in every log line"),
 ) -> None:
-    """Run the worker: the replay stage, the judge stage (and the verdicts API), or both."""
+    """Run the worker: the replay stage, the judge stage (and the verdicts API), or both.
+
+    Before it creates a topic, a consumer or a database it checks that every candidate's model
+    loads with its output and that the chDB path is free (`shadowlens doctor` checks more)."""
     from streams.topology import run_worker
 
     if role not in ("all", "replay", "judge"):
         typer.secho(f"--role: {role!r} is not a role; use replay, judge or all", fg="red", err=True)
         raise typer.Exit(2)
+    if processes > 1 and role != "replay":
+        _fail("--processes: only the replay stage runs as several processes on one box; add --role replay (judges "
+              "scale with kafka.diffs_partitions and an http:// ClickHouse, one process each)")
     from streams.api import AddressUnavailable
     from streams.metrics import MetricsAddressUnavailable
     from streams.sink import SinkUnavailable
 
+    settings = _settings(config)
     try:
-        run_worker(_settings(config), role=role, loglevel=loglevel)  # type: ignore[arg-type]
+        if processes > 1:
+            from streams.replicas import run_replicas
+
+            code = run_replicas(config, settings, processes, loglevel, debug=_DEBUG["on"])
+        else:
+            run_worker(settings, role=role, loglevel=loglevel, replica=replica)  # type: ignore[arg-type]
+            code = 0
     except (AddressUnavailable, SinkUnavailable, MetricsAddressUnavailable) as exc:
         _fail(exc)
+    except ConfigError as exc:  # found where the API starts: [api] exposed without tokens
+        typer.secho(f"config error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def doctor(
+    config: Path = typer.Option(..., "--config", "-c", help="TOML config file"),
+    sample: int = typer.Option(200, min=0, help="mirror records to replay: the last ones of each partition, read "
+                                                "without a consumer group (nothing consumed); 0: skip"),
+    role: str = typer.Option("all", help="check what this role needs: replay (models, Kafka), judge (database, "
+                                         "API, Kafka) or all"),
+) -> None:
+    """Check a config before traffic counts: models and outputs, real records through the adapter and
+    models, topics, ports, the database. Exit 0: all fine; 1: a ✗ row (each names its fix)."""
+    from streams.doctor import FAIL, render, run_doctor
+
+    if role not in ("all", "replay", "judge"):
+        _fail(f"--role: {role!r} is not a role; use replay, judge or all")
+    checks = run_doctor(_settings(config), sample=sample, role=role)
+    render(checks)
+    if any(c.status == FAIL for c in checks):
+        raise typer.Exit(1)
 
 
 @app.command()
 def api(config: Path = typer.Option(..., "--config", "-c", help="TOML config file")) -> None:
     """Serve the verdicts API alone, from ClickHouse (an http:// DSN; with chDB the worker serves it).
 
-    Its board is re-read every [api] refresh_s; run it where several judge processes write."""
+    Its board is re-read every [api] refresh_s; run it where several judge processes write. It
+    serves every stored verdict, configured in this file or not (a rollback stays rollback)."""
+    import signal
+    import sys
+    from functools import partial
+
     import uvicorn
 
     from streams.api import AddressUnavailable, bind, create_app
     from streams.board import BoardRefresher, VerdictBoard
+    from streams.retire import retire_pair
     from streams.sink import ClickHouseSink, SinkUnavailable, chdb_path
+    from streams.topology import write_api_sidecar
 
     settings = _settings(config)
+    if (problem := settings.api.exposure_problem()) is not None:
+        typer.secho(f"config error: {problem}", fg="red", err=True)
+        raise typer.Exit(2)
     try:
         sock = bind(settings.api.host, settings.api.port)
         dsn = settings.clickhouse.dsn
@@ -116,9 +168,16 @@ def api(config: Path = typer.Option(..., "--config", "-c", help="TOML config fil
     board = VerdictBoard.from_settings(settings)
     refresher = BoardRefresher(board, sink, settings.api.refresh_s)
     refresher.start()
-    app_ = create_app(board, sink, tokens=settings.api.tokens)
-    uvicorn.Server(uvicorn.Config(app_, log_level="warning", access_log=False)).run(sockets=[sock])
-    refresher.stop()
+    app_ = create_app(board, sink, tokens=settings.api.tokens, retire=partial(retire_pair, sink, board=board))
+    write_api_sidecar(settings)  # with chDB this process holds the path: query and retire come through it
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler found
+    # at start: this one ends the process through the finally below instead of killing it there.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        uvicorn.Server(uvicorn.Config(app_, log_level="warning", access_log=False)).run(sockets=[sock])
+    finally:
+        write_api_sidecar(settings, remove=True)
+        refresher.stop()
 
 
 @app.command()
@@ -134,8 +193,7 @@ def query(
 
     With chDB while a worker holds the data path, the query goes to that worker's API
     (read-only, at most 10,000 rows and 10 s), found through ``<path>.api.json``."""
-    import re
-
+    from streams.query_output import FORMAT_CLAUSE, QueryFailed, print_rows, through_worker
     from streams.sink import ClickHouseSink, DataPathInUse, SinkUnavailable
 
     if fmt not in ("tsv", "table", "json", "vertical"):
@@ -143,78 +201,57 @@ def query(
     try:
         sink = ClickHouseSink(dsn, create=False)
     except DataPathInUse as exc:
-        names, rows = _query_through_worker(dsn, sql, token, exc)
-        _print_rows(names, rows, fmt)
+        try:
+            answer = through_worker(dsn, sql, token, exc)
+        except QueryFailed as failed:
+            _fail(failed, code=failed.code)
+        if isinstance(answer, str):  # a FORMAT clause: ClickHouse's own output
+            typer.echo(answer, nl=False)
+        else:
+            print_rows(*answer, fmt)
         return
     except SinkUnavailable as exc:
         _fail(exc)
     try:
-        if re.search(r"\bFORMAT\s+\w+\s*;?\s*$", sql, re.IGNORECASE) or fmt == "vertical":
+        if FORMAT_CLAUSE.search(sql) or fmt == "vertical":
             text = sql if fmt != "vertical" else f"{sql.rstrip().rstrip(';')} FORMAT Vertical"
             typer.echo(sink.client.raw_query(text).decode(errors="replace"), nl=False)
             return
         result = sink.client.query(sql)
     except Exception as exc:  # noqa: BLE001 - the server's message, one line, is what helps
         _fail(f"query failed: {_first_line(exc)}", code=1, cause=exc)
-    _print_rows(list(result.column_names), result.result_rows, fmt)
+    print_rows(list(result.column_names), result.result_rows, fmt)
 
 
-def _query_through_worker(dsn: str, sql: str, token: str | None, locked: BaseException):
-    import json
-    import os
+verdicts_app = typer.Typer(help="Operator commands on stored verdicts.", no_args_is_help=True)
+app.add_typer(verdicts_app, name="verdicts")
 
-    import httpx
 
-    from streams.sink import chdb_path, resolve_dsn
+@verdicts_app.command("retire")
+def verdicts_retire(
+    config: Path = typer.Option(..., "--config", "-c", help="TOML config file (its [clickhouse] and [api])"),
+    model: str = typer.Option(..., "--model", help="the pair's model"),
+    candidate: str = typer.Option(..., "--candidate", help="the pair's candidate"),
+    reason: str = typer.Option("retired by an operator", help="why; it goes into the verdict's first reason"),
+    by: str = typer.Option(None, help="who retires it (default: user@host)"),
+    token: str = typer.Option(None, envvar="SHADOWLENS_API_TOKEN", help="token of the API it goes through "
+                                                                        "(default: the config's first [api] token)"),
+) -> None:
+    """Retire a pair's verdict: how an operator clears a rollback.
 
-    sidecar = f"{chdb_path(resolve_dsn(dsn)).rstrip('/')}.api.json"
+    A rollback never expires; this writes a hold with state "retired" (the replaced decision in
+    last_decision) that gates read instead. If the candidate stays configured and its traffic
+    flows, the judge's next verdict replaces it. With chDB held by a running worker (or a
+    standalone api) it goes through that process's API, found through <path>.api.json."""
+    from streams.retire import RetireFailed, retire, who
+
+    settings = _settings(config)
     try:
-        with open(sidecar) as f:
-            url = json.load(f)["url"]
-    except (OSError, ValueError, KeyError):
-        _fail(f"{locked}; that process serves no API to query through (no {sidecar})")
-    token = token or (os.environ.get("SHADOWLENS_API_TOKENS", "").split(",")[0] or None)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        response = httpx.post(f"{url}/v1/query", json={"sql": sql}, headers=headers, timeout=30)
-    except httpx.HTTPError as exc:
-        _fail(f"the worker holding {chdb_path(resolve_dsn(dsn))} serves its API at {url}, but it did not answer "
-              f"({exc}); is it still starting?")
-    if response.status_code == 401:
-        _fail(f"the worker's API at {url} needs its token: pass --token or set SHADOWLENS_API_TOKEN")
-    if response.status_code != 200:
-        detail = response.json().get("detail", response.text) if "json" in response.headers.get(
-            "content-type", "") else response.text
-        _fail(f"query failed: {detail}", code=1)
-    body = response.json()
-    return body["columns"], body["rows"]
-
-
-def _print_rows(names: list[str], rows, fmt: str) -> None:
-    import json
-
-    if fmt == "vertical":  # rows that came through the worker's API (a direct query asks ClickHouse)
-        width = max((len(n) for n in names), default=0)
-        for i, row in enumerate(rows, 1):
-            typer.echo(f"Row {i}:\n──────")
-            for name, value in zip(names, row, strict=True):
-                typer.echo(f"{name + ':':<{width + 1}} {value}")
-            typer.echo("")
-    elif fmt == "json":
-        for row in rows:
-            typer.echo(json.dumps(dict(zip(names, row, strict=True)), default=str))
-    elif fmt == "table":
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(*names)
-        for row in rows:
-            table.add_row(*(str(v) for v in row))
-        Console().print(table)
-    else:
-        typer.echo("\t".join(names))
-        for row in rows:
-            typer.echo("\t".join(str(v) for v in row))
+        row, how = retire(settings, model, candidate, reason, by or who(), token)
+    except RetireFailed as exc:
+        _fail(exc)
+    typer.echo(f"retired {model}/{candidate} ({how}): gates now read hold (state retired; last decision "
+               f"{row.last_decision}) until the judge writes a newer verdict for it")
 
 
 @app.command()
@@ -232,6 +269,12 @@ def init(
         path = write_starter(out, models, model, baseline_output, force)
     except (FileExistsError, FileNotFoundError, ConfigError) as exc:
         _fail(exc)
+    except Exception as exc:  # noqa: BLE001 - a file onnxruntime cannot load (a .npy) is said in one line
+        from streams.doctor import onnx_load_problem
+
+        if (problem := onnx_load_problem(exc)) is None:
+            raise
+        _fail(problem, cause=exc)
     typer.echo(f"wrote {path}; start it with: shadowlens worker -c {path}")
 
 
@@ -263,7 +306,8 @@ def _fail(message: BaseException | str, code: int = 2, cause: BaseException | No
         import traceback
 
         traceback.print_exception(original)
-    typer.secho(f"error: {message}", fg="red", err=True)
+    # One line whatever the exception's text holds (a server's message may span several).
+    typer.secho(f"error: {' '.join(str(message).split())}", fg="red", err=True)
     raise typer.Exit(code)
 
 

@@ -51,10 +51,12 @@ class Health:
         })  # fmt: skip
 
     def failing(self, component: str, error: BaseException | str) -> None:
-        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        text = (text.strip().splitlines() or [""])[0][:300]
+        # An error that already names its fix (streams.sink.SinkUnavailable) is said as it is, once.
+        says_fix = getattr(error, "says_fix", False)
+        text = error if isinstance(error, str) or says_fix else f"{type(error).__name__}: {error}"
+        text = _clip((str(text).strip().splitlines() or [""])[0], 300)
         now = time.time()
-        hint = self.hints.get(component)
+        hint = None if says_fix else self.hints.get(component)
         if component not in self.waiting:
             log.warning("%s unavailable (%s); waiting and retrying%s", component, text, f": {hint}" if hint else "")
             self.waiting[component] = (text, now)
@@ -79,6 +81,13 @@ class Health:
     def reasons(self) -> list[str]:
         now = time.time()
         return [f"{c}: {err} (for {now - since:.0f} s)" for c, (err, since) in sorted(self.waiting.items())]
+
+
+def _clip(text: str, limit: int) -> str:
+    """At most ``limit`` characters, cut between words (a line cut mid-word reads as a bug)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(") + " …"
 
 
 async def until_done(component: str, health: Health, op: Callable[[], Awaitable[T]],

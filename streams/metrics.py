@@ -1,7 +1,8 @@
 """Prometheus metrics of one worker process, and the progress line an operator reads in the log.
 
 Every worker process (replay, judge or both) serves ``/metrics`` on ``[metrics] host:port``
-(prometheus_client's own HTTP server, in a thread: a scrape never touches the event loop).
+(prometheus_client's own HTTP server, in a thread: a scrape never touches the event loop); the
+replay processes of ``worker --role replay --processes N`` on ``port + i`` (streams/replicas.py).
 deploy/grafana/shadowlens.json is a dashboard of these series.
 
 Replay stage: ``shadowlens_replayed_requests_total``, ``shadowlens_dead_letters_total{reason}``,
@@ -62,7 +63,8 @@ class WorkerMetrics:
             raise MetricsAddressUnavailable(
                 f"metrics address {host}:{port} is not available ({exc.strerror or exc}): another process (a second "
                 f"worker on this machine?) uses it; set [metrics] port (env SHADOWLENS_METRICS__PORT) to a free port, "
-                f"0 for any, or [metrics] enabled = false") from None
+                f"0 for any, or [metrics] enabled = false; several replay processes on one box: run one "
+                f"`worker --role replay --processes N` (ports port..port+N-1)") from None
         return server.server_address[1] if isinstance(server.server_address, tuple) else port
 
 

@@ -47,6 +47,8 @@ class SinkUnavailable(RuntimeError):
     """The database cannot be opened for a reason an operator fixes; the message is one line
     naming the cause and the fix."""
 
+    says_fix = True  # streams.kafka_io.Health logs the message as it is, without a second hint
+
 
 class DataPathInUse(SinkUnavailable):
     """Another live process holds the chDB data path: waiting will not help, stop and say so."""
@@ -282,26 +284,50 @@ def chdb_path(dsn: str) -> str | None:
     return dsn[len("chdb://"):] if dsn.startswith("chdb://") else None
 
 
+def data_path_in_use(path: str) -> DataPathInUse | None:
+    """The one-line error for a chDB data path another live process holds, or None when it is free."""
+    holder = _chdb_holder(path)
+    if holder is None:
+        return None
+    return DataPathInUse(
+        f"the chDB data at {path} is in use by process {holder} (a worker?): chDB allows one process per "
+        f"data path. Stop that process, read the verdicts from its API instead, or use a ClickHouse "
+        f"server (an http:// DSN) so several processes can share the data")
+
+
+# What urllib3 says inside "Max retries exceeded ... (Caused by NewConnectionError(...))": the
+# cause an operator acts on, without the request URL and the retry bookkeeping around it.
+_NETWORK_CAUSES = ("Connection refused", "timed out", "Name or service not known", "nodename nor servname provided",
+                   "Temporary failure in name resolution", "No route to host", "Network is unreachable",
+                   "Connection reset", "Remote end closed connection")  # fmt: skip
+
+
 def _explain_open_failure(dsn: str, path: str | None, exc: BaseException) -> BaseException:
     if path is not None:
-        holder = _chdb_holder(path)
-        if holder is not None:
-            return DataPathInUse(
-                f"the chDB data at {path} is in use by process {holder} (a worker?): chDB allows one process per "
-                f"data path. Stop that process, read the verdicts from its API instead, or use a ClickHouse "
-                f"server (an http:// DSN) so several processes can share the data")
-        return SinkUnavailable(f"cannot open chDB at {path}: {_first_line(exc)}; check that the folder is "
+        in_use = data_path_in_use(path)
+        if in_use is not None:
+            return in_use
+        return SinkUnavailable(f"cannot open chDB at {path}: {_clip(_first_line(exc))}; check that the folder is "
                                f"writable and has free space")
     text = _first_line(exc)
-    if any(k in text for k in ("Connection refused", "Failed to establish", "Max retries", "timed out",
-                               "Name or service not known", "nodename nor servname")):
-        return SinkUnavailable(f"cannot reach ClickHouse at {dsn.split('@')[-1]}: {text[:160]}; is the server "
-                               f"running (docker compose up clickhouse)? check [clickhouse] dsn or "
-                               f"SHADOWLENS_CLICKHOUSE_DSN")
+    where = dsn.split("@")[-1]
+    cause = next((c for c in _NETWORK_CAUSES if c.lower() in text.lower()), None)
+    if cause is None and any(k in text for k in ("Failed to establish", "Max retries")):
+        cause = "no connection"
+    if cause is not None:
+        return SinkUnavailable(f"cannot reach ClickHouse at {where}: {cause.lower()}; is the server running "
+                               f"(docker compose up clickhouse)? check [clickhouse] dsn or SHADOWLENS_CLICKHOUSE_DSN")
     if "Authentication" in text or "AUTHENTICATION_FAILED" in text or "password" in text.lower():
-        return SinkUnavailable(f"ClickHouse at {dsn.split('@')[-1]} refused the login: {text[:160]}; fix the user "
-                               f"and password in the DSN")
+        return SinkUnavailable(f"ClickHouse at {where} refused the login: {_clip(text)}; fix the user and password "
+                               f"in the DSN")
     return exc
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """At most ``limit`` characters, cut between words: an operator line is never cut mid-word."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(") + " …"
 
 
 def _chdb_holder(path: str) -> int | None:

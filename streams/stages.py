@@ -60,11 +60,12 @@ class ReplayStage:
         # offsets, so a process killed mid-batch leaves nothing a read_committed reader sees.
         txn_id = f"{k.group_id}-{self.replica}" if k.exactly_once else None
         producer = kafka_io.Producer(self.settings, self.health, KAFKA, transactional_id=txn_id)
-        await until_done(KAFKA, self.health, consumer.start)
         diffs_partitions = list(range(self.partitions[k.diffs_topic]))
         mirror_partitions = self.partitions[k.topic]
         last_report = 0.0
         try:
+            # Inside the try: a worker stopped while the consumer starts still closes it.
+            await until_done(KAFKA, self.health, consumer.start)
             while True:
                 fetched = await consumer.getmany(
                     timeout_ms=int(self.settings.replay.batch_within_s * 1000), max_records=self.settings.replay.batch_size
@@ -76,9 +77,12 @@ class ReplayStage:
                 if time.monotonic() - last_report >= k.progress_interval_s:
                     await self._report(consumer, producer, diffs_partitions, mirror_partitions)
                     last_report = time.monotonic()
+                    self.core.letter_log.flush()  # a summary is due even when no message arrives
         finally:
-            await consumer.stop()  # leaves the group; commits nothing (auto-commit is off)
-            await producer.stop()
+            try:
+                await consumer.stop()  # leaves the group; commits nothing (auto-commit is off)
+            finally:
+                await producer.stop()
 
     async def _hand_over(self, consumer, producer, messages: list[Inbound]) -> None:
         k = self.settings.kafka
@@ -96,9 +100,8 @@ class ReplayStage:
         commit = _next_offsets(messages)
         # Exactly once: the offsets go in the records' transaction (for the group, not by the consumer).
         await self._send(producer, records, offsets=commit if k.exactly_once else None, group_id=k.group_id)
-        for letter in out.dead_letters:
-            log.warning("dead letter (%s) %s/%d@%d: %s", letter.error_type, letter.topic, letter.partition,
-                        letter.offset, letter.reason[:300])  # fmt: skip
+        # Dead letters are logged by the replay core, summarised per (candidate, reason) a minute
+        # (streams.replay.LetterLog): one line per message flooded the log (1,200 lines for 1,200).
         now = time.time()
         assigned = consumer.assignment()
         for tp, nxt in commit.items():
@@ -184,9 +187,9 @@ class JudgeStage:
         k = self.settings.kafka
         self.producer = kafka_io.Producer(self.settings, self.health, KAFKA_JUDGE)
         consumer = kafka_io.consumer(self.settings, k.diffs_topic, k.judge_group, _APPLY_RECORDS, listener=_Recovery(self))
-        await until_done(KAFKA_JUDGE, self.health, consumer.start)
         last_close = 0.0
         try:
+            await until_done(KAFKA_JUDGE, self.health, consumer.start)  # in the try: stopped meanwhile, it closes
             while True:
                 fetched = await self._gather(consumer)
                 if self.assigned is not None:
@@ -205,8 +208,10 @@ class JudgeStage:
                     await self._commit_past_markers(consumer)
                     last_close = time.monotonic()
         finally:
-            await consumer.stop()
-            await self.producer.stop()
+            try:
+                await consumer.stop()
+            finally:
+                await self.producer.stop()
 
     async def _gather(self, consumer) -> dict:
         """Records to apply in one go: what arrives within ``insert_linger_s`` of the first, up to

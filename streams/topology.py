@@ -25,6 +25,7 @@ import time
 from typing import Literal
 
 from streams.config import Settings
+from streams.doctor import startup_checks
 from streams.heap import tune_collector
 from streams.kafka_io import Health, ensure_topics, until_done
 from streams.metrics import WorkerMetrics, health_collector, judge_collector
@@ -34,28 +35,58 @@ Role = Literal["all", "replay", "judge"]
 
 
 async def run_worker_async(settings: Settings, role: Role = "all") -> None:
+    tasks: list[asyncio.Task] = []
+    try:
+        await _run(settings, role, tasks)
+    finally:
+        # Stopped while starting (a signal, an error): the stage tasks already running close their
+        # consumers and producers here. Left to asyncio.run, they would be cancelled together with
+        # aiokafka's own tasks, and closing a client then fails half-way ("Unclosed AIOKafka...").
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _run(settings: Settings, role: Role, tasks: list[asyncio.Task]) -> None:
     health = Health.for_settings(settings)
+    # SIGTERM / SIGINT while starting (waiting for the broker or the database) stop the start-up
+    # where it is: the stages' consumers and producers close (run_worker_async cancels their tasks).
+    stop, starting, main = asyncio.Event(), asyncio.Event(), asyncio.current_task()
+    starting.set()
+
+    def on_signal() -> None:
+        stop.set()
+        if starting.is_set():
+            main.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, on_signal)
     sock = None
     if role in ("judge", "all") and settings.api.enabled:
         from streams.api import bind
+        from streams.config import ConfigError
 
+        if (problem := settings.api.exposure_problem()) is not None:  # before listening: verdicts to anyone
+            raise ConfigError(problem)
         sock = bind(settings.api.host, settings.api.port)  # before anything: a port in use is a startup error
     metrics = WorkerMetrics()
     metrics.add_collector(health_collector(health))
     metrics_port = None
     if settings.metrics.enabled:
         metrics_port = metrics.serve(settings.metrics.host, settings.metrics.port)
+    # Before a topic, a consumer or a database exists: a model that does not load, an output it
+    # lacks, a chDB path another process holds are one line and exit 2, not a traceback later.
+    loaded = startup_checks(settings, role)
     partitions = await until_done("kafka", health, lambda: ensure_topics(settings))
-    tasks: list[asyncio.Task] = []
     sink = replay = judge = None
     if role in ("replay", "all"):
         from streams.replay import ReplayCore
         from streams.stages import ReplayStage
 
-        replay = ReplayStage(settings, ReplayCore(settings), health, partitions)
+        replay = ReplayStage(settings, ReplayCore(settings, loaded), health, partitions)
         replay.metrics = metrics
         tasks.append(asyncio.create_task(replay.run(), name="replay"))
-    api = None
+    api = refresher = None
     if role in ("judge", "all"):
         from streams.judge import JudgeCore
         from streams.sink import ClickHouseSink, DataPathInUse
@@ -65,7 +96,7 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
         sink = await until_done("clickhouse", health, lambda: asyncio.to_thread(
             ClickHouseSink, ch.dsn, ch.database, ch.retention_days), give_up=(DataPathInUse,))  # fmt: skip
         core = JudgeCore(settings, sink)
-        # The last verdicts survive a restart, with their true age (stale if the pause was long).
+        # The last verdicts survive a restart, with their true age (a stale promote is a hold; a rollback stands).
         await until_done("clickhouse", health, lambda: asyncio.to_thread(core.board.load, sink))
         judge = JudgeStage(settings, core, health)
         metrics.add_collector(judge_collector(core.board, core, judge))
@@ -75,16 +106,20 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
 
             api = ApiProcess(settings, core.board, sink, sock)
             api.start()
-            _write_api_sidecar(settings)
+            write_api_sidecar(settings)
             tasks.append(asyncio.create_task(_watch_api(api, health), name="api"))
+            if not sink.dsn.startswith("chdb:"):
+                # A shared ClickHouse: serve what others write too (an operator's retirement, other
+                # judges' pairs), read off the event loop; with chDB nobody else can write.
+                from streams.board import BoardRefresher
+
+                refresher = BoardRefresher(core.board, sink, settings.api.refresh_s, recent_only=True)
+                refresher.start()
     tune_collector()  # models, sessions and imports are loaded: keep full collections off them
     _startup_summary(settings, role, api is not None, metrics_port)
     tasks.append(asyncio.create_task(_progress(settings, metrics, replay if role != "judge" else None,
                                                judge if role != "replay" else None), name="progress"))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    starting.clear()
     stopper = asyncio.create_task(stop.wait(), name="stop")
     try:
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -96,9 +131,11 @@ async def run_worker_async(settings: Settings, role: Role = "all") -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if refresher is not None:
+            refresher.stop()
         if api is not None:
             api.stop()
-            _write_api_sidecar(settings, remove=True)
+            write_api_sidecar(settings, remove=True)
         if sink is not None:
             sink.close()
         log.info("worker stopped")
@@ -152,9 +189,10 @@ async def _progress(settings: Settings, metrics: WorkerMetrics, replay, judge) -
         log.info("progress: %s", "; ".join(parts))
 
 
-def _write_api_sidecar(settings: Settings, remove: bool = False) -> None:
-    """With chDB the worker alone can open the data path; ``<path>.api.json`` tells ``shadowlens
-    query`` where to send read-only queries instead (POST /v1/query)."""
+def write_api_sidecar(settings: Settings, remove: bool = False) -> None:
+    """With chDB the process serving the API (a worker, or a standalone ``shadowlens api``) alone
+    can open the data path; ``<path>.api.json`` tells ``shadowlens query`` and ``shadowlens verdicts
+    retire`` where to send their requests instead (POST /v1/query, POST .../retire)."""
     import json
     import os
 
@@ -185,10 +223,17 @@ async def _watch_api(api, health: Health) -> None:
         await asyncio.sleep(1.0)
 
 
-def run_worker(settings: Settings, role: Role = "all", loglevel: str = "info") -> None:
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def run_worker(settings: Settings, role: Role = "all", loglevel: str = "info", replica: str | None = None) -> None:
+    """``replica``: 'i/N' for one of the replay processes of ``worker --processes N`` (each line says which)."""
+    where = f" [replay {replica}]" if replica else ""
+    logging.basicConfig(level=loglevel.upper(), format=f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s")
 
-    # aiokafka logs every failed connection attempt at ERROR; the worker reports an outage itself,
-    # once, naming the cause and the fix (Health.failing), and /readyz says it while it lasts.
+    # aiokafka logs every failed connection attempt at ERROR, and urllib3 (under clickhouse-connect)
+    # each retry at WARNING; the worker reports an outage itself, once, naming the cause and the
+    # fix (Health.failing), then a reminder a minute, and /readyz says it while it lasts.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    asyncio.run(run_worker_async(settings, role))
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    try:
+        asyncio.run(run_worker_async(settings, role))
+    except asyncio.CancelledError:  # stopped by a signal while starting: nothing was committed
+        log.info("worker stopped while starting")
