@@ -242,6 +242,8 @@ class QueryRequest(BaseModel):
 class QueryResult(BaseModel):
     columns: list[str]
     rows: list[list[Any]]
+    text: str | None = Field(default=None, description="a query ending in FORMAT <name>: ClickHouse's own output "
+                             "(columns and rows are then empty)")  # fmt: skip
 
 
 class RetireRequest(BaseModel):

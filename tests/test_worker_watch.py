@@ -38,8 +38,9 @@ def test_progress_lines_metrics_and_a_silent_topic_warning(kafka_bootstrap, new_
     models = build_digits_models(tmp_path / "models")
     topic = new_topic("watch", partitions=2)
     api_port, metrics_port = free_port(), free_port()
+    token = "watch-token-0123456789abcdef"  # the API runs no SQL without one
     config = write_worker_config(tmp_path, kafka_bootstrap, {"digits-v2": models["good"]}, topic, api_port,
-                                 window_s=5, idle_close_s=2, partitions=2,
+                                 window_s=5, idle_close_s=2, partitions=2, api={"tokens": [token]},
                                  metrics={"port": metrics_port, "progress_s": 1, "no_traffic_warn_s": 3})  # fmt: skip
     worker = WorkerProcess(config, tmp_path / "worker.log")
     scrape = lambda: httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text  # noqa: E731
@@ -66,13 +67,13 @@ def test_progress_lines_metrics_and_a_silent_topic_warning(kafka_bootstrap, new_
         worker.wait_for(lambda: re.search(r"progress: replayed 600 \(\d+/s\), lag p\d=0", worker.log_tail(20_000)),
                         30, "a progress line")
         # Analysts query while the worker holds the chDB path: through its API, read-only.
-        cli = [sys.executable, "-m", "streams.cli", "query", "--dsn", f"chdb://{tmp_path / 'chdb'}"]
+        cli = [sys.executable, "-m", "streams.cli", "query", "--dsn", f"chdb://{tmp_path / 'chdb'}", "--token", token]
         done = subprocess.run([*cli, "SELECT count() AS rows FROM shadowlens.request_diffs FINAL"],
                               capture_output=True, text=True, timeout=60)  # fmt: skip
         assert done.returncode == 0 and done.stdout.splitlines() == ["rows", "600"], done.stderr
         refused = subprocess.run([*cli, "DROP TABLE shadowlens.verdicts"], capture_output=True, text=True, timeout=60)
         assert refused.returncode == 1 and refused.stderr.startswith("error: query failed:"), refused.stderr
-        assert "readonly" in refused.stderr and "Traceback" not in refused.stderr
+        assert "only reads are allowed" in refused.stderr and "Traceback" not in refused.stderr
         assert "verdicts digits-v2=" in worker.log_tail(20_000)
         # Every series the shipped dashboard plots exists in what the worker exports.
         dashboard = json.loads((ROOT / "deploy/grafana/shadowlens.json").read_text())
