@@ -138,7 +138,7 @@ async def backfill(
             await asyncio.wait_for(producer.start(), config.delivery_timeout_ms / 1000 + 5)
         except Exception as exc:
             await _stop(producer)
-            raise BackfillError(f"cannot reach Kafka at {config.bootstrap_servers}: {exc!r}") from exc
+            raise BackfillError(f"cannot reach Kafka at {config.bootstrap}: {exc!r}") from exc
     in_flight: set[asyncio.Future] = set()
 
     def delivered(where: str, future: asyncio.Future) -> None:

@@ -49,7 +49,7 @@ def backfill_command(
     # aiokafka logs an ERROR for the topic's auto-creation and per retry; this command reports
     # every row that failed itself, so its own lines would only repeat that.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    config = MirrorConfig(bootstrap_servers=bootstrap, topic=topic,
+    config = MirrorConfig(bootstrap=bootstrap, topic=topic,
                           compression=None if compression.lower() == "none" else compression)
     shown = 0
 

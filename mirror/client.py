@@ -18,7 +18,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from mirror.config import MirrorConfig
+from mirror.config import MirrorConfig, MirrorSettingError, normalize_settings
 from mirror.core import MirrorCore
 from mirror.metrics import MirrorStats, register_client
 from mirror.sender import KafkaSender, drain_and_stop
@@ -26,6 +26,14 @@ from mirror.sender import KafkaSender, drain_and_stop
 
 class _MirrorClientBase:
     def __init__(self, config: MirrorConfig | None = None, **settings: Any) -> None:
+        """``config`` or keyword settings (``MirrorConfig``'s fields: ``bootstrap``, ``topic``, ...;
+        ``bootstrap_servers`` is an alias of ``bootstrap``); keywords given with a config replace its
+        values. An unknown keyword raises ``MirrorSettingError`` (a ``MirrorError`` and a ``TypeError``)
+        naming the settings."""
+        settings = normalize_settings(settings, type(self).__name__)
+        if config is not None and not isinstance(config, MirrorConfig):
+            raise MirrorSettingError("config", f"{type(config).__name__} {config!r} is not a MirrorConfig",
+                                     "pass MirrorConfig(...) or keyword settings, e.g. bootstrap='host:9092'")
         if config is None:
             config = MirrorConfig(**settings)
         elif settings:
@@ -131,7 +139,8 @@ class MirrorClient(_MirrorClientBase):
     """Mirror client for synchronous (threaded) services: the sender runs on an asyncio loop
     in a daemon thread; ``publish`` is safe from any thread.
 
-        mirror = MirrorClient(sample_rates={"digits": 0.1})   # bootstrap: KAFKA_BOOTSTRAP or 127.0.0.1:19092
+        mirror = MirrorClient(bootstrap="kafka:9092", sample_rates={"digits": 0.1})  # default bootstrap:
+                                                      # env KAFKA_BOOTSTRAP, else 127.0.0.1:19092
         mirror.publish(request_id, "digits", "v3", {"x": x}, {"probs": p}, latency_ms)
         mirror.close()   # also run at interpreter exit
 

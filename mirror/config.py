@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from aiokafka import codec
 
@@ -24,6 +27,9 @@ def _env_flag(name: str) -> bool:
 class MirrorConfig:
     """How a client buffers, samples, validates and talks to Kafka.
 
+    bootstrap: Kafka bootstrap servers, "host:port[,host:port]" (default: env KAFKA_BOOTSTRAP, else
+        127.0.0.1:19092), the name the worker's config, the CLI and the README use;
+        ``bootstrap_servers`` (aiokafka's name) is accepted as an alias, and readable.
     strict: raise ``MirrorError`` from ``publish`` on a bad call (development). Off by default
         (production): the call is counted as failed{reason="invalid"} and logged, rate-limited.
         Also switched on by the environment variable ``SHADOWLENS_MIRROR_STRICT=1``.
@@ -42,7 +48,7 @@ class MirrorConfig:
     registry: prometheus_client registry to export counters to (a private one when None).
     """
 
-    bootstrap_servers: str = field(default_factory=lambda: os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:19092"))
+    bootstrap: str = field(default_factory=lambda: os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:19092"))
     topic: str = DEFAULT_TOPIC
     client_id: str = "shadowlens-mirror"
     strict: bool = field(default_factory=lambda: _env_flag("SHADOWLENS_MIRROR_STRICT"))
@@ -77,11 +83,23 @@ class MirrorConfig:
                 raise MirrorError(name, "must not be negative")
         if not self.topic:
             raise MirrorError("topic", "is empty", f"use e.g. {DEFAULT_TOPIC!r}")
+        if not isinstance(self.bootstrap, str) or not self.bootstrap.strip():
+            raise MirrorError("bootstrap", f"{self.bootstrap!r} is not a bootstrap address",
+                              "pass 'host:port' (several: 'a:9092,b:9092')")
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """Alias of ``bootstrap`` (aiokafka's name for it)."""
+        return self.bootstrap
+
+    @bootstrap_servers.setter
+    def bootstrap_servers(self, value: str) -> None:
+        self.bootstrap = value
 
     def producer_kwargs(self) -> dict:
         """Arguments for ``aiokafka.AIOKafkaProducer`` (the design notes' delivery settings)."""
         return {
-            "bootstrap_servers": self.bootstrap_servers,
+            "bootstrap_servers": self.bootstrap,
             "client_id": self.client_id,
             "acks": "all",
             "enable_idempotence": True,
@@ -92,3 +110,46 @@ class MirrorConfig:
             "request_timeout_ms": max(1, self.delivery_timeout_ms),
             "retry_backoff_ms": 100,
         }
+
+
+# Accepted alias -> setting. Only names a user may reasonably reach for: aiokafka's own.
+ALIASES = {"bootstrap_servers": "bootstrap"}
+
+
+class MirrorSettingError(MirrorError, TypeError):
+    """An unknown keyword for ``MirrorConfig`` / ``MirrorClient`` / ``AsyncMirrorClient``: one line that
+    names the right settings. A ``TypeError`` too, as a wrong keyword argument always was."""
+
+
+def setting_names() -> list[str]:
+    return [f.name for f in fields(MirrorConfig)]
+
+
+def normalize_settings(settings: Mapping[str, Any], where: str = "MirrorConfig") -> dict[str, Any]:
+    """Keyword settings with aliases resolved (``bootstrap_servers`` -> ``bootstrap``); an unknown
+    name, or a setting given twice under two names, raises ``MirrorSettingError`` in one line."""
+    known = setting_names()
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        name = ALIASES.get(key, key)
+        if name not in known:
+            close = difflib.get_close_matches(key, [*known, *ALIASES], n=1, cutoff=0.6)
+            hint = f"did you mean {ALIASES.get(close[0], close[0])}? " if close else ""
+            raise MirrorSettingError(
+                key, f"not a setting of {where}()",
+                f"{hint}settings: {', '.join(known)} (bootstrap_servers is an alias of bootstrap)")
+        if name in out and out[name] != value:
+            raise MirrorSettingError(key, f"{where}() got both {name} and its alias {key}", f"pass {name} only")
+        out[name] = value
+    return out
+
+
+_generated_init = MirrorConfig.__init__
+
+
+@functools.wraps(_generated_init)
+def _init(self, *args: Any, **kwargs: Any) -> None:
+    _generated_init(self, *args, **normalize_settings(kwargs))
+
+
+MirrorConfig.__init__ = _init  # type: ignore[method-assign]

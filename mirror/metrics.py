@@ -24,10 +24,10 @@ class MirrorStats:
     accepted: records taken into the buffer by ``publish``.
     published: records the broker acknowledged (acks=all).
     sampled_out: calls skipped by sampling.
-    dropped: records lost without an error of their own: buffer full, or still buffered at the
-        close deadline.
+    dropped: records ``publish`` refused: buffer full, or the client already closed.
     failed: records lost to an error, by reason: invalid (bad call, lenient mode), encode,
-        delivery (broker timeout/error), shutdown (in flight at the close deadline), internal.
+        delivery (broker timeout/error), shutdown (taken but not delivered by the close deadline:
+        still buffered, or held by the producer, e.g. with the broker down), internal.
     buffer_depth: records buffered now, not yet handed to the Kafka producer.
     in_flight: records handed to the producer and not yet acknowledged or failed.
     """
@@ -88,7 +88,7 @@ class _RegistryCollector:
                     for name, help_ in (("accepted", "records taken into the buffer"),
                                         ("published", "records acknowledged by the broker"),
                                         ("sampled_out", "publish calls skipped by sampling"),
-                                        ("dropped", "records dropped: buffer full or unsent at close"))}
+                                        ("dropped", "records refused by publish: buffer full or client closed"))}
         failed = CounterMetricFamily(_PREFIX + "failed", "records lost to an error", labels=["client", "reason"])
         depth = GaugeMetricFamily(_PREFIX + "buffer_depth", "records buffered, not yet sent", labels=["client"])
         in_flight = GaugeMetricFamily(_PREFIX + "in_flight", "records sent, not yet acknowledged", labels=["client"])

@@ -233,12 +233,12 @@ class KafkaSender:
             # A late delivery callback of the previous producer may have set it True.
             self.core.connected = False
             self.core.log.warning("connect", "mirror: Kafka at %s unavailable (%r); retrying, records are "
-                                  "buffered then dropped", self.config.bootstrap_servers, exc)
+                                  "buffered then dropped", self.config.bootstrap, exc)
             return False
         self._producer = producer
         self._reset_requested = False
         self.core.connected = True
-        logger.info("mirror: connected to Kafka at %s, topic %s", self.config.bootstrap_servers, self.config.topic)
+        logger.info("mirror: connected to Kafka at %s, topic %s", self.config.bootstrap, self.config.topic)
         return True
 
     async def _check_connection(self) -> None:
@@ -334,8 +334,9 @@ async def _stop_quietly(producer: AIOKafkaProducer, abandon: str | None) -> None
 async def drain_and_stop(core: MirrorCore, sender: KafkaSender, task: asyncio.Task | None, timeout_s: float) -> None:
     """Stop taking records, deliver what is buffered within ``timeout_s``, then stop the producer.
 
-    What is still buffered at the deadline counts as dropped; what the producer still holds
-    counts as failed{reason="shutdown"}.
+    Every record taken and not delivered by then (the broker down or slow) is lost to the shutdown:
+    failed{reason="shutdown"}, whether it was still buffered here or already held by the producer.
+    ``dropped`` stays what publish refused (buffer full, client closed).
     """
     with core.counters.lock:
         core.closed = True
@@ -355,7 +356,9 @@ async def drain_and_stop(core: MirrorCore, sender: KafkaSender, task: asyncio.Ta
         left = len(core.buffer) + len(core.pending)
         core.buffer.clear()
         core.pending.clear()
-        core.counters.dropped += left
+        core.counters.failed["shutdown"] += left
     if left:
-        logger.warning("mirror: closed with %d records unsent (deadline %.1fs)", left, timeout_s)
+        logger.warning("mirror: closed with %d records not delivered within the %.1f s deadline (Kafka at %s "
+                       "unreachable or slow); counted as failed{reason=\"shutdown\"}", left, timeout_s,
+                       core.config.bootstrap)
     await sender.close()

@@ -26,6 +26,13 @@ cumulative accumulator at every window close keeps these guarantees. They are co
 *independent evidence* (scorers.evidence: the first request of each input and sample key), so
 repeats and bursts do not count as independent observations; the request-weighted rate is reported.
 
+Latency is judged against the baseline *replayed on the candidate's hardware* (a ``noise_reference``
+candidate, ``paired_latency``): then it gates like any metric. Without one, the only baseline latency
+is what production recorded, on another machine and another path (a loaded replay box against an
+idle production host is a "regression" of 10x): the metric is still computed and reported, marked
+informational, but it neither rolls back nor holds a promote (nor holds on missing latencies) unless
+``latency_gates_without_reference``. Its share of the rollback level stays reserved either way.
+
 Verdict rules, in order: any critical metric fails -> rollback (always); data-quality problem
 (sample-ratio mismatch, missing latencies, not comparable) -> hold; less than ``min_span_s`` of
 event time observed -> hold (no non-critical rollback or promote before a whole traffic cycle);
@@ -49,29 +56,59 @@ from scorers.metric_bounds import (  # noqa: F401 - the metric names are importe
 from scorers.slices import judge_slices
 
 
+def _doc(meaning: str, example: str | None = None) -> dict:
+    """Field metadata: what the field means (the README table and ``shadowlens init`` print it) and,
+    for a field unset by default, a TOML example of setting it."""
+    return {"doc": meaning, **({"example": example} if example is not None else {})}
+
+
 @dataclass(frozen=True)
 class JudgePolicy:
-    """Pre-registered margins and levels. A margin of None switches that metric off."""
+    """Pre-registered margins and levels. A margin of None switches that metric off.
 
-    label_flip_rate_margin: float | None = 0.02  # share of scored requests whose top class changes
-    abs_confidence_delta_margin: float | None = 0.05  # mean |candidate - baseline prob of baseline's class|
-    latency_p99_ratio_margin: float | None = 1.5  # candidate / baseline latency quantile
-    latency_quantile: float = 0.99
-    accuracy_drop_margin: float | None = 0.01  # baseline accuracy - candidate accuracy (labelled rows)
-    min_labelled: int = 200  # accuracy joins the gating metrics from this many labelled rows
-    max_error_rate: float = 0.01  # candidate errors / requests (margin of the error_rate metric)
-    min_samples: int = 500  # scored requests needed before any promote
-    max_missing_fraction: float = 0.05  # tolerated share of missing traffic / missing latencies
-    alpha: float = 0.05
-    critical: tuple[str, ...] = (ERROR,)
-    gating: tuple[str, ...] | None = None  # None: every configured metric gates
-    slice_min_samples: int = 100
-    slice_alpha: float | None = None  # None: alpha / 2
-    slice_failure_verdict: Literal["hold", "rollback"] = "hold"
-    max_worst_slices: int = 5
-    slice_min_share: float = 0.02  # slices with this share of the evidence hold a promote until ...
-    slice_promote_factor: float = 2.0  # ... their upper bound is below this many times the margin
-    min_span_s: float = 0.0  # event time to observe before a promote or a non-critical rollback (drift)
+    Every field's meaning is in its metadata: ``policy_defaults_table()`` prints them (the README's
+    table), and ``shadowlens init`` writes the same defaults into the config it starts.
+    """
+
+    label_flip_rate_margin: float | None = field(default=0.02, metadata=_doc(
+        "share of scored requests whose top class changes, minus the noise floor"))
+    abs_confidence_delta_margin: float | None = field(default=0.05, metadata=_doc(
+        "mean |candidate - baseline probability of the baseline's top class|, minus the noise floor"))
+    latency_p99_ratio_margin: float | None = field(default=1.5, metadata=_doc(
+        "candidate / baseline latency at `latency_quantile` (the metric is named `latency_p<q>_ratio`)"))
+    latency_quantile: float = field(default=0.99, metadata=_doc("the latency quantile compared"))
+    latency_gates_without_reference: bool = field(default=False, metadata=_doc(
+        "without a replayed baseline (a `noise_reference` candidate of the same model, judged by the same "
+        "process) latency is compared with production's recorded latency, measured on other hardware and "
+        "another path: reported only, never a rollback or a held promote. `true`: it gates all the same"))
+    accuracy_drop_margin: float | None = field(default=0.01, metadata=_doc(
+        "baseline accuracy - candidate accuracy on the labelled requests (paired, McNemar's discordant cells)"))
+    min_labelled: int = field(default=200, metadata=_doc(
+        "labelled requests before `accuracy_drop` gates (reported only before)"))
+    max_error_rate: float = field(default=0.01, metadata=_doc(
+        "candidate errors / requests: the margin of `error_rate`"))
+    min_samples: int = field(default=500, metadata=_doc("independent scored requests before any promote"))
+    max_missing_fraction: float = field(default=0.05, metadata=_doc(
+        "tolerated share of requests missing (sample ratio), not comparable (dead letters), or without a "
+        "latency while latency gates; beyond it the verdict holds on data quality"))
+    alpha: float = field(default=0.05, metadata=_doc(
+        "error level: alpha / 2 for rollbacks (split over the rollback-capable metrics), alpha / 2 for promotes"))
+    critical: tuple[str, ...] = field(default=(ERROR,), metadata=_doc(
+        "metrics that roll back even while a data check fails"))
+    gating: tuple[str, ...] | None = field(default=None, metadata=_doc(
+        "metrics that decide the verdict; unset: every configured metric", '["error_rate", "label_flip_rate"]'))
+    slice_min_samples: int = field(default=100, metadata=_doc("independent requests before a slice is judged"))
+    slice_alpha: float | None = field(default=None, metadata=_doc(
+        "false discovery rate of slice flags (e-BH); unset: alpha / 2", "0.025"))
+    slice_failure_verdict: Literal["hold", "rollback"] = field(default="hold", metadata=_doc(
+        "the verdict while a slice is flagged: `hold` or `rollback`"))
+    max_worst_slices: int = field(default=5, metadata=_doc("slices listed in a verdict"))
+    slice_min_share: float = field(default=0.02, metadata=_doc(
+        "slices with at least this share of the evidence hold a promote until ..."))
+    slice_promote_factor: float = field(default=2.0, metadata=_doc(
+        "... their flip rate's upper bound is under this many times the margin"))
+    min_span_s: float = field(default=0.0, metadata=_doc(
+        "seconds of event time observed before a promote or a non-critical rollback (one traffic cycle: 86400)"))
 
     @classmethod
     def from_dict(cls, d: dict) -> JudgePolicy:
@@ -109,6 +146,37 @@ class JudgePolicy:
         return self.alpha / 2
 
 
+def toml_value(value) -> str:
+    """A policy value as TOML (what a config file would say)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def policy_defaults() -> list[tuple[str, str | None, str, str | None]]:
+    """(field, default as TOML or None when unset, meaning, TOML example for an unset field) of every
+    ``JudgePolicy`` field, in declaration order: the one source of the README's table and of the
+    policy block ``shadowlens init`` writes."""
+    out = []
+    for f in fields(JudgePolicy):
+        default = None if f.default is None else toml_value(f.default)
+        out.append((f.name, default, f.metadata["doc"], f.metadata.get("example")))
+    return out
+
+
+def policy_defaults_table() -> str:
+    """The markdown table of every ``JudgePolicy`` field, its default and meaning (the README's)."""
+    rows = ["| field | default | meaning |", "|---|---|---|"]
+    for name, default, doc, _ in policy_defaults():
+        shown = "unset" if default is None else f"`{default}`"
+        rows.append(f"| `{name}` | {shown} | {doc.replace('|', chr(92) + '|')} |")
+    return "\n".join(rows) + "\n"
+
+
 @dataclass
 class JudgeMemory:
     """What a pair's verdict remembers between looks (kept beside its cumulative evidence).
@@ -117,18 +185,22 @@ class JudgeMemory:
     rollback evidence appears (a critical or gating metric confidently worse, a flagged slice) or a
     data-quality check fails: the confidence sequences were valid when it was given, so more data
     can only add evidence against it, not take the old evidence back. ``flagged_slices``: sticky.
+    ``last_verdict``: the decision of the previous look, so a transition into rollback is told once
+    (``Judgement.rollback_started``), not at every look, also across a judge restart.
     """
 
     promoted_at: int | None = None
     flagged_slices: dict[str, float] = field(default_factory=dict)
+    last_verdict: str | None = None
 
     def to_dict(self) -> dict:
-        return {"promoted_at": self.promoted_at, "flagged_slices": dict(self.flagged_slices)}
+        return {"promoted_at": self.promoted_at, "flagged_slices": dict(self.flagged_slices),
+                "last_verdict": self.last_verdict}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> JudgeMemory:
         d = d or {}
-        return cls(d.get("promoted_at"), dict(d.get("flagged_slices", {})))
+        return cls(d.get("promoted_at"), dict(d.get("flagged_slices", {})), d.get("last_verdict"))
 
 
 @dataclass
@@ -144,6 +216,7 @@ class Judgement:
     blocking_metric: str | None = None  # hold: the metric (or data check) the decision waits for
     failed_slices: int = 0
     memory: JudgeMemory = field(default_factory=JudgeMemory)
+    rollback_started: bool = False  # a rollback now, and the previous look was not one
 
     def metric(self, name: str) -> MetricJudgement:
         return next(m for m in self.metrics if m.name == name)
@@ -169,13 +242,23 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
     ``memory``: what the previous look left (``Judgement.memory``): a standing promote, sticky
     slice flags. Pass it back at the next look.
     ``paired_latency``: (replayed baseline, candidate) latencies of the same requests
-    (``scorers.latency.PairedLatency``); with a noise run it makes the latency metric paired.
+    (``scorers.latency.PairedLatency``); with a noise run it makes the latency metric paired. Without
+    it the latency is compared with production's recorded latency (another machine and path): that
+    metric is reported but gates nothing unless ``policy.latency_gates_without_reference``.
     """
     policy = policy or JudgePolicy()
     memory = memory or JudgeMemory()
     acc, ev = cumulative, cumulative.evidence
     a_r, a_p = policy.rollback_alpha(), policy.promote_alpha()
     margins, gating, critical = policy.margins(), set(policy.gating_metrics()), set(policy.critical)
+    lat = policy.latency_metric
+    # Informational latency: no replayed baseline on the candidate's hardware. Its level stays in the
+    # Bonferroni split of rollback_alpha (fixed by configuration, never by what a run happens to have).
+    informational = set()
+    if lat in margins and paired_latency is None and not policy.latency_gates_without_reference:
+        informational.add(lat)
+        gating.discard(lat)
+        critical.discard(lat)
     noise_ok = noise is not None and noise.evidence["scored"] > 0
     nev = (lambda k: noise.evidence[k]) if noise_ok else (lambda k: 0)
     metrics: list[MetricJudgement] = []
@@ -195,17 +278,22 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
             nev("abs_confidence_delta"), ABS_DELTA in critical,
             weighted=(acc.scored, acc.sums["abs_confidence_delta"]))
         metrics.append(m)
-    if policy.latency_metric in margins:
-        m, needed[policy.latency_metric] = latency_metric(acc, policy, a_r, a_p, policy.latency_metric in critical,
-                                                           noise, paired_latency)
+    if lat in margins:
+        m, needed[lat] = latency_metric(acc, policy, a_r, a_p, lat in critical, noise, paired_latency)
+        if lat in informational:
+            m.detail = (f"informational, not gating: compared with production's recorded latency (other hardware "
+                        f"and path); replay the baseline as a noise_reference candidate to judge it on the same "
+                        f"hardware, or set latency_gates_without_reference = true; {m.detail}")
         metrics.append(m)
     if ACCURACY in margins:
         metrics.append(accuracy_metric(acc, margins[ACCURACY], a_r, a_p, ACCURACY in critical))
         if acc.labelled < policy.min_labelled:
             gating.discard(ACCURACY)  # labels too few (or absent): reported, not gating yet
 
-    reasons = [_metric_reason(m, gating) for m in metrics]
-    checks, quality_reasons = _data_checks(acc, policy, margins, expected_requests, unscorable, reasons)
+    reasons = [_metric_reason(m, gating, informational) for m in metrics]
+    lat_decides = lat in gating or lat in critical
+    checks, quality_reasons = _data_checks(acc, policy, margins, expected_requests, unscorable, reasons,
+                                           lat_decides, noise if paired_latency is not None else None)
     if noise is not None and not noise_ok:
         reasons.append("Noise run given but empty: judged without a noise floor.")
     reasons.extend(quality_reasons)
@@ -269,25 +357,34 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
         reasons.insert(0, f"Hold: waiting for {why}{tail}.")
     if verdict != "promote":
         new_memory.promoted_at = None
+    new_memory.last_verdict = verdict
     return Judgement(verdict=verdict, reasons=reasons, metrics=metrics, samples=acc.scored,
                      requests_needed=requests_needed, worst_slices=worst,
                      example_request_ids=acc.example_request_ids, data_checks=checks,
-                     blocking_metric=blocking, failed_slices=failed_slices, memory=new_memory)
+                     blocking_metric=blocking, failed_slices=failed_slices, memory=new_memory,
+                     rollback_started=verdict == "rollback" and memory.last_verdict != "rollback")
 
 
-def _metric_reason(m: MetricJudgement, gating) -> str:
+def _metric_reason(m: MetricJudgement, gating, informational=frozenset()) -> str:
     if m.estimate is None:
         return f"{m.name}: no data yet ({m.detail})."
     hi = "inf" if m.upper is None else f"{m.upper:.4g}"
     word = {"fail": "confidently worse than", "pass": "confidently within",
             "inconclusive": "not yet distinguishable from"}[m.decision]
     role = "critical" if m.critical else ("gating" if m.name in gating else "reported only")
+    if m.name in informational:
+        role = ("informational: compared with production's recorded latency, not gating without a replayed "
+                "baseline")
     return (f"{m.name} = {m.estimate:.4g} [{m.lower:.4g}, {hi}] is {word} margin {m.margin:g} "
             f"(n={m.samples}, {role}).")
 
 
-def _data_checks(acc, policy, margins, expected_requests, unscorable, reasons):
-    """Data sufficiency and quality: (checks, quality reasons); appends sufficiency notes to reasons."""
+def _data_checks(acc, policy, margins, expected_requests, unscorable, reasons, lat_decides=True, reference=None):
+    """Data sufficiency and quality: (checks, quality reasons); appends sufficiency notes to reasons.
+
+    Missing latencies hold the verdict only while latency can decide it (``lat_decides``), and only the
+    latencies it is judged on: the candidate's and the replayed baseline's (``reference``) when there
+    is one, else the candidate's and production's."""
     checks = {"min_samples": acc.evidence["scored"] >= policy.min_samples, "sample_ratio": True,
               "latency_present": True, "comparable": True}
     quality_reasons = []
@@ -309,8 +406,12 @@ def _data_checks(acc, policy, margins, expected_requests, unscorable, reasons):
             checks["sample_ratio"] = False
             quality_reasons.append(f"Sample-ratio mismatch: {acc.requests} requests replayed of {expected_requests} "
                                    f"expected ({ratio:.1%}; tolerance ±{policy.max_missing_fraction:.0%}).")
-    if policy.latency_metric in margins and acc.requests:
-        missing = max(acc.candidate_latency.missing, acc.baseline_latency.missing) / acc.requests
+    if policy.latency_metric in margins and acc.requests and lat_decides:
+        missing = acc.candidate_latency.missing / acc.requests
+        if reference is not None:
+            missing = max(missing, reference.candidate_latency.missing / max(reference.requests, 1))
+        else:
+            missing = max(missing, acc.baseline_latency.missing / acc.requests)
         if missing > policy.max_missing_fraction:
             checks["latency_present"] = False
             quality_reasons.append(f"Missing data: {missing:.1%} of requests lack a latency "

@@ -9,31 +9,49 @@ import math
 
 import numpy as np
 
-from scorers.latency import CS_SHARE, _T_SPAN, _key
+from scorers.latency import CS_SHARE, UNPAIRED_SHARE, _T_SPAN, _key
 from scorers.sequential import bernoulli_log_evalue_above, order_statistic_ranks
 from scorers.sketch import ZERO_THRESHOLD_MS
 
 
 def simulate_latencies(rng: np.random.Generator, n: int, k: float, *, paired: bool = True,
                        spike_p: float = 0.01, spike_x: float = 20.0, sigma: float = 1.0,
-                       noise: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """(b, c) for n requests under the module's simulation model."""
+                       noise: float = 0.1, jitter_p: float = 0.0, jitter_ms: float = 0.0,
+                       scale_ms: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(b, c) for n requests under the module's simulation model.
+
+    ``jitter_p`` / ``jitter_ms``: besides that, each run of a model is delayed, with probability
+    ``jitter_p``, by an exponential pause of mean ``jitter_ms`` that has nothing to do with the request
+    (the scheduler, an interrupt, a page fault, another process on a loaded machine): absolute, so it
+    is not scaled by ``k``, and independent between the baseline and the candidate. ``scale_ms``: the
+    request cost's scale (the jitter matters where the models take about as long as it).
+    """
     def cost():
-        return rng.lognormal(0.0, sigma, n) * np.where(rng.random(n) < spike_p, spike_x, 1.0)
+        return scale_ms * rng.lognormal(0.0, sigma, n) * np.where(rng.random(n) < spike_p, spike_x, 1.0)
+
+    def jitter():
+        if jitter_p <= 0:
+            return 0.0
+        return np.where(rng.random(n) < jitter_p, rng.exponential(jitter_ms, n), 0.0)
+
     lat = cost()
-    b = lat * rng.lognormal(0.0, noise, n)
-    c = k * (lat if paired else cost()) * rng.lognormal(0.0, noise, n)
+    b = lat * rng.lognormal(0.0, noise, n) + jitter()
+    c = k * (lat if paired else cost()) * rng.lognormal(0.0, noise, n) + jitter()
     return b, c
 
 
 def simulate_latency(k: float, *, paired: bool = True, method: str = "paired", runs: int = 500, seed: int = 0,
                      requests: int = 10_000, window: int = 250, margin: float = 1.5, q: float = 0.99,
                      alpha_rollback: float = 0.005, alpha_promote: float = 0.025, relative_accuracy: float = 0.005,
-                     cs_share: float = CS_SHARE, return_decisions: bool = False, **model) -> dict:
+                     cs_share: float = CS_SHARE, unpaired_share: float = UNPAIRED_SHARE,
+                     return_decisions: bool = False, **model) -> dict:
     """Many runs judged every ``window`` requests; returns rates of the latency metric's decisions.
 
-    ``method``: "paired" (sign test, the ``PairedLatency`` construction) or "unpaired" (four
-    order-statistic bounds). ``paired``: whether the data are paired (same requests) or not.
+    ``method``: "paired" (what ``latency_ratio_metric`` does with a ``PairedLatency``: the sign test at
+    ``1 - unpaired_share`` of each side's level, intersected with the four order-statistic bounds at
+    ``unpaired_share``; ``unpaired_share=0``: the sign test alone) or "unpaired" (the four
+    order-statistic bounds at the whole level). ``paired``: whether the data are paired (same
+    requests) or not.
     Result keys: ever_fail, ever_pass (share of runs whose metric was "fail" / "pass" at any look),
     median_fail_n / median_pass_n (requests at the first such look, among those runs); with
     ``return_decisions`` also looks (L,) and fail / pass (runs, L) boolean arrays per look.
@@ -47,10 +65,15 @@ def simulate_latency(k: float, *, paired: bool = True, method: str = "paired", r
     def value(keys, lo, hi):  # the sketch's read-out of the order statistic with this key
         return np.clip(2.0 * g ** keys.astype(np.float64) / (1.0 + g), lo, hi)
 
-    if method == "unpaired":
-        rc = np.array([order_statistic_ranks(int(n), q, alpha_rollback / 2, alpha_promote / 2) for n in looks])
-        rb = np.array([order_statistic_ranks(int(n), q, alpha_promote / 2, alpha_rollback / 2) for n in looks])
-    elif method == "paired":
+    if method not in ("paired", "unpaired"):
+        raise ValueError(f"unknown method {method!r}")
+    u_share = 1.0 if method == "unpaired" else float(unpaired_share)
+    if u_share > 0:
+        a_ru, a_pu = alpha_rollback * u_share, alpha_promote * u_share
+        rc = np.array([order_statistic_ranks(int(n), q, a_ru / 2, a_pu / 2) for n in looks])
+        rb = np.array([order_statistic_ranks(int(n), q, a_pu / 2, a_ru / 2) for n in looks])
+    if method == "paired":
+        alpha_rollback, alpha_promote = alpha_rollback * (1 - u_share), alpha_promote * (1 - u_share)
         span = int(math.ceil(_T_SPAN / lg))
         t_r = math.floor(math.log(margin) / lg) + 2  # rejection at t_r <=> lower bound g^(t_r-1) > margin
         t_p = math.ceil(math.log(margin) / lg) - 2  # rejection at t_p <=> upper bound g^(t_p+1) < margin
@@ -62,8 +85,6 @@ def simulate_latency(k: float, *, paired: bool = True, method: str = "paired", r
         sides = {"rollback": (alpha_rollback, t_r, 0), "promote": (alpha_promote, t_p, 1)}
         cs_ranks = {s: np.array([order_statistic_ranks(int(n), q, cs_share * a / 2, cs_share * a / 2) for n in looks])
                     for s, (a, _, _) in sides.items()}
-    else:
-        raise ValueError(f"unknown method {method!r}")
 
     fail = np.zeros((runs, nl), dtype=bool)
     pas = np.zeros((runs, nl), dtype=bool)
@@ -72,7 +93,7 @@ def simulate_latency(k: float, *, paired: bool = True, method: str = "paired", r
         kb = np.ceil(np.log(np.maximum(b, ZERO_THRESHOLD_MS)) / lg).astype(np.int64)
         kc = np.ceil(np.log(np.maximum(c, ZERO_THRESHOLD_MS)) / lg).astype(np.int64)
         bmin, bmax = np.minimum.accumulate(b)[looks - 1], np.maximum.accumulate(b)[looks - 1]
-        if method == "unpaired":
+        if u_share > 0:
             cmin, cmax = np.minimum.accumulate(c)[looks - 1], np.maximum.accumulate(c)[looks - 1]
             ra = relative_accuracy
             for li, n in enumerate(looks):
@@ -86,6 +107,7 @@ def simulate_latency(k: float, *, paired: bool = True, method: str = "paired", r
                 lo = c_lo / b_hi if b_hi > 0 and math.isfinite(b_hi) else 0.0
                 hi = c_hi / b_lo if b_lo > 0 else math.inf
                 fail[run, li], pas[run, li] = lo > margin, hi < margin
+        if method == "unpaired":
             continue
         # paired: the baseline CS's key range per look and side, then cumulative U(a) / V(a) per look
         # over just those keys (difference arrays), then one vectorised sign test per side.
@@ -129,7 +151,7 @@ def simulate_latency(k: float, *, paired: bool = True, method: str = "paired", r
             all_ok = np.ones(nl, dtype=bool)
             np.logical_and.at(all_ok, li_all, ok)
             out = fail if side == "rollback" else pas
-            out[run] = valid & all_ok
+            out[run] |= valid & all_ok  # either construction deciding decides (intersected intervals)
 
     def median_first(hit):
         first = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)

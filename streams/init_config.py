@@ -29,7 +29,41 @@ def pick_output(outputs: list[str]) -> str:
     return next((o for p in PREFERRED_OUTPUTS for o in outputs if o == p), outputs[-1])
 
 
-def starter_config(out: Path, models: list[Path], model_name: str, baseline_output: str | None) -> str:
+def policy_block() -> list[str]:
+    """The ``[candidates.policy]`` block: every ``JudgePolicy`` field with its default and meaning,
+    commented out (so the defaults apply), from the same source as the README's table
+    (``scorers.judge.policy_defaults``)."""
+    from scorers.judge import policy_defaults
+
+    lines = ["[candidates.policy]   # scorers.judge.JudgePolicy: every line is the default; uncomment one to change it"]
+    for name, default, doc, example in policy_defaults():
+        if default is None:
+            lines.append(f"# {name} = {example}   # (unset by default) {doc}")
+        else:
+            lines.append(f"# {name} = {default}   # {doc}")
+    return lines
+
+
+def _candidate_lines(out: Path, path: Path, name: str, model_name: str, baseline_output: str | None) -> list[str]:
+    outputs, inputs = describe_model(path)
+    output = pick_output(outputs)
+    rel = os.path.relpath(path.resolve(), out.resolve().parent)
+    return [
+        "[[candidates]]",
+        f'name = "{name}"',
+        f'model = "{model_name}"                 # MirroredRequest.model this candidate shadows',
+        f'path = "{rel}"',
+        f'output = "{output}"                    # outputs of this file: {", ".join(outputs)}',
+        f'baseline_output = "{baseline_output or output}"   # the MirroredRequest.baseline_output entry to compare with',
+        f"# inputs of this file: {'; '.join(inputs)}",
+        "# adapter = { rename = { pixels = \"image\" }, cast = { image = \"float32\" } }  # if production's inputs differ",
+    ]
+
+
+def starter_config(out: Path, models: list[Path], model_name: str, baseline_output: str | None,
+                   baseline: Path | None = None) -> str:
+    """The config text. ``baseline``: the production model's own file, replayed as a
+    ``noise_reference`` candidate (latency on the same hardware, and the noise floor)."""
     k = KafkaConfig()
     lines = [
         "# shadowlens worker config (written by `shadowlens init`; every value shown is the default unless",
@@ -58,34 +92,53 @@ def starter_config(out: Path, models: list[Path], model_name: str, baseline_outp
         "",
     ]
     for i, path in enumerate(models):
-        outputs, inputs = describe_model(path)
-        output = pick_output(outputs)
-        rel = os.path.relpath(path.resolve(), out.resolve().parent)
+        lines += _candidate_lines(out, path, path.stem, model_name, baseline_output)
+        if i == 0:
+            lines += policy_block()
+        else:
+            lines += ["# [candidates.policy]   # the same fields as under the first candidate, e.g.",
+                      "# min_span_s = 86400.0   # one traffic cycle observed before a promote"]
+        if baseline is None and i == len(models) - 1:
+            lines += [
+                "",
+                "# Without a candidate marked noise_reference (the production model's own file, replayed here:",
+                "# `shadowlens init ... --baseline PROD.onnx` adds it), latency is compared with the latency",
+                "# production recorded, on other hardware, and is reported only (latency_gates_without_reference).",
+            ]
+        lines.append("")
+    if baseline is not None:
+        names = {p.stem for p in models}
+        name = baseline.stem if baseline.stem not in names else f"{baseline.stem}-replay"
         lines += [
-            "[[candidates]]",
-            f'name = "{path.stem}"',
-            f'model = "{model_name}"                 # MirroredRequest.model this candidate shadows',
-            f'path = "{rel}"',
-            f'output = "{output}"                    # outputs of this file: {", ".join(outputs)}',
-            f'baseline_output = "{baseline_output or output}"   # the MirroredRequest.baseline_output entry to compare with',
-            f"# inputs of this file: {'; '.join(inputs)}",
-            "# adapter = { rename = { pixels = \"image\" }, cast = { image = \"float32\" } }  # if production's inputs differ",
-            "# margins per metric; min_span_s: one traffic cycle observed before a promote (86400: a day)",
-            "# policy = { label_flip_rate_margin = 0.02, abs_confidence_delta_margin = 0.05, min_samples = 500, "
-            "min_span_s = 86400 }",
-            "# noise_reference = true   # for the baseline model itself, replayed: its diffs are the noise floor",
+            "# The production model itself, replayed beside the candidates on this worker's hardware:",
+            "# - latency: each candidate's is compared with this replay's on the same machine and the same",
+            "#   requests (paired), not with what production recorded elsewhere (another machine, another path,",
+            "#   another load: reported only);",
+            "# - noise floor: its diffs against production's answers (numeric noise of the runtime, provider,",
+            "#   threads) are subtracted from the candidates' flip and confidence rates.",
+            "# Its own verdict is not a decision about anything.",
+            *_candidate_lines(out, baseline, name, model_name, baseline_output),
+            "noise_reference = true",
             "",
         ]
     return "\n".join(lines)
 
 
-def write_starter(out: Path, models: list[Path], model_name: str, baseline_output: str | None, force: bool) -> Path:
+def write_starter(out: Path, models: list[Path], model_name: str, baseline_output: str | None, force: bool,
+                  baseline: Path | None = None) -> Path:
+    """Write the starter config. ``baseline`` (``shadowlens init ... --baseline PROD.onnx``): the
+    production model's file, added as the replayed baseline (``noise_reference = true``); a model
+    given both as a candidate and as the baseline is the baseline only."""
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it, or --out another path")
-    for m in models:
+    for m in [*models, *([baseline] if baseline is not None else [])]:
         if not m.is_file():
             raise FileNotFoundError(f"{m}: no such model file; pass the ONNX files of the candidates")
-    text = starter_config(out, models, model_name, baseline_output)
+    if baseline is not None:
+        models = [m for m in models if m.resolve() != baseline.resolve()]
+        if not models:
+            raise FileNotFoundError(f"{baseline} is the baseline; pass the ONNX files of the candidates too")
+    text = starter_config(out, models, model_name, baseline_output, baseline)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(text)
     try:

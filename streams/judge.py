@@ -269,18 +269,19 @@ class JudgeCore:
                         pw.early_closes += len(early)
             if due:
                 plan.append((key, pw, due))
-        windows, verdicts = [], []
+        windows, verdicts, judged = [], [], []
         for _key, pw, due in plan:
             for start in due:
                 windows.append(self._window_row(pw, start))
-            verdicts.append(self._verdict(pw, due[-1]))
+            judged.append(self._verdict(pw, due[-1]))
         # Late events only (a backfill of old requests, all their windows closed): judge again on
         # the cumulative evidence, without a window row, so the verdict does not wait for live traffic.
         planned = {key for key, _, _ in plan}
         rejudged = [(key, pw) for key, pw in self._pairs.items()
                     if pw.rejudge and key not in planned and not pw.open_windows and pw.closed_upto_ms > 0]
         for _key, pw in rejudged:
-            verdicts.append(self._verdict(pw, pw.closed_upto_ms - self.size_ms))
+            judged.append(self._verdict(pw, pw.closed_upto_ms - self.size_ms))
+        verdicts = [v for _, v, _, _ in judged]
         self.sink.insert_windows(windows)
         self.sink.insert_verdicts(verdicts)
         for _key, pw in rejudged:
@@ -289,6 +290,13 @@ class JudgeCore:
             pw.rejudge = False
         self.windows_closed += len(windows)
         self.board.publish(verdicts)
+        # Written and published: now the judges' memories change, and a pair that has just turned to
+        # rollback is told once (its memory remembers the rollback, across restarts too).
+        for pw, v, memory, started in judged:
+            pw.judge_memory = memory
+            if started:
+                log.warning("verdict %s/%s: rollback (%d scored requests): %s", v.model, v.candidate, v.samples,
+                            v.reasons[0] if v.reasons else "no reason given")
         for key, pw, due in plan:  # written: now drop them from the state
             for start in due:
                 pw.pop(start, self.size_ms)
@@ -323,7 +331,10 @@ class JudgeCore:
             **{k: s[k] for k in WINDOW_SUMMARY_FIELDS},
         )  # fmt: skip
 
-    def _verdict(self, pw: PairWindows, last_start: int) -> Verdict:
+    def _verdict(self, pw: PairWindows, last_start: int) -> tuple[PairWindows, Verdict, dict, bool]:
+        """(pair, verdict, the judge's memory after it, whether it starts a rollback). The memory is
+        stored by the caller once the verdict is written, so a failed write judges again from the
+        same memory (and a rollback is still told when it is finally written)."""
         cfg = self.configs[pair_key(pw.model, pw.candidate)]
         noise = paired = None
         if not cfg.noise_reference:
@@ -337,15 +348,14 @@ class JudgeCore:
                 paired = pw.reference_latency
         j = judge(pw.cumulative, cfg.judge_policy(), noise=noise, expected_requests=pw.received,
                   unscorable=pw.unscorable, memory=JudgeMemory.from_dict(pw.judge_memory), paired_latency=paired)
-        pw.judge_memory = j.memory.to_dict()
-        return Verdict(
+        return pw, Verdict(
             model=pw.model, candidate=pw.candidate, verdict=j.verdict, reasons=j.reasons, metrics=j.metrics,
             samples=j.samples, window_start=ms_to_datetime(last_start),
             window_end=ms_to_datetime(last_start + self.size_ms), updated_at=datetime.now(UTC),
             requests_needed=j.requests_needed, worst_slices=j.worst_slices,
             example_request_ids=j.example_request_ids, blocking_metric=j.blocking_metric,
             failed_slices=j.failed_slices, unscorable=sum(pw.unscorable.values()),
-        )  # fmt: skip
+        ), j.memory.to_dict(), j.rollback_started  # fmt: skip
 
     # -- state --------------------------------------------------------------------------------
     def serialized(self, key: str) -> bytes | None:

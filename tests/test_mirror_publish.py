@@ -164,7 +164,8 @@ def test_client_with_broker_down_never_waits_and_counts_drops():
         assert results.count(False) >= 1_900
         assert stats.dropped >= 1_900 and stats.published == 0 and not stats.connected
     final = client.close()  # second close: no-op
-    assert final.dropped == 2_000 - final.failed  # everything accepted was dropped at the deadline
+    # dropped: what publish refused; what it took and the dead broker never got is lost to the shutdown.
+    assert final.dropped == 2_000 - final.accepted and final.failed_by_reason["shutdown"] == final.accepted
     assert final.buffer_depth == 0
 
 
@@ -174,7 +175,8 @@ def test_close_respects_its_deadline_when_kafka_is_down():
     for i in range(10):
         client.publish(f"r{i}", "m", "v", X, Y, 1.0)
     stats = client.close(timeout=1.0)  # gives the buffered records up instead of waiting for Kafka
-    assert stats.dropped == 10 and client.publish("late", "m", "v", X, Y, 1.0) is False
+    assert stats.failed_by_reason["shutdown"] == 10 and stats.dropped == 0
+    assert client.publish("late", "m", "v", X, Y, 1.0) is False and client.stats().dropped == 1  # closed
 
 
 # ------------------------------------------------------------ observability --

@@ -13,6 +13,8 @@ from scorers.judge import JudgePolicy, judge
 from scorers.simulate import synthetic_outputs
 
 DEMO = JudgePolicy(label_flip_rate_margin=0.10)
+# These tests have no replayed baseline: latency is compared with production's and gates only by opting in.
+DEMO_LATENCY = JudgePolicy(label_flip_rate_margin=0.10, latency_gates_without_reference=True)
 
 
 def feed(acc, rng, n, *, flip_rate, latency_factor=1.0, nan_rate=0.0, labels_rate=0.0, country=None,
@@ -77,18 +79,25 @@ def test_sample_ratio_mismatch_holds_noncritical_rollback():
 
 
 def test_missing_latency_holds():
-    acc, verdicts = run(0.04, missing_latency=0.2)
+    acc, verdicts = run(0.04, missing_latency=0.2, policy=DEMO_LATENCY)
     assert verdicts[-1].verdict == "hold" and verdicts[-1].data_checks["latency_present"] is False
+    # Latency compared with production's is informational by default: missing ones hold nothing.
+    j = judge(acc, DEMO)
+    assert j.verdict == "promote" and j.data_checks["latency_present"] is True
 
 
 def test_slow_candidate_rolls_back_on_latency_ratio():
-    acc, verdicts = run(0.0, latency_factor=3.0, windows=8)
+    acc, verdicts = run(0.0, latency_factor=3.0, windows=8, policy=DEMO_LATENCY)
     j = verdicts[-1]
     m = j.metric("latency_p99_ratio")
     assert j.verdict == "rollback" and m.decision == "fail" and m.lower > 1.5
     assert m.estimate == pytest.approx(3.0, rel=0.1)
-    same = run(0.0)[1][-1].metric("latency_p99_ratio")
+    same = run(0.0, policy=DEMO_LATENCY)[1][-1].metric("latency_p99_ratio")
     assert same.lower < 1.0 < same.upper < 1.5 and same.decision == "pass"
+    # Without opting in, the same comparison with production's latency is reported, not gating.
+    j = judge(acc, DEMO)
+    m = j.metric("latency_p99_ratio")
+    assert j.verdict == "promote" and m.decision == "fail" and m.detail.startswith("informational, not gating")
 
 
 def test_noise_floor_is_subtracted():
@@ -171,7 +180,8 @@ def test_latency_quantile_hold_estimates_the_requests_it_needs():
     """Only the p99 latency ratio gates; its estimate is checked by feeding that many more requests
     at the same rates (tolerance: the decision within 2x the estimate; seed fixed)."""
     policy = JudgePolicy(label_flip_rate_margin=None, abs_confidence_delta_margin=None, accuracy_drop_margin=None,
-                         latency_p99_ratio_margin=1.5, min_samples=100, max_error_rate=0.5)  # fmt: skip
+                         latency_p99_ratio_margin=1.5, min_samples=100, max_error_rate=0.5,
+                         latency_gates_without_reference=True)  # fmt: skip
     rng = np.random.default_rng(4)
     acc = feed(PairAccumulator(), rng, 300, flip_rate=0.0)  # too few for a finite p99 upper bound
     j = judge(acc, policy)
