@@ -261,12 +261,14 @@ def init(
     baseline_output: str = typer.Option(None, help="MirroredRequest.baseline_output entry (default: the output)"),
     out: Path = typer.Option(Path("shadowlens.toml"), "--out", "-o", help="config file to write"),
     force: bool = typer.Option(False, help="overwrite an existing file"),
+    baseline: Path = typer.Option(None, "--baseline", help="the production model's own ONNX file: replayed as a "
+                                  "noise_reference candidate (latency compared on the same hardware; noise floor)"),
 ) -> None:
     """Write a commented starter config for these models (validated by the worker's own checks)."""
     from streams.init_config import write_starter
 
     try:
-        path = write_starter(out, models, model, baseline_output, force)
+        path = write_starter(out, models, model, baseline_output, force, baseline=baseline)
     except (FileExistsError, FileNotFoundError, ConfigError) as exc:
         _fail(exc)
     except Exception as exc:  # noqa: BLE001 - a file onnxruntime cannot load (a .npy) is said in one line
