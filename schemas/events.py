@@ -258,6 +258,10 @@ class Verdict(BaseModel):
     unscorable: int = Field(
         default=0, description="requests that could not be compared (producer payload or config; dead letters)"
     )
+    cast: dict[str, int] = Field(
+        default_factory=dict, description="requests whose inputs the candidate's cast policy converted, by "
+        "'input from->to' (e.g. 'pixels float64->float32'): the producer's dtype, scored after the cast",
+    )  # fmt: skip
 
     _utc = field_validator("window_start", "window_end", "updated_at")(_utc)
 

@@ -136,6 +136,8 @@ class JudgeCore:
         for pw, batch in unscorable:  # counted per batch (a batch partly redelivered counts again: rare)
             for kind, n in batch.unscorable.items():
                 pw.unscorable[kind] = pw.unscorable.get(kind, 0) + n
+            for what, n in batch.cast.items():  # inputs cast by the candidate's cast policy (streams/blame.py)
+                pw.cast[what] = pw.cast.get(what, 0) + n
             for sent_ms in batch.unscorable_ms:  # their windows exist, so the pair is judged when they close
                 pw.window_for(sent_ms - sent_ms % self.size_ms)
             if batch.unscorable_ms:
@@ -354,7 +356,7 @@ class JudgeCore:
             window_end=ms_to_datetime(last_start + self.size_ms), updated_at=datetime.now(UTC),
             requests_needed=j.requests_needed, worst_slices=j.worst_slices,
             example_request_ids=j.example_request_ids, blocking_metric=j.blocking_metric,
-            failed_slices=j.failed_slices, unscorable=sum(pw.unscorable.values()),
+            failed_slices=j.failed_slices, unscorable=sum(pw.unscorable.values()), cast=dict(pw.cast),
         ), j.memory.to_dict(), j.rollback_started  # fmt: skip
 
     # -- state --------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class PairWindows:
     last_event_wall: float = 0.0
     early_closes: int = 0  # windows closed before they were final (open-window cap, state budget)
     unscorable: dict[str, int] = field(default_factory=dict)  # not comparable, by dead-letter type
+    cast: dict[str, int] = field(default_factory=dict)  # requests cast by the cast policy, by "input from->to"
     judge_memory: dict = field(default_factory=dict)  # scorers.judge.JudgeMemory: standing promote, slice flags
     rejudge: bool = False  # late events (e.g. a backfill) joined the evidence since the last verdict
     # (replayed baseline, candidate) latency of the same requests: the paired latency metric
@@ -68,6 +69,7 @@ class PairWindows:
             "last_event_wall": self.last_event_wall,
             "early_closes": self.early_closes,
             "unscorable": self.unscorable,
+            "cast": self.cast,
             "judge_memory": self.judge_memory,
             "rejudge": self.rejudge,
             "reference_latency": self.reference_latency.to_dict(),
@@ -89,6 +91,7 @@ class PairWindows:
             last_event_wall=float(data["last_event_wall"]),
             early_closes=int(data.get("early_closes", 0)),
             unscorable={str(k): int(v) for k, v in data.get("unscorable", {}).items()},
+            cast={str(k): int(v) for k, v in data.get("cast", {}).items()},
             judge_memory=dict(data.get("judge_memory", {})),
             rejudge=bool(data.get("rejudge", False)),
             reference_latency=PairedLatency.from_dict(data["reference_latency"]) if "reference_latency" in data

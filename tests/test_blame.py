@@ -128,6 +128,8 @@ def test_float64_inputs_are_cast_as_the_policy_allows_and_never_blamed_on_the_ca
             assert pair.cumulative.errors == 0 and pair.unscorable == {}
             assert verdicts[name].verdict != "rollback" and metric(verdicts[name], "error_rate").estimate == 0
             assert verdicts[name].samples == 2000
+        # The verdict's data section says what was cast (the producer's dtype, scored after the cast).
+        assert verdicts["v2"].cast == {"pixels float64->float32": 2000} and verdicts["v2-explicit"].cast == {}
         for name in ("v2-safe", "v2-no"):  # the producer's dtype: unscorable, never the candidate's error
             pair = pipeline.pair("digits", name)
             assert pair.unscorable == {"input_dtype": 2000} and pair.cumulative.errors == 0
