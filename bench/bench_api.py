@@ -131,7 +131,7 @@ def run_once(broker, models, messages, work: Path, i: int, poll: bool, rate: flo
     result = {"drain_rps": rate_rps, "analyst_queries": answers}
     if poll:
         polled = json.loads(out.read_text())
-        lat = sorted(polled["latencies_ms"])
+        lat = sorted(polled["latencies_ms"]) or [float("nan")]  # the drain ended before the first poll
         result.update(p50=lat[len(lat) // 2], p99=lat[int(len(lat) * 0.99)], max=lat[-1], errors=polled["errors"],
                       achieved=len(lat) / polled["elapsed_s"])  # fmt: skip
     return result

@@ -53,7 +53,11 @@ CAPS: dict[str, Any] = {
     "max_result_bytes": MAX_RESULT_BYTES,
     "max_execution_time": MAX_SECONDS,
     "max_memory_usage": MAX_MEMORY_BYTES,
-    "max_threads": 1,  # an analyst takes one core; ingestion keeps the others
+    "max_threads": 1,  # an analyst takes one core at most ...
+    # ... and yields it: the query's threads run at nice 19, so on a small box the worker's inserts,
+    # replay and API win every contended time slice (bench_api.py --analyst: at nice 0 a 10 s query
+    # halved a 2-core worker's drain rate).
+    "os_thread_priority": 19,
 }
 
 ALLOWED_TABLE_FUNCTIONS = frozenset({"numbers", "values"})
