@@ -90,10 +90,18 @@ def _clip(text: str, limit: int) -> str:
     return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(") + " …"
 
 
+# Exceptions that only a bug in shadowlens raises: waiting them out would blame the database or
+# the broker for ever ("clickhouse unavailable (NameError ...)"). They stop the worker instead;
+# nothing was committed, so the restarted worker resumes from the last commit.
+# Narrow on purpose: AttributeError and TypeError also come out of client libraries mid-outage.
+BUGS = (NameError, AssertionError, ImportError, SyntaxError)
+
+
 async def until_done(component: str, health: Health, op: Callable[[], Awaitable[T]],
                      give_up: tuple[type[BaseException], ...] = ()) -> T:  # fmt: skip
     """Run ``op`` until it succeeds, backing off 0.2 s -> 5 s; the component is marked unhealthy
-    meanwhile. Exceptions in ``give_up`` propagate (e.g. a commit after the partition moved)."""
+    meanwhile. Exceptions in ``give_up`` propagate (e.g. a commit after the partition moved), and
+    so do ``BUGS``: they are no failure of the outside world."""
     delay = 0.2
     while True:
         try:
@@ -101,6 +109,10 @@ async def until_done(component: str, health: Health, op: Callable[[], Awaitable[
         except give_up:
             raise
         except asyncio.CancelledError:
+            raise
+        except BUGS:
+            log.error("a bug in shadowlens (not a %s failure) stops this worker; nothing was committed, a "
+                      "restart resumes from the last commit; please report the traceback below", component)
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of the outside world is waited out
             health.failing(component, exc)
