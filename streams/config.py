@@ -108,8 +108,27 @@ class ReplayConfig(_Section):
     # tensors make smaller batches whatever this says; lower it if a candidate's memory is short.
     batch_size: int = Field(default=1024, ge=1, description="micro-batch size (requests)")
     batch_within_s: float = Field(default=0.5, gt=0, description="flush a partial micro-batch after this long")
-    timing: Literal["per_request", "batched"] = "per_request"
-    providers: list[str] = Field(default_factory=list, description="onnxruntime providers; empty = CUDA if present else CPU")
+    timing: Literal["sampled", "per_request", "batched"] = Field(
+        default="sampled",
+        description="'sampled': one batched call per micro-batch and candidate, and a sample of the requests "
+        "(timing_sample) also run alone and timed, the others' latency NaN; 'per_request': every request run "
+        "alone and timed; 'batched': one call, each request attributed the batch time / its rows",
+    )
+    timing_sample: float = Field(
+        default=0.02, ge=0, le=1,
+        description="sampled timing: the fraction of requests also run alone and timed, chosen by request id "
+        "hash (the same requests for every candidate and the noise reference, and on redelivery)",
+    )  # fmt: skip
+    timing_min_per_window: int = Field(
+        default=1, ge=0,
+        description="sampled timing: at least this many requests of each event-time window in each micro-batch "
+        "are timed (the next id hashes above the sample's), so every window has latencies",
+    )  # fmt: skip
+    providers: list[str] = Field(
+        default_factory=list,
+        description="onnxruntime providers; empty = CUDA if present else CPU. torch candidates run on CUDA when "
+        "torch sees a device and this is empty or lists CUDAExecutionProvider",
+    )  # fmt: skip
 
 
 class ApiConfig(_Section):
@@ -183,7 +202,12 @@ class MetricsConfig(_Section):
 class CandidateConfig(_Section):
     name: str = Field(min_length=1, description="candidate id, e.g. 'digits-v2'")
     model: str = Field(min_length=1, description="the logical model (MirroredRequest.model) it shadows")
-    path: Path = Field(description="ONNX file")
+    path: Path = Field(description="model file: ONNX (.onnx), TorchScript (.pt, .pth, .ts) or torch.export (.pt2)")
+    runtime: Literal["onnx", "torch"] | None = Field(
+        default=None,
+        description="runs the model: 'onnx' (onnxruntime) or 'torch' (TorchScript / torch.export, the torch "
+        "extra); empty: from the file's suffix (.pt, .pth, .pt2, .ts, .torchscript: torch; else onnx)",
+    )
     output: str = Field(default="probabilities", description="candidate output compared with the baseline's")
     baseline_output: str = Field(default="probabilities", description="name in MirroredRequest.baseline_output")
     from_logits: bool = False
@@ -207,6 +231,12 @@ class CandidateConfig(_Section):
             raise ValueError(f"{value}: no such model file; build it or fix the path")
         return value
 
+    @model_validator(mode="after")
+    def _runtime_from_suffix(self) -> CandidateConfig:
+        if self.runtime is None:
+            self.runtime = infer_runtime(self.path)
+        return self
+
     @field_validator("policy")
     @classmethod
     def _policy_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -222,6 +252,14 @@ class CandidateConfig(_Section):
         from scorers.judge import JudgePolicy
 
         return JudgePolicy.from_dict(self.policy)
+
+
+TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".ts", ".torchscript")
+
+
+def infer_runtime(path: str | Path) -> Literal["onnx", "torch"]:
+    """A candidate's runtime from its file's suffix: torch for TorchScript and torch.export files, else onnx."""
+    return "torch" if Path(path).suffix.lower() in TORCH_SUFFIXES else "onnx"
 
 
 class Settings(_Section):

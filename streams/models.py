@@ -119,3 +119,84 @@ def build_digits_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         path.write_bytes(_to_onnx(model, input_name, n_features))
         paths[name] = path
     return paths
+
+
+def _torch_classifier(layers: list[tuple[np.ndarray, np.ndarray]], scale: float):
+    """A torch module computing ``softmax`` of an MLP (ReLU between layers; one layer: logistic
+    regression) from scikit-learn's weights (``coef`` as (in, out)), returning ``{"probabilities": p}``
+    for the input ``image`` multiplied by ``scale`` first (1.0: none)."""
+    import torch
+
+    class DigitsClassifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = scale
+            self.layers = torch.nn.ModuleList()
+            for coef, bias in layers:
+                lin = torch.nn.Linear(coef.shape[0], coef.shape[1])
+                with torch.no_grad():
+                    lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(coef.T, dtype=np.float32)))
+                    lin.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
+                self.layers.append(lin)
+
+        def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+            x = image * self.scale
+            last = len(self.layers) - 1
+            for i, layer in enumerate(self.layers):
+                x = layer(x)
+                if i < last:
+                    x = torch.relu(x)
+            return {"probabilities": torch.softmax(x, dim=1)}
+
+    return DigitsClassifier().eval()
+
+
+def build_torch_twins(out_dir: str | Path, seed: int = 0, hidden: tuple[int, ...] = (64,)) -> dict[str, Path]:
+    """The same classifiers as ONNX and as torch files (no model hub: trained here, exported here):
+
+    - ``good`` / ``good-script`` / ``good-export``: ``build_digits_models``' good v2 model (logistic
+      regression on ``image`` 0..1) as ONNX (skl2onnx), as TorchScript (``torch.jit.script``, .pt)
+      and as a ``torch.export`` program (.pt2, batch dim free);
+    - ``mlp`` / ``mlp-trace`` / ``mlp-export``: an MLP (``hidden`` ReLU layers, scikit-learn's
+      MLPClassifier, a few iterations) on the same input, as ONNX, TorchScript (``torch.jit.trace``)
+      and ``torch.export``. Wider ``hidden`` layers give a GPU something to do (bench/gpu_check.sh).
+
+    The torch modules carry scikit-learn's weights, so twins differ by float32 rounding only.
+    Needs torch (the ``torch`` extra). Returns name -> path."""
+    import warnings
+
+    import torch
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    from streams.runner_torch import save_exported, save_torchscript
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_digits_split(seed)
+    n_features = data.train_x.shape[1]
+    scaled = data.train_x / PIXEL_SCALE
+    good = _good_model(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mlp = MLPClassifier(hidden_layer_sizes=hidden, max_iter=30, random_state=seed).fit(scaled, data.train_y)
+    io = {"inputs": [{"name": "image", "dtype": "float32", "shape": [None, n_features]}],
+          "outputs": [{"name": "probabilities", "dtype": "float32", "shape": [None, 10]}]}  # fmt: skip
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    example = (torch.from_numpy(scaled[:4].astype(np.float32)),)
+    paths = {}
+    for name, model, layers in [("good", good, [(good.coef_.T, good.intercept_)]),
+                                ("mlp", mlp, list(zip(mlp.coefs_, mlp.intercepts_, strict=True)))]:  # fmt: skip
+        paths[name] = out / f"digits-{name}.onnx"
+        paths[name].write_bytes(_to_onnx(model, "image", n_features))
+        module = _torch_classifier(layers, 1.0)
+        with warnings.catch_warnings():  # torch >= 2.9 calls TorchScript deprecated; it still works
+            warnings.simplefilter("ignore", FutureWarning)
+            if name == "good":
+                paths["good-script"] = save_torchscript(torch.jit.script(module), out / "digits-good.pt", **io)
+            else:
+                traced = torch.jit.trace(module, example, strict=False)
+                paths["mlp-trace"] = save_torchscript(traced, out / "digits-mlp.pt", **io)
+        program = torch.export.export(module, example, dynamic_shapes={"image": {0: batch}})
+        paths[f"{name}-export"] = save_exported(program, out / f"digits-{name}.pt2")
+    return paths

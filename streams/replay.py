@@ -13,10 +13,16 @@ raises alone is a diff row carrying the exception (a candidate error). Nothing a
 carries can stop the batch. Dead letters reach the log as a summary a minute (``LetterLog``).
 
 Columnar hot path: requests whose inputs share names, dtypes and shapes are stacked once, adapted
-once (rename / cast / scale / shift are element-wise), checked once and replayed in one
-``session.run`` per candidate (``timing = "batched"``) or row by row over the stacked arrays
-(``"per_request"``, the default, so candidate latency compares with production's per-request
-latency).
+once (rename / cast / scale / shift are element-wise), checked once and replayed in one batched
+call per candidate. Timing (``[replay] timing``, streams/runner.py): ``"sampled"`` (the default)
+also runs a sample of the requests alone and times them (``timed_rows``: by request id hash, at
+least ``timing_min_per_window`` per window of each group), the others' latency NaN;
+``"per_request"`` runs every row alone (latency for all, one call per row); ``"batched"`` gives
+each row the batch time divided by its rows. Variable shapes are never padded: requests of
+another per-row shape are another group (streams/stacking.py), so another batched call.
+
+Candidates run on onnxruntime (``OnnxRunner``) or torch (``streams.runner_torch.TorchRunner``),
+``candidates.<name>.runtime``, from the file's suffix by default (``load_runner``).
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from streams.config import CandidateConfig, Settings
 from streams.evidence_keys import evidence_keys
 from streams.recent_ids import id_hashes
 from streams.records import DiffBatch, empty_columns
-from streams.runner import OnnxRunner
+from streams.runner import Runner, load_runner, timed_rows
+from streams.runner_torch import TorchModelError
 from streams.stacking import baseline_rows, groups_by_signature, stack
 
 log = logging.getLogger("shadowlens.replay")
@@ -67,14 +74,18 @@ class Inbound:
 class Candidate:
     config: CandidateConfig
     adapter: InputAdapter
-    runner: OnnxRunner
+    runner: Runner
 
     @classmethod
     def load(cls, config: CandidateConfig, providers: Sequence[str] | None) -> Candidate:
         """The candidate, ready to replay; ``CandidateRefused`` (a ``ConfigError``, one line naming the
         field and the fix) when it cannot be judged as configured (streams/blame.py, rule 4). A file
-        onnxruntime cannot load raises onnxruntime's own exception (streams/doctor.py words it)."""
-        runner = OnnxRunner(str(config.path), providers=providers or None)
+        onnxruntime cannot load raises onnxruntime's own exception (streams/doctor.py words it); a
+        torch candidate without torch installed, or a file torch does not load, is refused."""
+        try:
+            runner = load_runner(config.path, config.runtime, providers or None)
+        except (ImportError, TorchModelError) as exc:  # no torch; a file torch does not load (one line each)
+            raise CandidateRefused(f"candidates.{config.name}.path: {exc}") from exc
         problem = refusal(config, runner)
         if problem is not None:
             raise CandidateRefused(problem)
@@ -256,7 +267,7 @@ class ReplayCore:
     def _score(self, cand: Candidate, group, feeds: dict[str, np.ndarray], keys: np.ndarray, scored_ms: int):
         cfg = cand.config
         events = [ev for ev, _ in group]
-        outputs, latencies = cand.runner.run_stacked(feeds, len(events), cfg.output, self.settings.replay.timing)
+        outputs, latencies = self._run_timed(cand, group, feeds)
         cand_rows = np.asarray(outputs, dtype=np.float64).reshape(len(events), -1)
         width = cand_rows.shape[1]
         base_rows, problems = self._per_group(group, ("baseline", cfg.baseline_output, width),
@@ -273,6 +284,23 @@ class ReplayCore:
             group, base_rows, cand_rows, keys = [group[i] for i in keep], base_rows[keep], cand_rows[keep], keys[keep]
             latencies = np.asarray(latencies, dtype=np.float64)[keep]
         return self._columns(cand, group, keys, scored_ms, base_rows, cand_rows, latencies), letters
+
+    def _run_timed(self, cand: Candidate, group, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The candidate's outputs and latencies (ms) for a prepared group, in the configured timing.
+        Sampled: the batched call, then the sampled rows (``timed_rows``) each run alone and timed;
+        the other rows' latency is NaN (not measured)."""
+        replay, cfg, n = self.settings.replay, cand.config, len(group)
+        if replay.timing != "sampled":
+            return cand.runner.run_stacked(feeds, n, cfg.output, replay.timing)
+        outputs, latencies = cand.runner.run_stacked(feeds, n, cfg.output, "sampled")
+        req = self._per_group(group, ("requests",), lambda: _request_columns(group))
+        rows = self._per_group(group, ("timed",), lambda: timed_rows(
+            req["id_hash"], replay.timing_sample, req["sent_ms"], int(self.settings.windows.size_s * 1000),
+            replay.timing_min_per_window))  # fmt: skip
+        if rows.size:
+            latencies = np.array(latencies, dtype=np.float64)
+            latencies[rows] = cand.runner.time_alone(feeds, cfg.output, rows)
+        return outputs, latencies
 
     def _per_group(self, group, what: tuple, make):
         """``make()`` once per group of the micro-batch for all candidates of its model: what
