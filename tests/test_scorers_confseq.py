@@ -162,10 +162,11 @@ def _mp_gamma_mixture(n, s, p0, above: bool) -> float:
 
 def _mp_bernoulli_mixture(n, s, p0, above: bool) -> float:
     # B_x(a, b) = x^a (1-x)^b / a * 2F1(a+b, 1; a+1; x) (DLMF 8.17.8), the upper side by symmetry
-    f, p = n - s, mp.mpf(p0)
+    # maxterms: mpmath 1.3 (the version torch's sympy pins) gives up at its default 6,000 terms here
+    f, p, terms = n - s, mp.mpf(p0), 10**6
     if above:
-        return float(mp.log(p) + mp.log(mp.hyp2f1(n + 2, 1, f + 2, 1 - p) / (f + 1)))
-    return float(mp.log(1 - p) + mp.log(mp.hyp2f1(n + 2, 1, s + 2, p) / (s + 1)))
+        return float(mp.log(p) + mp.log(mp.hyp2f1(n + 2, 1, f + 2, 1 - p, maxterms=terms) / (f + 1)))
+    return float(mp.log(1 - p) + mp.log(mp.hyp2f1(n + 2, 1, s + 2, p, maxterms=terms) / (s + 1)))
 
 
 mp.mp.dps = 40
