@@ -11,6 +11,9 @@ Bounded tables (documented limits): at most ``MAX_SLICE_ATTRIBUTES`` attributes 
 error reasons (later ones count under "other"), ``MAX_CLASSES`` predicted-label counters. Within these
 limits merging is exact; past them the overflow bucket depends on arrival order.
 
+Closed clusters (``scorers.clusters.ClusterStats``, ``clusters``): what the judge's bounds are computed on;
+without a cluster tracker (``update(..., clustered=False)``) every request is a cluster of its own.
+
 Window divergences come from counts, not from raw rows (``divergence()``): top-class confidence of
 each model in ``CONFIDENCE_BINS`` = 50 fixed bins of [0, 1] with fixed-point moments, and the joint
 (baseline, candidate) label table of scored rows, bounded to ``MAX_LABELS`` = 64 distinct labels (later
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from scorers import divergence as dv
+from scorers.clusters import Closed, ClusterStats, singletons
 from scorers.diffs import ClassificationDiffs
 from scorers.histograms import ConfidenceHistogram, LabelPairTable
 from scorers.sketch import LatencySketch
@@ -109,6 +113,9 @@ class PairAccumulator:
         # Independent evidence (scorers.evidence): the first request of each input / sample key.
         # The judge's bounds use these; the request-weighted counts above are reported beside them.
         self.evidence = dict.fromkeys(_EVIDENCE, 0.0)
+        # Closed clusters (scorers.clusters): what the judge's bounds are computed on (scorers.ratio_cs).
+        # Without a cluster tracker (``update(..., clustered=False)``) every request is its own cluster.
+        self.clusters = ClusterStats()
         # Event-time span covered (sent_at, ms): the judge's minimum observation span.
         self.first_sent_ms: int | None = None
         self.last_sent_ms: int | None = None
@@ -117,12 +124,14 @@ class PairAccumulator:
     def update(self, diffs: ClassificationDiffs, *, baseline_latency_ms, candidate_latency_ms,
                request_ids: Sequence[str], attributes: Sequence[dict[str, str]] | None = None,
                labels=None, baseline_confidence=None, candidate_confidence=None, evidence=None,
-               sent_ms=None) -> None:
+               sent_ms=None, clustered: bool = False) -> None:
         """``baseline_confidence`` / ``candidate_confidence``: each model's top-class probability per row
         (1-D, same length as ``diffs``); rows that are not scored (``diffs.ok`` False) are left out.
         ``evidence``: boolean per row, True when the row is independent evidence (the first of its
         input and sample key, ``scorers.evidence.SeenFilter``); None: every row is. ``sent_ms``: the
-        rows' event times, for the observed span."""
+        rows' event times, for the observed span. ``clustered``: the caller tracks clusters
+        (``scorers.clusters.ClusterTracker``) and adds them when they close (``add_clusters``); else
+        every row is a closed cluster of its own (independent requests)."""
         n = len(diffs)
         if len(request_ids) != n:
             raise ValueError(f"{len(request_ids)} request ids for {n} diffs")
@@ -165,6 +174,12 @@ class PairAccumulator:
         if attributes is not None:
             self._update_slices(diffs, attributes, ev)
         self._update_examples(_example_score(diffs), request_ids, diffs.error)
+        if not clustered:
+            self.clusters.add(singletons(ok, diffs.label_flip, diffs.confidence_delta, attributes))
+
+    def add_clusters(self, closed: Closed) -> None:
+        """Closed clusters join the judged statistics (their requests were counted by ``update``)."""
+        self.clusters.add(closed)
 
     def _update_evidence(self, diffs: ClassificationDiffs, ev: np.ndarray) -> None:
         ok = diffs.ok
@@ -302,6 +317,7 @@ class PairAccumulator:
         self.label_pairs.merge(other.label_pairs)
         for k in _EVIDENCE:
             self.evidence[k] += other.evidence[k]
+        self.clusters.merge(other.clusters)
         self._span(other.first_sent_ms, other.last_sent_ms)
 
     def copy(self) -> PairAccumulator:
@@ -372,7 +388,7 @@ class PairAccumulator:
     # -- serialising ----------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
-            "v": 3, "requests": self.requests, "errors": self.errors, "scored": self.scored,
+            "v": 4, "requests": self.requests, "errors": self.errors, "scored": self.scored,
             "label_flips": self.label_flips, "sums": dict(self.sums), "error_reasons": dict(self.error_reasons),
             "baseline_label_counts": {str(k): v for k, v in self.baseline_label_counts.items()},
             "candidate_label_counts": {str(k): v for k, v in self.candidate_label_counts.items()},
@@ -386,6 +402,7 @@ class PairAccumulator:
             "label_pairs": self.label_pairs.to_dict(),
             "evidence": [self.evidence[k] for k in _EVIDENCE],
             "span": [self.first_sent_ms, self.last_sent_ms],
+            "clusters": self.clusters.to_dict(),
         }
 
     @classmethod
@@ -412,6 +429,16 @@ class PairAccumulator:
             a.evidence = {"requests": a.requests, "errors": a.errors, "scored": a.scored,
                           "label_flips": a.label_flips, "abs_confidence_delta": a.sums["abs_confidence_delta"]}
         a.first_sent_ms, a.last_sent_ms = d.get("span", [None, None])
+        if "clusters" in d:
+            a.clusters = ClusterStats.from_dict(d["clusters"])
+        else:  # v3 state: it was judged on the first-seen evidence; those requests become single clusters
+            ev, c = a.evidence, a.clusters
+            c.errors.add_singletons(ev["requests"], ev["errors"])
+            c.flips.add_singletons(ev["scored"], ev["label_flips"])
+            c.abs_delta.add_singletons(ev["scored"], ev["abs_confidence_delta"])
+            for key, table in a.slices.items():
+                for value, st in table.items():
+                    c._slice(key, value).add_singletons(st.evidence_scored, st.evidence_flips)
         return a
 
     def __repr__(self) -> str:

@@ -1,4 +1,8 @@
-"""Which requests count as independent evidence: the first of their input and of their sample key.
+"""Superseded by ``scorers.clusters`` (issue #21) and no longer used by the judge: kept for reading old
+notes and tests. The first-seen rule below changed the estimand to the rate per *distinct* input (a
+regression on the most popular input was promoted) and capped the evidence near the number of users.
+
+Which requests count as independent evidence: the first of their input and of their sample key.
 
 Production traffic repeats itself: a popular input arrives thousands of times, a client retries, one
 user sends a burst. For a deterministic model every repeat of an input gives the *same* diff, so

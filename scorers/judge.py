@@ -20,11 +20,14 @@ Alpha split (``alpha`` = policy.alpha, default 0.05):
   discordant cells of McNemar's table) splits its level equally between them (union bound).
 * slices: e-BH at ``slice_alpha`` (default alpha/2) on the e-processes "slice flip rate above margin".
 
-The bounds are confidence sequences (scorers.sequential) for the *running average* of the
-per-request means (valid under drift), simultaneously over all sample sizes, so judging the
-cumulative accumulator at every window close keeps these guarantees. They are computed on the
-*independent evidence* (scorers.evidence: the first request of each input and sample key), so
-repeats and bursts do not count as independent observations; the request-weighted rate is reported.
+The bounds of the rates (errors, label flips, |confidence delta|) are confidence sequences
+(scorers.ratio_cs) for the *running request-weighted* rate over independent clusters (scorers.clusters:
+the sessions of one sample key, or the repeats of one input, within ``cluster_gap_s``), valid under any
+dependence inside a cluster and under drift, simultaneously over all sample sizes, so judging the
+cumulative accumulator at every window close keeps these guarantees. Each metric's detail says how many
+requests and independent clusters it rests on. With ``min_span_s`` (one traffic cycle), a promote needs
+the pass, and a non-critical rollback the failure, at every look over the last ``min_span_s``: the
+running average equals the cycle's mean only at whole cycles (``JudgeMemory``).
 
 Latency is judged against the baseline *replayed on the candidate's hardware* (a ``noise_reference``
 candidate, ``paired_latency``): then it gates like any metric. Without one, the only baseline latency
@@ -44,6 +47,7 @@ met and every slice over ``slice_min_share`` is under ``slice_promote_factor`` x
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
@@ -51,7 +55,8 @@ from schemas.events import MetricJudgement, SliceJudgement, Verdict
 from scorers.accumulate import PairAccumulator
 from scorers.latency import PairedLatency
 from scorers.metric_bounds import (  # noqa: F401 - the metric names are imported from here too
-    ABS_DELTA, ACCURACY, ERROR, FLIP, accuracy_metric, latency_metric, mean_metric,
+    ABS_DELTA, ACCURACY, ERROR, FLIP, RateSpec, accuracy_metric, describe_clusters, latency_metric, mean_metric,
+    rate_metric, rate_metrics,
 )  # fmt: skip
 from scorers.slices import judge_slices
 
@@ -87,7 +92,7 @@ class JudgePolicy:
         "labelled requests before `accuracy_drop` gates (reported only before)"))
     max_error_rate: float = field(default=0.01, metadata=_doc(
         "candidate errors / requests: the margin of `error_rate`"))
-    min_samples: int = field(default=500, metadata=_doc("independent scored requests before any promote"))
+    min_samples: int = field(default=500, metadata=_doc("scored requests in closed clusters before any promote"))
     max_missing_fraction: float = field(default=0.05, metadata=_doc(
         "tolerated share of requests missing (sample ratio), not comparable (dead letters), or without a "
         "latency while latency gates; beyond it the verdict holds on data quality"))
@@ -97,18 +102,34 @@ class JudgePolicy:
         "metrics that roll back even while a data check fails"))
     gating: tuple[str, ...] | None = field(default=None, metadata=_doc(
         "metrics that decide the verdict; unset: every configured metric", '["error_rate", "label_flip_rate"]'))
-    slice_min_samples: int = field(default=100, metadata=_doc("independent requests before a slice is judged"))
+    slice_min_samples: int = field(default=100, metadata=_doc("scored requests of a slice before it is flagged"))
     slice_alpha: float | None = field(default=None, metadata=_doc(
         "false discovery rate of slice flags (e-BH); unset: alpha / 2", "0.025"))
     slice_failure_verdict: Literal["hold", "rollback"] = field(default="hold", metadata=_doc(
         "the verdict while a slice is flagged: `hold` or `rollback`"))
     max_worst_slices: int = field(default=5, metadata=_doc("slices listed in a verdict"))
     slice_min_share: float = field(default=0.02, metadata=_doc(
-        "slices with at least this share of the evidence hold a promote until ..."))
+        "slices with at least this share of the scored requests hold a promote until ..."))
     slice_promote_factor: float = field(default=2.0, metadata=_doc(
         "... their flip rate's upper bound is under this many times the margin"))
     min_span_s: float = field(default=0.0, metadata=_doc(
-        "seconds of event time observed before a promote or a non-critical rollback (one traffic cycle: 86400)"))
+        "seconds of event time observed before a non-critical rollback, and during which every gating metric "
+        "must have passed at every look before a promote (one traffic cycle: 86400)"))
+    cluster_key_attribute: str | None = field(default=None, metadata=_doc(
+        "the request attribute whose value is the cluster key (e.g. a session id); unset: the record's "
+        "`sample_key`, else the input's fingerprint", '"session"'))
+    cluster_gap_s: float = field(default=60.0, metadata=_doc(
+        "a pause longer than this ends a cluster (requests of one key within it are judged as one dependent unit)"))
+    cluster_cap: int = field(default=32, metadata=_doc(
+        "at most this many requests per cluster; a longer one is cut (dependence across the cut is not covered)"))
+    cluster_max_open: int = field(default=2048, metadata=_doc(
+        "open clusters kept per pair (48 bytes each in the state); beyond, the least recently active close early"))
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.cluster_cap <= 1024:
+            raise ValueError(f"cluster_cap must be within 1..1024, not {self.cluster_cap}")
+        if self.cluster_gap_s < 0 or self.cluster_max_open < 1:
+            raise ValueError("cluster_gap_s must be >= 0 and cluster_max_open >= 1")
 
     @classmethod
     def from_dict(cls, d: dict) -> JudgePolicy:
@@ -181,26 +202,34 @@ def policy_defaults_table() -> str:
 class JudgeMemory:
     """What a pair's verdict remembers between looks (kept beside its cumulative evidence).
 
-    ``promoted_at``: evidence requests when the promote was first given. A promote *stands* until
+    ``promoted_at``: scored requests judged when the promote was first given. A promote *stands* until
     rollback evidence appears (a critical or gating metric confidently worse, a flagged slice) or a
     data-quality check fails: the confidence sequences were valid when it was given, so more data
     can only add evidence against it, not take the old evidence back. ``flagged_slices``: sticky.
     ``last_verdict``: the decision of the previous look, so a transition into rollback is told once
     (``Judgement.rollback_started``), not at every look, also across a judge restart.
+    ``passing_since_ms``: event time (the latest ``sent_at``) of the first look of the current run of
+    looks at which every gating metric and every big slice passed; with ``min_span_s`` set, a promote
+    needs that run to cover one whole ``min_span_s`` (see ``judge``: drift). ``failing_since_ms``: the
+    same for looks at which a gating metric failed, for a non-critical rollback.
     """
 
     promoted_at: int | None = None
     flagged_slices: dict[str, float] = field(default_factory=dict)
     last_verdict: str | None = None
+    passing_since_ms: int | None = None
+    failing_since_ms: int | None = None
 
     def to_dict(self) -> dict:
         return {"promoted_at": self.promoted_at, "flagged_slices": dict(self.flagged_slices),
-                "last_verdict": self.last_verdict}
+                "last_verdict": self.last_verdict, "passing_since_ms": self.passing_since_ms,
+                "failing_since_ms": self.failing_since_ms}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> JudgeMemory:
         d = d or {}
-        return cls(d.get("promoted_at"), dict(d.get("flagged_slices", {})), d.get("last_verdict"))
+        return cls(d.get("promoted_at"), dict(d.get("flagged_slices", {})), d.get("last_verdict"),
+                   d.get("passing_since_ms"), d.get("failing_since_ms"))
 
 
 @dataclass
@@ -248,7 +277,7 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
     """
     policy = policy or JudgePolicy()
     memory = memory or JudgeMemory()
-    acc, ev = cumulative, cumulative.evidence
+    acc, cl = cumulative, cumulative.clusters
     a_r, a_p = policy.rollback_alpha(), policy.promote_alpha()
     margins, gating, critical = policy.margins(), set(policy.gating_metrics()), set(policy.critical)
     lat = policy.latency_metric
@@ -259,24 +288,24 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
         informational.add(lat)
         gating.discard(lat)
         critical.discard(lat)
-    noise_ok = noise is not None and noise.evidence["scored"] > 0
-    nev = (lambda k: noise.evidence[k]) if noise_ok else (lambda k: 0)
+    noise_ok = noise is not None and noise.clusters.flips.requests > 0
+    ncl = noise.clusters if noise_ok else None
     metrics: list[MetricJudgement] = []
     needed: dict[str, int | None] = {}
+    # Request-weighted rates over closed clusters (scorers.clusters, scorers.ratio_cs); the requests of
+    # clusters still open (their session may go on) are counted once it ends.
+    about = describe_clusters(cl.flips, cl, max(int(acc.scored - cl.flips.requests), 0), "scored requests")
+    specs = []
     if ERROR in margins:
-        m, needed[ERROR] = mean_metric(ERROR, ev["requests"], ev["errors"], margins[ERROR], a_r, a_p,
-                                        critical=ERROR in critical, weighted=(acc.requests, acc.errors))
-        metrics.append(m)
+        specs.append(RateSpec(ERROR, cl.errors, margins[ERROR], None, ERROR in critical,
+                              describe_clusters(cl.errors, None, max(int(acc.requests - cl.errors.requests), 0))))
     if FLIP in margins:
-        m, needed[FLIP] = mean_metric(FLIP, ev["scored"], ev["label_flips"], margins[FLIP], a_r, a_p,
-                                       nev("scored"), nev("label_flips"), FLIP in critical,
-                                       weighted=(acc.scored, acc.label_flips))
-        metrics.append(m)
+        specs.append(RateSpec(FLIP, cl.flips, margins[FLIP], ncl.flips if ncl else None, FLIP in critical, about))
     if ABS_DELTA in margins:
-        m, needed[ABS_DELTA] = mean_metric(
-            ABS_DELTA, ev["scored"], ev["abs_confidence_delta"], margins[ABS_DELTA], a_r, a_p, nev("scored"),
-            nev("abs_confidence_delta"), ABS_DELTA in critical,
-            weighted=(acc.scored, acc.sums["abs_confidence_delta"]))
+        specs.append(RateSpec(ABS_DELTA, cl.abs_delta, margins[ABS_DELTA], ncl.abs_delta if ncl else None,
+                              ABS_DELTA in critical, about))
+    for m, need in rate_metrics(specs, a_r, a_p):
+        needed[m.name] = need
         metrics.append(m)
     if lat in margins:
         m, needed[lat] = latency_metric(acc, policy, a_r, a_p, lat in critical, noise, paired_latency)
@@ -318,6 +347,24 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
     all_pass = bool(gating) and all(by_name[n].decision == "pass" for n in gating)
     checks["min_span"] = acc.span_s >= policy.min_span_s
     new_memory = JudgeMemory(memory.promoted_at, sl.flagged)
+    # Drift: the bounds are for the running average since the first request. Between whole traffic
+    # cycles it can dip under (or rise over) the cycle's mean; at a whole number of cycles it equals
+    # it. Every stretch of one cycle holds such a point, so with min_span_s set a promote needs the pass,
+    # and a non-critical rollback the failure, at *every* look over the last min_span_s (one cycle),
+    # whatever the cycle's phase and its length relative to the traffic.
+    passing = all_pass and sl.blocking is None
+    now_ms = acc.last_sent_ms
+
+    def streak(on: bool, since: int | None) -> tuple[int | None, float]:
+        if not on or now_ms is None:
+            return None, 0.0
+        since = now_ms if since is None else since
+        return since, (now_ms - since) / 1000
+
+    new_memory.passing_since_ms, passed_for_s = streak(passing, memory.passing_since_ms)
+    new_memory.failing_since_ms, failed_for_s = streak(bool(failed_gating), memory.failing_since_ms)
+    cycle_ok = policy.min_span_s <= 0 or passed_for_s >= policy.min_span_s
+    fail_cycle_ok = policy.min_span_s <= 0 or failed_for_s >= policy.min_span_s
     requests_needed, blocking = None, None
     standing = memory.promoted_at is not None
     if failed_critical:
@@ -332,6 +379,13 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
         reasons.insert(0, f"Hold: waiting for the minimum observation span: {acc.span_s / 3600:.3g} h of event time "
                           f"observed of the {policy.min_span_s / 3600:.3g} h required before a promote or a "
                           f"rollback on gating metrics (min_span_s: one traffic cycle, so drift is averaged).")
+    elif failed_gating and not fail_cycle_ok:
+        verdict, blocking = "hold", "min_span"
+        reasons.insert(0, f"Hold: {', '.join(sorted(failed_gating))} confidently worse than margin for "
+                          f"{failed_for_s / 3600:.3g} h of event time; a rollback on gating metrics needs that at every "
+                          f"look over one whole min_span_s ({policy.min_span_s / 3600:.3g} h, a traffic cycle), so "
+                          f"that a running average between two whole cycles, above the cycle's mean, cannot roll back "
+                          f"(critical metrics roll back at once).")
     elif failed_gating:
         verdict = "rollback"
         reasons.insert(0, f"Rollback: {', '.join(sorted(failed_gating))} confidently worse than margin.")
@@ -343,11 +397,17 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
         reasons.insert(0, f"Hold: {failed_slices} slice(s) confidently above margin (slice_failure_verdict = hold).")
     elif standing:
         verdict = "promote"
-        reasons.insert(0, f"Promote stands: given at {memory.promoted_at} independent requests; no rollback "
+        reasons.insert(0, f"Promote stands: given at {memory.promoted_at} scored requests; no rollback "
                           f"evidence since (a promote is withdrawn only by a failing metric or slice).")
-    elif all_pass and checks["min_samples"] and sl.blocking is None:
+    elif passing and checks["min_samples"] and not cycle_ok:
+        verdict, blocking = "hold", "min_span"
+        reasons.insert(0, f"Hold: every gating metric has been confidently within its margin for {passed_for_s / 3600:.3g} "
+                          f"h of event time; a promote needs that at every look over one whole min_span_s "
+                          f"({policy.min_span_s / 3600:.3g} h, a traffic cycle), so that a running average between "
+                          f"two whole cycles, below the cycle's mean, cannot promote.")
+    elif passing and checks["min_samples"]:
         verdict = "promote"
-        new_memory.promoted_at = int(ev["scored"])
+        new_memory.promoted_at = int(cl.flips.requests)
         reasons.insert(0, "Promote: every gating metric is confidently within its margin, and every slice "
                           f"over {policy.slice_min_share:.0%} of the traffic too.")
     else:
@@ -376,7 +436,7 @@ def _metric_reason(m: MetricJudgement, gating, informational=frozenset()) -> str
         role = ("informational: compared with production's recorded latency, not gating without a replayed "
                 "baseline")
     return (f"{m.name} = {m.estimate:.4g} [{m.lower:.4g}, {hi}] is {word} margin {m.margin:g} "
-            f"(n={m.samples}, {role}).")
+            f"(n={m.samples}{_rests_on(m)}, {role}).")
 
 
 def _data_checks(acc, policy, margins, expected_requests, unscorable, reasons, lat_decides=True, reference=None):
@@ -385,7 +445,8 @@ def _data_checks(acc, policy, margins, expected_requests, unscorable, reasons, l
     Missing latencies hold the verdict only while latency can decide it (``lat_decides``), and only the
     latencies it is judged on: the candidate's and the replayed baseline's (``reference``) when there
     is one, else the candidate's and production's."""
-    checks = {"min_samples": acc.evidence["scored"] >= policy.min_samples, "sample_ratio": True,
+    judged = int(acc.clusters.flips.requests)
+    checks = {"min_samples": judged >= policy.min_samples, "sample_ratio": True,
               "latency_present": True, "comparable": True}
     quality_reasons = []
     lost = sum((unscorable or {}).values())
@@ -398,7 +459,7 @@ def _data_checks(acc, policy, margins, expected_requests, unscorable, reasons, l
             f"producer's payload or this candidate's config, not the candidate. They are on the dead-letter topic "
             f"with their reason (tolerance {policy.max_missing_fraction:.0%}).")
     if not checks["min_samples"]:
-        reasons.append(f"Insufficient data: {int(acc.evidence['scored'])} independent scored requests of the "
+        reasons.append(f"Insufficient data: {judged} scored requests in closed clusters of the "
                        f"{policy.min_samples} required.")
     if expected_requests is not None and expected_requests > 0 and checks["comparable"]:
         ratio = (acc.requests + lost) / expected_requests
@@ -434,7 +495,7 @@ def _blocking(gating, by_name, needed, sl, checks, acc, policy):
     pending = [n for n in gating if by_name[n].decision == "inconclusive"]
     heading_bad = [n for n in pending if by_name[n].estimate is not None and by_name[n].estimate > by_name[n].margin
                    and needed.get(n) is not None]
-    short = max(policy.min_samples - int(acc.evidence["scored"]), 0)
+    short = max(policy.min_samples - int(acc.clusters.flips.requests), 0)
     if heading_bad:
         name = min(heading_bad, key=lambda n: needed[n])
         return name, int(needed[name]), _phrase(by_name[name], "to confirm it is worse than")
@@ -446,12 +507,12 @@ def _blocking(gating, by_name, needed, sl, checks, acc, policy):
     if sl.blocking is not None:
         b = sl.blocking
         return "slices", sl.requests_needed, (
-            f"slice {b.attribute}={b.value} ({b.samples} independent requests, flip rate {b.estimate:.3g}, upper "
+            f"slice {b.attribute}={b.value} ({b.samples} scored requests, flip rate {b.estimate:.3g}, upper "
             f"bound {b.upper:.3g}) to show it is below {policy.slice_promote_factor:g} x margin "
             f"{policy.label_flip_rate_margin:g}: slices over {policy.slice_min_share:.0%} of the traffic must, "
             f"before a promote")
     if not checks["min_samples"]:
-        return "min_samples", short, (f"min_samples: {int(acc.evidence['scored'])} independent scored of "
+        return "min_samples", short, (f"min_samples: {int(acc.clusters.flips.requests)} scored requests judged of "
                                       f"{policy.min_samples} required")
     return None, None, "a gating metric (none configured)"
 
@@ -461,4 +522,13 @@ def _phrase(m: MetricJudgement, verb: str) -> str:
         return f"{m.name} (no data yet: {m.detail})"
     hi = "inf" if m.upper is None else f"{m.upper:.4g}"
     lo = "0" if m.lower is None else f"{m.lower:.4g}"
-    return f"{m.name} = {m.estimate:.4g} [{lo}, {hi}] {verb} margin {m.margin:g} (n={m.samples})"
+    return f"{m.name} = {m.estimate:.4g} [{lo}, {hi}] {verb} margin {m.margin:g} (n={m.samples}{_rests_on(m)})"
+
+
+def _rests_on(m: MetricJudgement) -> str:
+    """", in C independent clusters" (and the busiest key's share) from a rate metric's detail."""
+    found = re.search(r" in (\d+) independent clusters", m.detail or "")
+    if not found or int(found.group(1)) == m.samples:
+        return ""
+    key = re.search(r"one key carries >= (\d+%)", m.detail)
+    return f" in {found.group(1)} independent clusters" + (f", one key carries {key.group(1)} of them" if key else "")

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scorers import ratio_cs as rc
 from scorers.judge import ABS_DELTA, ERROR, FLIP, JudgePolicy
-from scorers.sequential import log_evalue_above, log_evalue_below, lower_bound, upper_bound
 
 
 @dataclass
@@ -67,16 +67,24 @@ class SimulationResult:
                 f"decide {med}")
 
 
-def _bounded_metric(n, s, margin, a_r, a_p, noise_n=0, noise_s=None):
-    """(fail, pass) boolean arrays; direct e-value tests when there is no noise run (equivalent to
-    comparing the bisected bounds with the margin, by monotonicity, and much cheaper)."""
-    if noise_n:
-        lo = lower_bound(n, s, a_r / 2) - upper_bound(noise_n, noise_s, a_r / 2)
-        hi = upper_bound(n, s, a_p / 2) - lower_bound(noise_n, noise_s, a_p / 2)
-        return lo > margin, hi < margin
-    fail = log_evalue_above(n, s, margin) >= np.log(1 / a_r)
-    ok = log_evalue_below(n, s, margin) >= np.log(1 / a_p)
-    return fail, ok
+def singleton_tables(n, s, sq=None) -> np.ndarray:
+    """``scorers.ratio_cs`` tables (..., bins, 6) of n independent requests (clusters of one) with
+    total s and sum of squares sq (= s for 0/1 outcomes)."""
+    n, s = np.broadcast_arrays(np.asarray(n, dtype=np.float64), np.asarray(s, dtype=np.float64))
+    sq = s if sq is None else np.broadcast_to(np.asarray(sq, dtype=np.float64), s.shape)
+    t = np.zeros((*n.shape, 1, rc.N_STATS))
+    t[..., 0, :] = np.stack([n, n, n, s, sq, s], axis=-1)
+    return t
+
+
+def _bounded_metric(table, margin, a_r, a_p, noise=None):
+    """(fail, pass) boolean arrays: the tests at the margin, as ``scorers.metric_bounds.rate_metric``
+    decides (with a noise run: at margin + its upper / lower bound, each at half the level)."""
+    if noise is not None:
+        noise_hi = rc.upper_bound(noise, a_r / 2)[..., None]
+        noise_lo = rc.lower_bound(noise, a_p / 2)[..., None]
+        return rc.rejects_above(table, margin + noise_hi, a_r / 2), rc.rejects_below(table, margin + noise_lo, a_p / 2)
+    return rc.rejects_above(table, margin, a_r), rc.rejects_below(table, margin, a_p)
 
 
 @dataclass
@@ -126,19 +134,24 @@ def judge_runs(draws: RunDraws, *, window: int = 250, policy: JudgePolicy | None
     scored = n_req - errors  # errored requests are not scored, exactly as in the accumulator
     flips = cum_at_looks(draws.flip)
     deltas = cum_at_looks(draws.abs_delta)
+    deltas_sq = cum_at_looks(draws.abs_delta ** 2)
     noise_n = draws.noise_flip.shape[1]
-    noise_flips = draws.noise_flip.sum(axis=1)[:, None].astype(np.float64)
-    noise_deltas = draws.noise_abs_delta.sum(axis=1)[:, None]
+    noise_flips = noise_deltas = None
+    if noise_n:
+        noise_flips = singleton_tables(noise_n, draws.noise_flip.sum(axis=1).astype(np.float64))
+        noise_deltas = singleton_tables(noise_n, draws.noise_abs_delta.sum(axis=1),
+                                        (draws.noise_abs_delta ** 2).sum(axis=1))
 
     fail = {}
     passed = {}
     if ERROR in margins:
-        fail[ERROR], passed[ERROR] = _bounded_metric(n_req, errors, margins[ERROR], a_r, a_p)
+        fail[ERROR], passed[ERROR] = _bounded_metric(singleton_tables(n_req, errors), margins[ERROR], a_r, a_p)
     if FLIP in margins:
-        fail[FLIP], passed[FLIP] = _bounded_metric(scored, flips, margins[FLIP], a_r, a_p, noise_n, noise_flips)
+        fail[FLIP], passed[FLIP] = _bounded_metric(singleton_tables(scored, flips), margins[FLIP], a_r, a_p,
+                                                   noise_flips)
     if ABS_DELTA in margins:
-        fail[ABS_DELTA], passed[ABS_DELTA] = _bounded_metric(scored, deltas, margins[ABS_DELTA], a_r, a_p,
-                                                             noise_n, noise_deltas)
+        fail[ABS_DELTA], passed[ABS_DELTA] = _bounded_metric(singleton_tables(scored, deltas, deltas_sq),
+                                                             margins[ABS_DELTA], a_r, a_p, noise_deltas)
     shape = n_req.shape
     no = np.zeros(shape, dtype=bool)
     yes = np.ones(shape, dtype=bool)

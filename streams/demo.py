@@ -37,6 +37,9 @@ DEMO_POLICY = {
     "latency_p99_ratio_margin": 1.5,
     "accuracy_drop_margin": 0.02,
     "min_samples": 300,
+    # Event time runs at 50 requests a second here: a retry burst is within 2 s (scorers.clusters;
+    # production's default gap is 60 s), and clusters close 2 s of event time after their last request.
+    "cluster_gap_s": 2.0,
 }
 
 

@@ -1,8 +1,15 @@
-"""The two evidence keys of every diff row: ``input_hash`` (what was asked) and ``sample_hash``
-(who asked), so the judge counts repeats of an input or a user once (scorers/evidence.py).
+"""The two cluster keys of every diff row: ``input_hash`` (what was asked) and ``sample_hash``
+(who asked), from which the judge forms clusters: a session of one sample key, else the repeats of
+one input, within the cluster gap (scorers/clusters.py).
 
 Both are 64-bit blake2b fingerprints that depend on nothing but the request: not on the candidate,
 the process or the Python run, so every replay process of a group computes the same keys.
+
+``sample_hash`` comes from the record's explicit ``sample_key`` field only, never from the Kafka
+message key: a producer may key its messages by anything (the model's name, a tenant, a constant)
+for partitioning, and a key shared by most traffic would otherwise make one cluster of it. Without a
+``sample_key`` it is 0 and the judge falls back to the input fingerprint (or to the attribute the
+policy names, ``cluster_key_attribute``).
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ def evidence_keys(group, stacked: dict[str, np.ndarray]) -> np.ndarray:
     """(n, 2) uint64: each request's ``input_hash`` and ``sample_hash`` (see streams/records.py)."""
     keys = np.empty((len(group), 2), dtype=np.uint64)
     keys[:, 0] = input_hashes(stacked, len(group))
-    keys[:, 1] = np.frombuffer(b"".join([_sample_digest(msg.key, ev.request_id) for ev, msg in group]), dtype="<u8")
+    keys[:, 1] = np.frombuffer(b"".join([_sample_digest(getattr(ev, "sample_key", None)) for ev, _ in group]),
+                               dtype="<u8")
     return keys
 
 
@@ -56,11 +64,10 @@ def input_hashes(stacked: dict[str, np.ndarray], n: int) -> np.ndarray:
     return out
 
 
-def sample_hash(key: bytes | str | None, request_id: str) -> int:
-    """64-bit hash of the producer's sample key, the Kafka key when it is not the request id; 0
-    when there is none (no key, or the key is the request id: mirror/core.py's default). Never 0
-    otherwise: blake2b-64 (little-endian) of the key's bytes, 0 mapped to 1."""
-    return int.from_bytes(_sample_digest(key, request_id), "little")
+def sample_hash(sample_key: bytes | str | None) -> int:
+    """64-bit hash of a record's ``sample_key``; 0 when it has none (or an empty one). Never 0
+    otherwise: blake2b-64 (little-endian) of the key's UTF-8 bytes, 0 mapped to 1."""
+    return int.from_bytes(_sample_digest(sample_key), "little")
 
 
 _NO_SAMPLE = bytes(8)
@@ -68,12 +75,10 @@ _ONE = (1).to_bytes(8, "little")
 _SAMPLE_BASE = hashlib.blake2b(digest_size=8, person=_SAMPLE_PERSON)
 
 
-def _sample_digest(key: bytes | str | None, request_id: str) -> bytes:
-    if key is None:
+def _sample_digest(key: bytes | str | None) -> bytes:
+    if not key:
         return _NO_SAMPLE
-    raw = key.encode() if isinstance(key, str) else key
-    if raw == request_id.encode():
-        return _NO_SAMPLE
+    raw = key.encode() if isinstance(key, str) else bytes(key)
     h = _SAMPLE_BASE.copy()
     h.update(raw)
     digest = h.digest()

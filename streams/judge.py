@@ -11,7 +11,8 @@ leaves the state untouched, so the caller can retry the same call until the data
 2. ``close_due(...)``: windows that are final (streams/windows.py), or beyond the state bounds, are
    written with their distribution statistics (from the accumulator's counts, no raw rows read
    back), the pair is judged on its cumulative evidence and the verdict written; then the windows
-   leave the state.
+   leave the state. Before it is judged, the pair's clusters whose session is over (scorers.clusters:
+   idle for longer than the gap before the watermark) join its cumulative evidence.
 
 After a crash between a write and the state change, the rows are written again (idempotent keys)
 and counted once, because the state that would have counted them was never saved.
@@ -31,7 +32,7 @@ import numpy as np
 from schemas import Verdict, WindowStats
 from scorers.accumulate import PairAccumulator
 from scorers.diffs import ClassificationDiffs
-from scorers.evidence import SeenFilter
+from scorers.clusters import request_keys, tracker_for
 from scorers.judge import JudgeMemory, judge
 from streams.board import VerdictBoard
 from streams.config import CandidateConfig, Settings
@@ -68,10 +69,8 @@ class JudgeCore:
         self.configs: dict[str, CandidateConfig] = {pair_key(c.model, c.name): c for c in settings.candidates}
         self._pairs: dict[str, PairWindows] = {}  # the live state, by pair key
         self._sizes: dict[str, int] = {}  # bytes of each pair's state when last serialised
-        # Which requests are independent evidence (scorers.evidence), per pair. In memory only: a
-        # restarted judge forgets which inputs it has seen (documented: repeats across a restart
-        # count once more), and 2 x 512 KiB per pair would not fit the changelog's state budget.
-        self._seen: dict[str, SeenFilter] = {}
+        # What counts as independent is a *cluster* (scorers.clusters): each pair's open clusters are
+        # in its state (PairWindows.clusters, on the changelog), the closed ones in its cumulative.
         # Which request ids each pair has stored lately (streams/recent_ids.py): the producer-retry
         # lookup asks ClickHouse only about the ids these cannot clear. Rebuilt from ClickHouse when
         # a pair is (re)acquired or its state restored.
@@ -217,8 +216,15 @@ class JudgeCore:
         if rows is None or not len(rows):
             return
         c = rows.columns
-        seen = self._seen.setdefault(pair_key(pw.model, pw.candidate), SeenFilter())
-        evidence = seen.first_seen(c["input_hash"], c["sample_hash"])
+        # Clusters (scorers.clusters): keyed by the configured attribute, else the record's explicit
+        # sample_key (the replay stage's sample_hash), else the input fingerprint; never the Kafka key.
+        policy = self.configs[pair_key(pw.model, pw.candidate)].judge_policy()
+        if pw.clusters is None:
+            pw.clusters = tracker_for(policy)
+        keys = request_keys(c["input_hash"], c["sample_hash"], rows.attributes, policy.cluster_key_attribute)
+        pw.cumulative.add_clusters(pw.clusters.update(
+            keys, c["sent_ms"], ok=np.asarray(rows.error, dtype=object) == "", flips=c["label_flip"].astype(bool),
+            abs_delta=c["confidence_delta"], attributes=rows.attributes))
         ref = c["reference_latency_ms"]
         both = np.isfinite(ref) & (ref > 0) & np.isfinite(c["candidate_latency_ms"])
         if both.any():
@@ -227,7 +233,7 @@ class JudgeCore:
         for start in np.unique(starts).tolist():
             idx = np.flatnonzero(starts == start)
             part = rows.take(idx) if len(idx) != len(rows) else rows
-            diffs, kwargs = _accumulator_inputs(part, evidence[idx])
+            diffs, kwargs = _accumulator_inputs(part)
             window = pw.window_for(int(start))
             if window is None:
                 pw.late_events += len(idx)
@@ -250,11 +256,13 @@ class JudgeCore:
         now_wall = time.time() if now_wall is None else now_wall
         w = self.settings.windows
         plan: list[tuple[str, PairWindows, list[int]]] = []
+        clocks: dict[str, int | None] = {}  # event time up to which a pair's sessions are over (None: all)
         for key, pw in list(self._pairs.items()):
             if not pw.open_windows:
                 continue
             if force:
                 due = sorted(pw.open_windows)
+                clocks[key] = None
             else:
                 view = view_for(key)
                 watermark = view.watermark_ms(now_wall, w.partition_idle_s) if view else None
@@ -262,6 +270,7 @@ class JudgeCore:
                     now_wall - pw.last_event_wall >= w.idle_close_s)  # fmt: skip
                 due = pw.due(self.size_ms, self.grace_ms, watermark, idle, w.max_open_windows)
                 due = self._over_budget(pw, due)
+                clocks[key] = None if idle else (watermark if watermark is not None else -1)
                 if not idle:
                     early = [s for s in due if watermark is None or s + self.size_ms + self.grace_ms > watermark]
                     if early:
@@ -271,6 +280,16 @@ class JudgeCore:
                         pw.early_closes += len(early)
             if due:
                 plan.append((key, pw, due))
+        # Clusters whose session is over (idle for longer than the gap before the watermark; every one
+        # when the traffic stopped or at a forced close) join the judged statistics. Moving them is the
+        # same whether or not the writes below succeed, so a retry judges the same clusters.
+        planned = {key for key, _, _ in plan}
+        for key, pw in self._pairs.items():
+            if pw.clusters is not None and (key in planned or pw.rejudge):
+                clock = clocks.get(key, -1)
+                closed = (pw.clusters.close_all() if clock is None
+                          else pw.clusters.close_idle(None if clock < 0 else clock))
+                pw.cumulative.add_clusters(closed)
         windows, verdicts, judged = [], [], []
         for _key, pw, due in plan:
             for start in due:
@@ -278,7 +297,6 @@ class JudgeCore:
             judged.append(self._verdict(pw, due[-1]))
         # Late events only (a backfill of old requests, all their windows closed): judge again on
         # the cumulative evidence, without a window row, so the verdict does not wait for live traffic.
-        planned = {key for key, _, _ in plan}
         rejudged = [(key, pw) for key, pw in self._pairs.items()
                     if pw.rejudge and key not in planned and not pw.open_windows and pw.closed_upto_ms > 0]
         for _key, pw in rejudged:
@@ -383,7 +401,6 @@ class JudgeCore:
         for key in keys:
             self._pairs.pop(key, None)
             self._sizes.pop(key, None)
-            self._seen.pop(key, None)
             self._recent.pop(key, None)
 
     def pairs(self) -> dict[str, PairWindows]:
@@ -397,7 +414,7 @@ class JudgeCore:
         return pw
 
 
-def _accumulator_inputs(rows: DiffBatch, evidence: np.ndarray) -> tuple[ClassificationDiffs, dict]:
+def _accumulator_inputs(rows: DiffBatch) -> tuple[ClassificationDiffs, dict]:
     c = rows.columns
     diffs = ClassificationDiffs(
         baseline_label=c["baseline_label"].astype(np.int64), candidate_label=c["candidate_label"].astype(np.int64),
@@ -405,10 +422,14 @@ def _accumulator_inputs(rows: DiffBatch, evidence: np.ndarray) -> tuple[Classifi
         linf=c["linf"], hellinger=c["hellinger"], topk_overlap=c["topk_overlap"],
         error=np.array(rows.error, dtype=object), top_k=rows.top_k,
     )  # fmt: skip
+    lat = c["candidate_latency_ms"]
+    # Sampled timing (streams/replay.py): a scored row the replay did not time alone carries NaN by
+    # design: not measured, not missing. A candidate error's NaN still counts as missing.
+    untimed = np.isnan(lat) & diffs.ok
     kwargs = dict(
-        baseline_latency_ms=c["baseline_latency_ms"], candidate_latency_ms=c["candidate_latency_ms"],
+        baseline_latency_ms=c["baseline_latency_ms"], candidate_latency_ms=lat[~untimed] if untimed.any() else lat,
         request_ids=rows.request_id, attributes=rows.attributes, labels=c["label"],
         baseline_confidence=c["baseline_confidence"], candidate_confidence=c["candidate_confidence"],
-        evidence=evidence, sent_ms=c["sent_ms"],
+        sent_ms=c["sent_ms"], clustered=True,
     )  # fmt: skip
     return diffs, kwargs

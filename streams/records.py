@@ -52,12 +52,13 @@ NUMERIC = {
     "reference_latency_ms": "<f8",  # the replayed baseline's latency on the same request; NaN or 0: none
     "source_partition": "<i4",
     "source_offset": "<i8",
-    # Evidence keys, so the judge can tell repeated requests from independent ones (0: unknown).
+    # Cluster keys (scorers/clusters.py), so the judge can tell dependent requests from independent
+    # ones (0: unknown).
     # input_hash: 64-bit fingerprint of the request's decoded inputs (names, dtypes, row shapes,
     # bytes), the same for every candidate and request id; never 0 for a replayed request.
     "input_hash": "<u8",
-    # sample_hash: 64-bit hash of the producer's sample key (the Kafka message key when it differs
-    # from the request id); 0 when the request came without one.
+    # sample_hash: 64-bit hash of the record's explicit sample_key (never the Kafka message key);
+    # 0 when the request came without one.
     "sample_hash": "<u8",
     # id_hash: streams.recent_ids.id_hashes of request_id, made once per request by the replay
     # stage (which scales out) rather than per candidate by the judge; 0: not sent (the judge makes it).

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from scorers.accumulate import PairAccumulator
+from scorers.clusters import ClusterTracker
 from scorers.latency import PairedLatency
 from streams.records import PartitionProgress, Progress
 
@@ -53,6 +54,8 @@ class PairWindows:
     rejudge: bool = False  # late events (e.g. a backfill) joined the evidence since the last verdict
     # (replayed baseline, candidate) latency of the same requests: the paired latency metric
     reference_latency: PairedLatency = field(default_factory=PairedLatency)
+    # Open clusters (scorers.clusters): sessions of one key not yet over; closed ones are in cumulative.
+    clusters: ClusterTracker | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -73,6 +76,7 @@ class PairWindows:
             "judge_memory": self.judge_memory,
             "rejudge": self.rejudge,
             "reference_latency": self.reference_latency.to_dict(),
+            **({} if self.clusters is None else {"clusters": self.clusters.to_dict()}),
         }
 
     @classmethod
@@ -96,6 +100,7 @@ class PairWindows:
             rejudge=bool(data.get("rejudge", False)),
             reference_latency=PairedLatency.from_dict(data["reference_latency"]) if "reference_latency" in data
             else PairedLatency(),
+            clusters=ClusterTracker.from_dict(data["clusters"]) if "clusters" in data else None,
         )
 
     def window_for(self, window_start_ms: int) -> PairAccumulator | None:

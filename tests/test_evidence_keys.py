@@ -1,10 +1,12 @@
-"""Evidence keys of diff rows: input_hash (what was asked) and sample_hash (who asked), so the judge
-can tell repeated requests from independent evidence. Replay core driven in-process, no Kafka."""
+"""Cluster keys of diff rows: input_hash (what was asked) and sample_hash (who asked: the record's
+explicit sample_key, never the Kafka key), from which the judge forms its clusters. Replay core driven
+in-process, no Kafka."""
 
 from __future__ import annotations
 
 import json
 import struct
+from types import SimpleNamespace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -14,7 +16,7 @@ from schemas import MirroredRequest, Tensor
 from streams.demo import demo_settings
 from streams.models import build_digits_models
 from streams.records import LEGACY_LAYOUT, MAGIC, NUMERIC, DiffBatch
-from streams.evidence_keys import input_hashes, sample_hash
+from streams.evidence_keys import evidence_keys, input_hashes, sample_hash
 from streams.replay import Inbound, ReplayCore
 
 CANDIDATES = ("digits-v2", "digits-v2-degraded", "digits-v1-replay")
@@ -108,32 +110,41 @@ def test_input_hashes_cover_names_dtypes_shapes_and_bytes():
             != input_hashes({"a": a, "b": b}, 2)).all()  # fmt: skip
     # Deterministic across processes and runs (no salted hash()): pinned values.
     assert int(input_hashes({"x": np.arange(4, dtype=np.float32)[None]}, 1)[0]) == PINNED_INPUT
-    assert sample_hash(b"user-42", "r1") == PINNED_SAMPLE
+    assert sample_hash(b"user-42") == sample_hash("user-42") == PINNED_SAMPLE
 
 
 PINNED_INPUT = 0x81C1E3AF5B8A8290  # blake2b-64, person b"shadowlens-in-v1"
 PINNED_SAMPLE = 0x3E69420B5907BDBF  # blake2b-64, person b"shadowlens-sk-v1"
 
 
-def test_sample_hash_from_kafka_key(core):
-    a = pixels(5)
-    assert sample_hash(None, "r1") == 0
-    assert sample_hash(b"r1", "r1") == sample_hash("r1", "r1") == 0
-    assert sample_hash(b"user-1", "r1") == sample_hash(b"user-1", "r2") == sample_hash("user-1", "r3") != 0
-    assert sample_hash(b"user-1", "r1") != sample_hash(b"user-2", "r1")
-    rows = replay(core, [
-        (request("r1", {"pixels": a}, 0), None),  # no key (e.g. the embedded pipeline)
-        (request("r2", {"pixels": a}, 1), b"r2"),  # the SDK's default key: the request id
-        (request("r3", {"pixels": a}, 2), b"user-1"),
-        (request("r4", {"pixels": pixels(6)}, 3), b"user-1"),
-        (request("r5", {"pixels": a}, 4), b"user-2"),
-    ])  # fmt: skip
-    for c in CANDIDATES:
-        r = rows[c]
-        assert r["r1"][1] == 0 and r["r2"][1] == 0
-        assert r["r3"][1] == r["r4"][1] == sample_hash(b"user-1", "r3") != 0
-        assert r["r5"][1] not in (0, r["r3"][1])
-        assert r["r1"][0] == r["r2"][0] == r["r3"][0] == r["r5"][0] != r["r4"][0]  # keys do not enter input_hash
+def test_sample_hash_from_the_records_sample_key():
+    assert sample_hash(None) == sample_hash("") == sample_hash(b"") == 0
+    assert sample_hash(b"user-1") == sample_hash("user-1") != 0
+    assert sample_hash("user-1") != sample_hash("user-2")
+    # evidence_keys reads the decoded record's sample_key field (the SDK sets it; the JSON Schema
+    # documents it), whatever form the record was decoded to.
+    stacked = {"x": np.arange(8, dtype=np.float32).reshape(4, 2)}
+    group = [(SimpleNamespace(request_id=f"r{i}", sample_key=k), SimpleNamespace(key=b"digits"))
+             for i, k in enumerate(["user-1", None, "user-1", "user-2"])]
+    keys = evidence_keys(group, stacked)
+    assert keys[:, 1].tolist() == [sample_hash("user-1"), 0, sample_hash("user-1"), sample_hash("user-2")]
+    assert (keys[:, 0] == input_hashes(stacked, 4)).all()
+
+
+def test_the_kafka_key_is_never_the_sample_key(core):
+    """A producer may key its messages by anything: none, the request id (the SDK's default), a user,
+    or one constant for all (its model's name). The rows' keys are the same in every case: a constant
+    Kafka key changes nothing (it once made one "user" of all traffic and silenced the judge)."""
+    a, b = pixels(5), pixels(6)
+    inputs = [a, a, b, a]
+    for kafka_key in (None, "request id", b"user-1", b"digits"):
+        rows = replay(core, [(request(f"r{i}", {"pixels": x}, i),
+                              f"r{i}".encode() if kafka_key == "request id" else kafka_key)
+                             for i, x in enumerate(inputs)])  # fmt: skip
+        for c in CANDIDATES:
+            r = rows[c]
+            assert [r[f"r{i}"][1] for i in range(4)] == [0, 0, 0, 0]
+            assert r["r0"][0] == r["r1"][0] == r["r3"][0] != r["r2"][0]
 
 
 def test_rows_keep_their_keys_when_others_leave_the_group(core):
@@ -163,7 +174,7 @@ def test_failed_candidate_rows_carry_keys(core, monkeypatch):
                   if x.candidate == "digits-v2")  # fmt: skip
     assert all("candidate crashed" in e for e in failed.error) and len(failed) == 2  # rows with the error
     ok = rows["digits-v1-replay"]
-    assert rows["digits-v2"] == ok and ok["f1"][0] != 0 and ok["f1"][1] != 0 and ok["f2"][1] == 0
+    assert rows["digits-v2"] == ok and ok["f1"][0] != 0 and ok["f1"][1] == 0 and ok["f2"][1] == 0  # no Kafka key
 
 
 def _batch(n: int = 3) -> DiffBatch:
