@@ -31,17 +31,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from scorers import divergence as dv
-from scorers.clusters import Closed, ClusterStats, singletons
+from scorers.clusters import MAX_SLICE_ATTRIBUTES, MAX_SLICE_VALUES, OTHER, Closed, ClusterStats, capped_slot, singletons
 from scorers.diffs import ClassificationDiffs
 from scorers.histograms import ConfidenceHistogram, LabelPairTable
 from scorers.sketch import LatencySketch
 
 TOP_EXAMPLES = 10
-MAX_SLICE_ATTRIBUTES = 16
-MAX_SLICE_VALUES = 64
 MAX_ERROR_REASONS = 32
 MAX_CLASSES = 1024
-OTHER = "__other__"
 _EVIDENCE = ("requests", "errors", "scored", "label_flips", "abs_confidence_delta")
 _SUMS = ("abs_confidence_delta", "confidence_delta", "sq_confidence_delta", "l1", "linf", "hellinger",
          "topk_overlap")
@@ -255,14 +252,7 @@ class PairAccumulator:
                                                        int(fl[j]), float(sa[j]), int(es[j]), int(ef[j])))
 
     def _slice(self, key: str, value: str) -> SliceStats:
-        if key not in self.slices:
-            if len(self.slices) >= MAX_SLICE_ATTRIBUTES:
-                key = OTHER
-            self.slices.setdefault(key, {})
-        table = self.slices[key]
-        if value not in table and len(table) >= MAX_SLICE_VALUES:
-            value = OTHER
-        return table.setdefault(value, SliceStats())
+        return capped_slot(self.slices, key, value, SliceStats)
 
     def _update_examples(self, scores: np.ndarray, request_ids: Sequence[str], errors: np.ndarray) -> None:
         # Pre-select with the same total order the merge uses, (score desc, id asc), so merging never

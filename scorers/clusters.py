@@ -49,6 +49,19 @@ MAX_SIGNATURES = 512
 MAX_SLICE_ATTRIBUTES = 16
 MAX_SLICE_VALUES = 64
 OTHER = "__other__"
+
+
+def capped_slot(slices: dict, key: str, value: str, make):
+    """``slices[key][value]`` (made by ``make`` when new), at most ``MAX_SLICE_ATTRIBUTES`` keys and
+    ``MAX_SLICE_VALUES`` values per key: later ones go to ``OTHER``, so a pair's state stays bounded."""
+    if key not in slices:
+        if len(slices) >= MAX_SLICE_ATTRIBUTES:
+            key = OTHER
+        slices.setdefault(key, {})
+    table = slices[key]
+    if value not in table and len(table) >= MAX_SLICE_VALUES:
+        value = OTHER
+    return table.setdefault(value, make())
 _SIG_PERSON = b"shadowlens-sig1"
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
@@ -210,14 +223,7 @@ class ClusterStats:
             top[key] = w - low
 
     def _slice(self, key: str, value: str) -> RatioTable:
-        if key not in self.slices:
-            if len(self.slices) >= MAX_SLICE_ATTRIBUTES:
-                key = OTHER
-            self.slices.setdefault(key, {})
-        table = self.slices[key]
-        if value not in table and len(table) >= MAX_SLICE_VALUES:
-            value = OTHER
-        return table.setdefault(value, RatioTable())
+        return capped_slot(self.slices, key, value, RatioTable)
 
     def merge(self, other: ClusterStats) -> None:
         self.errors.merge(other.errors)
