@@ -3,6 +3,10 @@
 Unlike live mirroring, a backfill must not drop: it waits for the producer (backpressure)
 instead of using the client's bounded buffer, and every row ends up counted as sent, skipped
 (did not validate against ``MirroredRequest``) or failed (the broker did not take it).
+
+A row may carry the optional ``sample_key`` (a JSON field or a Parquet column: the user, session or
+device the request came from; integers are taken as their decimal text, null or "" as none): it goes
+into the record as the SDK writes it, and is the Kafka key as well (else the request id).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from schemas import MirroredRequest
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 _MAPPING_FIELDS = ("inputs", "baseline_output", "attributes")
+_NO_SAMPLE_KEY = {"sample_key"}
 _MAX_IN_FLIGHT = 20_000  # delivery futures outstanding before the reader waits
 
 
@@ -107,6 +112,10 @@ def _parquet_row(row: dict[str, Any]) -> dict[str, Any]:
 def validate(row: dict, model: str | None) -> tuple[MirroredRequest | None, list[str]]:
     if model is not None:
         row = {**row, "model": model}
+    sample_key = row.get("sample_key")
+    if sample_key == "" or (isinstance(sample_key, int) and not isinstance(sample_key, bool)):
+        # a user id column of integers (Parquet int64) is that id's text; "" is none, as in publish
+        row = {**row, "sample_key": None if sample_key == "" else str(sample_key)}
     try:
         return MirroredRequest.model_validate(row), []
     except ValidationError as exc:
@@ -123,8 +132,9 @@ async def backfill(
     on_row: Callable[[], None] = lambda: None,
     on_problem: Callable[[str], None] = lambda _line: None,
 ) -> BackfillSummary:
-    """Validate every row and (unless ``dry_run``) send the valid ones, keyed by request id,
-    timestamped with sent_at. Raises ``BackfillError`` only if it cannot start."""
+    """Validate every row and (unless ``dry_run``) send the valid ones, keyed by sample key (else
+    request id) as the SDK keys them, timestamped with sent_at. Raises ``BackfillError`` only if it
+    cannot start."""
     summary = BackfillSummary()
 
     def problem(text: str) -> None:
@@ -169,7 +179,10 @@ async def backfill(
                 continue
             try:
                 future = await producer.send(
-                    config.topic, request.model_dump_json().encode("utf-8"), key=request.request_id.encode("utf-8"),
+                    # without a sample key the value is what it was before the field existed (as the SDK's)
+                    config.topic, request.model_dump_json(exclude=_NO_SAMPLE_KEY if request.sample_key is None
+                                                          else None).encode("utf-8"),
+                    key=(request.sample_key or request.request_id).encode("utf-8"),
                     timestamp_ms=int(request.sent_at.timestamp() * 1000))
             except Exception as exc:
                 summary.failed += 1

@@ -65,8 +65,11 @@ class _MirrorClientBase:
             "input" / "output". Arrays are encoded later on the sender (see copy_arrays).
         latency_ms: the production model's measured latency.
         attributes: slice keys (values are str()-ed), e.g. {"country": "de"}.
-        sample_key: what sampling and the Kafka key use instead of request_id, e.g. a user id,
-            so one user is always in or always out.
+        sample_key: what makes requests dependent (a user, a session, a device id; str()-ed, up to
+            256 characters; None or "": none). Written into the record's ``sample_key`` field: the
+            judge treats one key's requests within ``cluster_gap_s`` as one cluster. Also what
+            sampling and the Kafka key use instead of request_id, so one user is always in or
+            always out and stays in order on one partition (the worker never reads the Kafka key).
         label: ground truth, when known. sent_at: when production answered (default: now).
 
         Returns True if the record was buffered; False if sampled out, dropped (buffer full,

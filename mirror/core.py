@@ -19,7 +19,8 @@ from mirror.errors import MirrorError
 from mirror.logs import RateLimitedLog, rate_limit_kafka_logs
 from mirror.metrics import Counters, MirrorStats
 from mirror.sampling import Sampler
-from mirror.validation import check_scalars, check_tensors
+from mirror.validation import check_sample_key, check_scalars, check_tensors
+from schemas.events import MAX_REQUEST_ID_CHARS
 
 
 def _no_wake() -> None:
@@ -61,6 +62,11 @@ class MirrorCore:
         """Buffer one request for mirroring; True if it was taken, False if sampled out/dropped/invalid."""
         counters = self.counters
         try:
+            # The sample key is the sampling key, the Kafka key and the record's sample_key field;
+            # without one (None or ""), the request id is the sampling and Kafka key.
+            if sample_key is not None and (type(sample_key) is not str or not sample_key
+                                           or len(sample_key) > MAX_REQUEST_ID_CHARS):
+                sample_key = check_sample_key(sample_key)
             key = request_id if sample_key is None else sample_key
             if type(key) is not str:
                 key = str(key)
@@ -72,7 +78,7 @@ class MirrorCore:
                     counters.sampled_out += 1
                 return False
             record = self._check(request_id, model, version, inputs, outputs, latency_ms,
-                                 attributes, key, label, sent_at)
+                                 attributes, key, label, sent_at, sample_key)
             if strict and not self.sampler.keep(model, key):
                 with counters.lock:
                     counters.sampled_out += 1
@@ -114,7 +120,7 @@ class MirrorCore:
         return True
 
     def _check(self, request_id, model, version, inputs, outputs, latency_ms, attributes, key, label,
-               sent_at) -> BufferedRecord:
+               sent_at, sample_key=None) -> BufferedRecord:
         latency = check_scalars(request_id, model, version, latency_ms, label)
         signature = self.config.signatures.get(model)
         copy = self.config.copy_arrays
@@ -130,7 +136,8 @@ class MirrorCore:
             sent = (sent_at if sent_at.tzinfo else sent_at.replace(tzinfo=UTC)).timestamp()
         else:
             sent = float(sent_at)
-        return BufferedRecord(request_id, model, version, ins, outs, latency, attributes, key, label, sent)
+        return BufferedRecord(request_id, model, version, ins, outs, latency, attributes, key, label, sent,
+                              sample_key)
 
     def take(self, limit: int) -> int:
         """Move up to ``limit`` buffered records to ``pending``; returns how many moved."""

@@ -35,9 +35,10 @@ class BufferedRecord(NamedTuple):
     outputs: dict[str, np.ndarray]
     latency_ms: float
     attributes: Any  # Mapping[str, object] | None; values are str()-ed when encoding
-    key: str
+    key: str  # the Kafka key: the sample key, else the request id (orders and partitions only)
     label: int | float | None
     sent_at: float  # epoch seconds
+    sample_key: str | None = None  # the record's sample_key field; None: left out of the value
 
 
 def tensor_fields(array: np.ndarray) -> dict[str, Any]:
@@ -103,13 +104,15 @@ def encode_value(record: BufferedRecord) -> bytes:
     inputs = ",".join([_tensor_json(name, a) for name, a in record.inputs.items()])
     outputs = ",".join([_tensor_json(name, a) for name, a in record.outputs.items()])
     label = "null" if record.label is None else repr(record.label)
+    sample = "" if record.sample_key is None else f'"sample_key":{_quote(record.sample_key)},'
     return (
         f'{{"schema_version":{SCHEMA_VERSION},"request_id":{_quote(record.request_id)},'
         f'"model":{_quote(record.model)},"baseline_version":{_quote(record.version)},'
         f'"sent_at":"{_sent_at.format(record.sent_at)}","inputs":{{{inputs}}},"baseline_output":{{{outputs}}},'
-        f'"baseline_latency_ms":{record.latency_ms!r},"attributes":{{{attrs}}},"label":{label}}}'
+        f'"baseline_latency_ms":{record.latency_ms!r},"attributes":{{{attrs}}},{sample}"label":{label}}}'
     ).encode("utf-8")
 def encode_message(record: BufferedRecord) -> tuple[bytes, bytes, int]:
-    """Kafka key (the sampling key, request id by default), value, and timestamp in ms."""
+    """Kafka key (the sample key, request id by default: it orders and partitions, the worker never
+    reads it as a sample key), value, and timestamp in ms."""
     second, micros = split_epoch(record.sent_at)
     return record.key.encode("utf-8"), encode_value(record), second * 1000 + micros // 1000

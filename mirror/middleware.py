@@ -60,7 +60,11 @@ class MirrorMiddleware:
         None to skip mirroring that request.
     attributes: function returning slice keys, e.g. ``{"country": ex.headers["x-country"]}``.
     request_id: function; default the ``x-request-id`` header, else a random UUID.
-    sample_key: function, e.g. the user id, so one user is always in or always out.
+    sample_key: function returning the request's sample key (a user, session or device id), e.g.
+        ``lambda ex: ex.headers.get("x-user-id")``: written into the record's ``sample_key`` (the
+        judge's cluster key) and used for sampling and as the Kafka key,
+        so one user is always in or always out; None or "" for a request without one (then the
+        request id is the sampling key and the record has no sample key).
     latency_ms: function; default the time the app took to answer (entry to last byte).
     paths: mirror only these path prefixes (default all); methods: only these (default POST);
     statuses: only these response statuses (default 2xx: errors are not model outputs).
@@ -133,7 +137,10 @@ class MirrorMiddleware:
                 return
             exchange = capture.exchange(scope)
             model, request_id = self._model(exchange), self._request_id(exchange)
-            key = self._sample_key(exchange) if self._sample_key else request_id
+            sample_key = self._sample_key(exchange) if self._sample_key else None
+            if sample_key == "":  # none for this request (a header that is not there); publish checks the rest
+                sample_key = None
+            key = request_id if sample_key is None else sample_key
             if not self._core.sampler.keep(model, str(key)):  # skip the extract functions' cost
                 self._core.count("sampled_out")
                 return
@@ -143,7 +150,7 @@ class MirrorMiddleware:
             attributes = self._attributes(exchange) if self._attributes else None
             latency = self._latency_ms(exchange) if self._latency_ms else exchange.latency_ms
             self.client.publish(request_id, model, self._version(exchange), inputs, outputs, latency,
-                                attributes, sample_key=None if self._sample_key is None else key)
+                                attributes, sample_key=sample_key)
         except MirrorError as exc:  # strict mode: publish counted it; the response is already sent
             self._core.log.warning("mw_invalid", "mirror middleware: bad call for %s: %s", scope.get("path"), exc)
         except Exception as exc:  # the user's extract functions

@@ -174,6 +174,24 @@ def check_attributes(attributes: Any) -> None:
                               "attributes are slice values (e.g. a country), not payloads")
 
 
+def check_sample_key(sample_key: Any) -> str | None:
+    """The record's ``sample_key``: ``None`` (or "") means none; anything else is ``str()``-ed and
+    must fit the schema's 1..``MAX_REQUEST_ID_CHARS`` characters (the worker would refuse it)."""
+    if sample_key is None:
+        return None
+    if type(sample_key) is not str:
+        if isinstance(sample_key, bool):
+            raise MirrorError("sample_key", f"{sample_key!r} is not a key",
+                              "pass the user / session / device id as a str, or None")
+        sample_key = str(sample_key)
+    if not sample_key:
+        return None
+    if len(sample_key) > MAX_REQUEST_ID_CHARS:
+        raise MirrorError("sample_key", f"has {len(sample_key)} characters, over the limit of {MAX_REQUEST_ID_CHARS}",
+                          "pass a user / session / device id (hash a longer one)")
+    return sample_key
+
+
 def check_scalars(request_id: Any, model: Any, version: Any, latency_ms: Any, label: Any) -> float:
     """The schema's limits on the plain fields; returns the latency as a float."""
     if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS:

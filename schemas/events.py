@@ -95,9 +95,10 @@ class MirroredRequest(BaseModel):
     and ``baseline_version`` 1..``MAX_NAME_CHARS``; ``inputs`` and ``baseline_output`` 1..``MAX_TENSORS``
     tensors each, names up to ``MAX_TENSOR_NAME_CHARS``; ``attributes`` up to ``MAX_ATTRIBUTES``
     entries, keys up to ``MAX_ATTRIBUTE_KEY_CHARS``, values up to ``MAX_ATTRIBUTE_VALUE_CHARS``;
-    ``label`` must fit a float64. What the worker further needs to *score* a valid request
-    (non-empty tensors, finite inputs) is ``schemas.decode.check_scorable``; read messages with
-    ``schemas.decode_request``, which applies both and never raises.
+    ``sample_key`` (optional) 1..``MAX_REQUEST_ID_CHARS``; ``label`` must fit a float64. What the
+    worker further needs to *score* a valid request (non-empty tensors, finite inputs) is
+    ``schemas.decode.check_scorable``; read messages with ``schemas.decode_request``, which applies
+    both and never raises.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -111,6 +112,11 @@ class MirroredRequest(BaseModel):
     baseline_output: dict[str, Tensor] = Field(min_length=1, description="production outputs by name")
     baseline_latency_ms: float = Field(ge=0, description="production model latency in milliseconds")
     attributes: dict[str, str] = Field(default_factory=dict, description="slice keys, e.g. country")
+    sample_key: str | None = Field(
+        default=None, min_length=1, max_length=MAX_REQUEST_ID_CHARS,
+        description="what makes requests dependent (a user, a session, a device): the judge treats requests sharing "
+                    "a sample key within cluster_gap_s as one cluster; never the Kafka key, which only orders and "
+                    "partitions")
     label: int | float | None = Field(default=None, description="ground truth, when known")
 
     _sent_at_utc = field_validator("sent_at")(_utc)

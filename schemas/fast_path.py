@@ -77,6 +77,8 @@ class PlainTensor(msgspec.Struct, forbid_unknown_fields=True, gc=False):
         return t
 
 
+# MirroredRequest.sample_key's limits (schemas.events): refused alike by both paths.
+_SampleKey = Annotated[str, Meta(min_length=1, max_length=MAX_REQUEST_ID_CHARS)]
 _TensorMap = Annotated[
     dict[Annotated[str, Meta(max_length=MAX_TENSOR_NAME_CHARS)], PlainTensor], Meta(min_length=1, max_length=MAX_TENSORS)
 ]
@@ -100,6 +102,7 @@ class PlainRequest(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     baseline_latency_ms: Annotated[float, Meta(ge=0)]
     schema_version: Literal[1] | msgspec.UnsetType = msgspec.UNSET
     attributes: _Attributes | msgspec.UnsetType = msgspec.UNSET
+    sample_key: _SampleKey | None | msgspec.UnsetType = msgspec.UNSET  # None once checked, when absent
     label: int | float | None | msgspec.UnsetType = msgspec.UNSET
     sent_ms: int | msgspec.UnsetType = msgspec.UNSET
     absent: tuple[str, ...] | msgspec.UnsetType = msgspec.UNSET  # optional fields the message left out
@@ -111,9 +114,10 @@ class PlainRequest(msgspec.Struct, forbid_unknown_fields=True, gc=False):
             "baseline_version": self.baseline_version, "sent_at": datetime.fromisoformat(self.sent_at).astimezone(UTC),
             "inputs": {n: t.to_tensor() for n, t in self.inputs.items()},
             "baseline_output": {n: t.to_tensor() for n, t in self.baseline_output.items()},
-            "baseline_latency_ms": self.baseline_latency_ms, "attributes": self.attributes, "label": self.label,
+            "baseline_latency_ms": self.baseline_latency_ms, "attributes": self.attributes,
+            "sample_key": self.sample_key, "label": self.label,
         }  # fmt: skip
-        given = _REQUIRED | {"attributes", "label"}.difference(self.absent)
+        given = _REQUIRED | {"attributes", "sample_key", "label"}.difference(self.absent)
         return _bare(MirroredRequest, fields, given | ({"schema_version"} if self.schema_version is not msgspec.UNSET else set()))
 
 
@@ -153,6 +157,8 @@ def _checked(req: PlainRequest) -> PlainRequest:
     req.absent = ()
     if req.attributes is msgspec.UNSET:  # the replay stage reads the defaults; to_request knows they were absent
         req.attributes, req.absent = {}, ("attributes",)
+    if req.sample_key is msgspec.UNSET:  # no sample key: the replay stage's sample_hash is 0
+        req.sample_key, req.absent = None, (*req.absent, "sample_key")
     if req.label is msgspec.UNSET:
         req.label, req.absent = None, (*req.absent, "label")
     elif type(req.label) is int:

@@ -3,13 +3,19 @@
 A producer that is not the Python mirror SDK (Go, Java, Node services) publishes, per request, one
 Kafka record to the mirror topic (default ``shadowlens.mirror``):
 
-* **key**: the request's ``sample_key`` (e.g. the user id) when there is one, else its
-  ``request_id`` (UTF-8). Records of one key stay in order on one partition, and the judge counts
-  requests that share a sample key as one piece of independent evidence.
+* **key**: anything (UTF-8); the request's ``request_id``, or its ``sample_key`` to keep a user's
+  records in order on one partition, or the model's name. The Kafka key only orders and partitions:
+  the worker never reads it as a sample key, so a key shared by most traffic changes nothing.
 * **value**: UTF-8 JSON matching ``mirrored_request.v1.schema.json`` (generated from
   ``schemas.events.MirroredRequest``; a test keeps the checked-in file equal to the model).
   Tensors are ``{"dtype", "shape", "data"}`` with ``data`` the base64 of the little-endian bytes
   in C order (nested JSON lists of numbers are accepted too, for hand-written events).
+* **sample_key** (optional field of the value, 1..``MAX_REQUEST_ID_CHARS`` characters): what makes
+  requests dependent (a user, a session, a device). The judge treats requests sharing a sample key
+  within the policy's ``cluster_gap_s`` as one cluster, one piece of independent evidence (unless
+  the policy names a ``cluster_key_attribute``, which comes first); without one, the repeats of one
+  input within the gap are a cluster. Leave it out (or null) when there is none: "" is refused (a
+  dead letter), and one constant for all traffic only makes clusters of ``cluster_cap`` requests.
 * **headers**: none needed. Compression: any the broker accepts (lz4 / zstd recommended).
 
 Anything that fails validation is not lost: it becomes a dead letter naming the field and the fix.

@@ -100,7 +100,7 @@ def test_100k_records_consumed_intact_and_in_per_key_order(kafka_bootstrap):
     for message in messages:
         request = MirroredRequest.model_validate_json(message.value)
         seq = int(request.attributes["seq"])
-        assert message.key == f"user-{seq % users}".encode()
+        assert message.key == f"user-{seq % users}".encode() and request.sample_key == f"user-{seq % users}"
         assert request.request_id == f"req-{seq}" and request.baseline_latency_ms == 0.5 + seq % 7
         assert request.inputs["x"].to_array().tolist() == [[seq] * 8]
         np.testing.assert_array_equal(request.baseline_output["probs"].to_array(), probs)

@@ -55,7 +55,7 @@ TENSOR_ODD = [_tensor(), _tensor(dtype="float"), _tensor(dtype="int64"), _tensor
                           "AAAAAA==\n", "-_-_AA==", "")),
               {"dtype": "float32", "shape": [], "data": "AACAPw=="}, {"dtype": "float32", "shape": [1], "data": 1.0}]  # fmt: skip
 FIELDS = ["schema_version", "request_id", "model", "baseline_version", "sent_at", "inputs", "baseline_output",
-          "baseline_latency_ms", "attributes", "label", "unknown_field", "sent_ms", "absent"]  # fmt: skip
+          "baseline_latency_ms", "attributes", "sample_key", "label", "unknown_field", "sent_ms", "absent"]  # fmt: skip
 # (the last two: the fast path's own struct fields, never read from a message)
 
 
