@@ -13,6 +13,10 @@ keep-alive connections for as long as the worker drains. Reported:
 ``--analyst``: every run is polled, and in alternate runs an analyst keeps a long query running
 through ``POST /v1/query`` for the whole drain (each one ends at the 10 s cap). Reported side by
 side: drain rate and verdict p99 with and without the analyst (issue: reads never touch the writer).
+A third arm runs the same query, with the same caps, on a chDB session of its own in another process
+(``--cpu-control``): the CPU the analyst burns, without shadowlens. When the worker drains as fast
+beside the analyst as beside that control, what the analyst costs ingestion is the box's CPU, not a
+lock, a session or a queue it shares with the writer.
 
 Usage: KAFKA_BOOTSTRAP=127.0.0.1:19092 python bench/bench_api.py [--requests 60000] [--runs 3]
        [--rate 1000] [--connections 16] [--analyst]
@@ -44,6 +48,20 @@ from streams.models import build_digits_models  # noqa: E402
 TOKEN = "bench-token-0123456789abcdef"
 # About 30 s of CPU on one core: each one runs until the analyst session's 10 s cap ends it.
 LONG_QUERY = "SELECT count() FROM numbers(100000000) WHERE NOT ignore(arraySum(range(number % 3000)))"
+
+
+def cpu_control_main(stop_file: str) -> None:
+    """The analyst's query on its own chDB session, with the analyst session's caps, until told to stop."""
+    from chdb import session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        s = session.Session(str(Path(tmp) / "control"))
+        s.query("SET max_execution_time = 10, max_threads = 1, os_thread_priority = 19")
+        while not Path(stop_file).exists():
+            try:
+                s.query(LONG_QUERY)
+            except Exception:  # noqa: BLE001 - the 10 s cap ends each one, as it does the analyst's
+                pass
 
 
 def _analyst(port: int, stop: threading.Event, answers: list) -> None:
@@ -100,7 +118,7 @@ def poller_main(port: int, path: str, rate: float, connections: int, stop_file: 
 
 # -- the benchmark ------------------------------------------------------------------------------------
 def run_once(broker, models, messages, work: Path, i: int, poll: bool, rate: float, connections: int,
-             analyst: bool = False) -> dict:  # fmt: skip
+             analyst: bool = False, control: bool = False) -> dict:  # fmt: skip
     topic = f"bench-api-{uuid.uuid4().hex[:8]}"
     create_topic(broker, topic, MIRROR_PARTITIONS)
     produce(broker, topic, messages)
@@ -121,10 +139,14 @@ def run_once(broker, models, messages, work: Path, i: int, poll: bool, rate: flo
                                        str(rate), str(connections), str(stop_file), str(out)])  # fmt: skip
         if analyst:
             threading.Thread(target=_analyst, args=(port, stop_analyst, answers), daemon=True).start()
+        if control:
+            burner = subprocess.Popen([sys.executable, __file__, "--cpu-control", str(stop_file)])
         rate_rps, _ = drain_rate(broker, topic, f"worker-{topic}", [worker], "api bench", poll_s=1.0)
     finally:
         stop_analyst.set()
         stop_file.touch()
+        if control:
+            burner.wait(timeout=60)
         if poller is not None:
             poller.wait(timeout=60)
         worker.stop()
@@ -145,7 +167,11 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--analyst", action="store_true", help="polled runs with and without a long analyst query")
     parser.add_argument("--poller", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--cpu-control", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cpu_control:
+        cpu_control_main(args.cpu_control)
+        return
     if args.poller:
         port, path, rate, conns, stop_file, out = args.poller
         poller_main(int(port), path, float(rate), int(conns), stop_file, out)
@@ -176,19 +202,25 @@ def main() -> None:
 
 
 def analyst_series(broker, models, messages, work: Path, args) -> None:
-    alone, beside = [], []
+    alone, beside, control = [], [], []
     for i in range(args.runs):
-        alone.append(run_once(broker, models, messages, work, 2 * i, True, args.rate, args.connections))
-        beside.append(run_once(broker, models, messages, work, 2 * i + 1, True, args.rate, args.connections, True))
-        a, b = alone[-1], beside[-1]
+        alone.append(run_once(broker, models, messages, work, 3 * i, True, args.rate, args.connections))
+        beside.append(run_once(broker, models, messages, work, 3 * i + 1, True, args.rate, args.connections, True))
+        control.append(run_once(broker, models, messages, work, 3 * i + 2, True, args.rate, args.connections,
+                                control=True))  # fmt: skip
+        a, b, c = alone[-1], beside[-1], control[-1]
         queries = ", ".join(f"{code} after {secs:.1f} s" for code, secs in b["analyst_queries"])
         print(f"  run {i + 1}: worker {a['drain_rps']:,.0f} req/s alone, {b['drain_rps']:,.0f} beside the analyst "
-              f"({b['drain_rps'] / a['drain_rps']:.0%}); verdicts p99 {a['p99']:.2f} ms alone, {b['p99']:.2f} ms "
-              f"beside; analyst queries: {queries}")  # fmt: skip
+              f"({b['drain_rps'] / a['drain_rps']:.0%}), {c['drain_rps']:,.0f} beside the CPU control "
+              f"({c['drain_rps'] / a['drain_rps']:.0%}); verdicts p99 {a['p99']:.2f} ms alone, {b['p99']:.2f} ms "
+              f"beside the analyst, {c['p99']:.2f} ms beside the control; analyst queries: {queries}")  # fmt: skip
     med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
-    print(f"median: worker {med(alone, 'drain_rps'):,.0f} -> {med(beside, 'drain_rps'):,.0f} req/s beside a long "
-          f"analyst query ({med(beside, 'drain_rps') / med(alone, 'drain_rps'):.0%}); verdicts p99 "
-          f"{med(alone, 'p99'):.2f} -> {med(beside, 'p99'):.2f} ms")  # fmt: skip
+    print(f"median: worker {med(alone, 'drain_rps'):,.0f} req/s alone, {med(beside, 'drain_rps'):,.0f} beside a long "
+          f"analyst query ({med(beside, 'drain_rps') / med(alone, 'drain_rps'):.0%}), {med(control, 'drain_rps'):,.0f} "
+          f"beside the same query in another process ({med(control, 'drain_rps') / med(alone, 'drain_rps'):.0%}); "
+          f"analyst / control {med(beside, 'drain_rps') / med(control, 'drain_rps'):.0%}; verdicts p99 "
+          f"{med(alone, 'p99'):.2f} alone, {med(beside, 'p99'):.2f} beside the analyst, {med(control, 'p99'):.2f} ms "
+          f"beside the control")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ ReplayStage (any number of processes, one consumer group on the mirror topic):
     getmany -> ReplayCore.replay -> diff batches to the diffs topic (key = pair) and dead letters
     to the dead-letter topic, all acknowledged -> commit the mirror offsets -> every
     ``progress_interval_s``, a Progress record to every diffs partition.
+    Two micro-batches overlap: batch k+1 is replayed (on the core's own thread) while batch k's
+    transaction is sent and committed (on the event loop). Transactions still begin and end in
+    order, one at a time, and a progress report waits for the transaction before it, so what a
+    reader sees and what a crash leaves are as without the overlap.
 
 JudgeStage (one consumer group on the diffs topic; a pair lives on one partition, so on one judge):
     on assignment, restore the pairs' state from the changelog partitions of the same numbers ->
@@ -17,9 +21,11 @@ and the uncommitted offsets guarantee that a crash meanwhile loses nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from aiokafka import TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -31,7 +37,7 @@ from streams.config import Settings
 from streams.judge import JudgeCore
 from streams.kafka_io import TYPE_DIFFS, TYPE_PROGRESS, Health, until_done
 from streams.records import TYPE_HEADER, DiffBatch, PartitionProgress, Progress
-from streams.replay import Inbound, ReplayCore
+from streams.replay import Inbound, ReplayCore, ReplayOutput
 from streams.windows import SourceView
 
 log = logging.getLogger("shadowlens.stages")
@@ -63,6 +69,12 @@ class ReplayStage:
         diffs_partitions = list(range(self.partitions[k.diffs_topic]))
         mirror_partitions = self.partitions[k.topic]
         last_report = 0.0
+        # The core runs on one thread of its own, so it is only ever used by one thread at a time;
+        # the event loop meanwhile sends the previous batch's transaction (candidates' calls and
+        # numpy release the GIL; the loop's I/O needs little of it).
+        core_thread = ThreadPoolExecutor(1, thread_name_prefix="replay-core")
+        loop = asyncio.get_running_loop()
+        sending: asyncio.Task | None = None  # the previous batch's transaction
         try:
             # Inside the try: a worker stopped while the consumer starts still closes it.
             await until_done(KAFKA, self.health, consumer.start)
@@ -73,25 +85,35 @@ class ReplayStage:
                 messages = [Inbound(m.value, tp.partition, m.offset, tp.topic, m.key)
                             for tp, msgs in fetched.items() for m in msgs]  # fmt: skip
                 if messages:
-                    await self._hand_over(consumer, producer, messages)
+                    started = time.perf_counter()
+                    out = await loop.run_in_executor(core_thread, self.core.replay, messages)
+                    self.last_message_wall = time.time()
+                    if self.metrics is not None:
+                        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+                    if sending is not None:  # one transaction at a time, in order
+                        await sending
+                    sending = asyncio.create_task(self._hand_over(consumer, producer, messages, out))
                 if time.monotonic() - last_report >= k.progress_interval_s:
+                    if sending is not None:  # a report covers only what was acknowledged before it
+                        await sending
+                        sending = None
                     await self._report(consumer, producer, diffs_partitions, mirror_partitions)
                     last_report = time.monotonic()
-                    self.core.letter_log.flush()  # a summary is due even when no message arrives
+                    # A summary is due even when no message arrives; on the core's thread, as the log is the core's.
+                    await loop.run_in_executor(core_thread, self.core.letter_log.flush)
         finally:
             try:
+                if sending is not None and not sending.done():
+                    sending.cancel()  # stopped mid-transaction: unacknowledged, uncommitted, redelivered
+                    await asyncio.gather(sending, return_exceptions=True)
                 await consumer.stop()  # leaves the group; commits nothing (auto-commit is off)
             finally:
+                core_thread.shutdown(wait=False, cancel_futures=True)
                 await producer.stop()
 
-    async def _hand_over(self, consumer, producer, messages: list[Inbound]) -> None:
+    async def _hand_over(self, consumer, producer, messages: list[Inbound], out: ReplayOutput) -> None:
+        """One replayed micro-batch's transaction: its diffs, dead letters and mirror offsets."""
         k = self.settings.kafka
-        started = time.perf_counter()
-        out = self.core.replay(messages)
-        self.last_message_wall = time.time()
-        if self.metrics is not None:
-            self.metrics.batch_seconds.observe(time.perf_counter() - started)
-
         records = [dict(topic=k.diffs_topic, key=b.key, value=b.encode(), headers=[(TYPE_HEADER, TYPE_DIFFS)])
                    for b in out.batches]  # fmt: skip
         for letter in out.dead_letters:
