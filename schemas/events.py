@@ -173,6 +173,7 @@ class RequestDiff(BaseModel):
     label: float | None = None
     attributes: dict[str, str] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)  # further per-row diffs (linf, hellinger, ...)
+    kind: str = "classification"  # the candidate's output kind (scorers.kinds); ``metrics`` holds its own metrics
     source_partition: int = -1  # Kafka position of the mirrored message (-1: not from Kafka)
     source_offset: int = -1
 
@@ -226,6 +227,10 @@ class WindowSummary(BaseModel):
     divergence: dict[str, float] = Field(
         default_factory=dict, description="distribution statistics of the window (reported, not gating)"
     )
+    kind: str = Field(default="classification", description="the candidate's output kind (scorers.kinds)")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="the window's mean of each of the output kind's own metrics (not gating)"
+    )
     updated_at: datetime
 
     _utc = field_validator("window_start", "window_end", "updated_at")(_utc)
@@ -267,6 +272,10 @@ class Verdict(BaseModel):
     cast: dict[str, int] = Field(
         default_factory=dict, description="requests whose inputs the candidate's cast policy converted, by "
         "'input from->to' (e.g. 'pixels float64->float32'): the producer's dtype, scored after the cast",
+    )  # fmt: skip
+    kind: str = Field(
+        default="classification", description="the candidate's output kind (scorers.kinds): what label_flip_rate "
+        "(its disagreement rate) and abs_confidence_delta (its mean severity) measure; the reasons say it",
     )  # fmt: skip
 
     _utc = field_validator("window_start", "window_end", "updated_at")(_utc)

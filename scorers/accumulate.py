@@ -20,6 +20,11 @@ each model in ``CONFIDENCE_BINS`` = 50 fixed bins of [0, 1] with fixed-point mom
 pairs count in its ``overflow``); see ``scorers.histograms`` and, for what is exact and what approximate,
 ``scorers.divergence``. Serialised state from before these tables (no ``confidence`` / ``label_pairs``
 keys) loads with them empty.
+
+An output kind's own per-request metrics (scorers/kinds: regression's ``abs_error``, ranking's
+``overlap_at_k`` ...) are summed per name (``metrics`` of ``update``; scorers/metric_sums.py):
+``metric_means()`` is the span's mean of each. State without them (no ``metric_sums`` key, as for
+classification) loads with none.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from scorers import divergence as dv
 from scorers.clusters import MAX_SLICE_ATTRIBUTES, MAX_SLICE_VALUES, OTHER, Closed, ClusterStats, capped_slot, singletons
 from scorers.diffs import ClassificationDiffs
 from scorers.histograms import ConfidenceHistogram, LabelPairTable
+from scorers.metric_sums import MetricSums
 from scorers.sketch import LatencySketch
 
 TOP_EXAMPLES = 10
@@ -116,19 +122,21 @@ class PairAccumulator:
         # Event-time span covered (sent_at, ms): the judge's minimum observation span.
         self.first_sent_ms: int | None = None
         self.last_sent_ms: int | None = None
+        self.metric_sums = MetricSums()  # the output kind's own metrics (scorers.kinds), scored rows
 
     # -- updating -------------------------------------------------------------------------
     def update(self, diffs: ClassificationDiffs, *, baseline_latency_ms, candidate_latency_ms,
                request_ids: Sequence[str], attributes: Sequence[dict[str, str]] | None = None,
                labels=None, baseline_confidence=None, candidate_confidence=None, evidence=None,
-               sent_ms=None, clustered: bool = False) -> None:
+               sent_ms=None, clustered: bool = False, metrics=None) -> None:
         """``baseline_confidence`` / ``candidate_confidence``: each model's top-class probability per row
         (1-D, same length as ``diffs``); rows that are not scored (``diffs.ok`` False) are left out.
         ``evidence``: boolean per row, True when the row is independent evidence (the first of its
         input and sample key, ``scorers.evidence.SeenFilter``); None: every row is. ``sent_ms``: the
         rows' event times, for the observed span. ``clustered``: the caller tracks clusters
         (``scorers.clusters.ClusterTracker``) and adds them when they close (``add_clusters``); else
-        every row is a closed cluster of its own (independent requests)."""
+        every row is a closed cluster of its own (independent requests). ``metrics``: the output
+        kind's own per-row metrics, name -> (n,) floats (``metric_means``)."""
         n = len(diffs)
         if len(request_ids) != n:
             raise ValueError(f"{len(request_ids)} request ids for {n} diffs")
@@ -173,6 +181,12 @@ class PairAccumulator:
         self._update_examples(_example_score(diffs), request_ids, diffs.error)
         if not clustered:
             self.clusters.add(singletons(ok, diffs.label_flip, diffs.confidence_delta, attributes))
+        if metrics:
+            self.metric_sums.update(metrics, ok)
+
+    def metric_means(self) -> dict[str, float]:
+        """The mean of each of the output kind's own metrics over the span's scored rows."""
+        return self.metric_sums.means()
 
     def add_clusters(self, closed: Closed) -> None:
         """Closed clusters join the judged statistics (their requests were counted by ``update``)."""
@@ -309,6 +323,7 @@ class PairAccumulator:
             self.evidence[k] += other.evidence[k]
         self.clusters.merge(other.clusters)
         self._span(other.first_sent_ms, other.last_sent_ms)
+        self.metric_sums.merge(other.metric_sums)
 
     def copy(self) -> PairAccumulator:
         return PairAccumulator.from_dict(self.to_dict())
@@ -377,7 +392,7 @@ class PairAccumulator:
 
     # -- serialising ----------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
+        out = {
             "v": 4, "requests": self.requests, "errors": self.errors, "scored": self.scored,
             "label_flips": self.label_flips, "sums": dict(self.sums), "error_reasons": dict(self.error_reasons),
             "baseline_label_counts": {str(k): v for k, v in self.baseline_label_counts.items()},
@@ -394,6 +409,9 @@ class PairAccumulator:
             "span": [self.first_sent_ms, self.last_sent_ms],
             "clusters": self.clusters.to_dict(),
         }
+        if self.metric_sums:  # only an output kind with metrics of its own has them
+            out["metric_sums"] = self.metric_sums.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> PairAccumulator:
@@ -419,6 +437,7 @@ class PairAccumulator:
             a.evidence = {"requests": a.requests, "errors": a.errors, "scored": a.scored,
                           "label_flips": a.label_flips, "abs_confidence_delta": a.sums["abs_confidence_delta"]}
         a.first_sent_ms, a.last_sent_ms = d.get("span", [None, None])
+        a.metric_sums = MetricSums.from_dict(d.get("metric_sums"))
         if "clusters" in d:
             a.clusters = ClusterStats.from_dict(d["clusters"])
         else:  # v3 state: it was judged on the first-seen evidence; those requests become single clusters

@@ -37,6 +37,7 @@ from pydantic import BaseModel, Field
 
 from schemas import MAX_NAME_CHARS, Verdict, WindowSummary
 from streams.board import VerdictBoard
+from streams.history import VerdictChange, read_history
 
 MAX_WINDOWS = 1000
 Name = Annotated[str, PathParam(min_length=1, max_length=MAX_NAME_CHARS)]
@@ -192,6 +193,25 @@ def create_app(
             return sink.windows(model, candidate, limit=limit)
         except Unavailable as exc:
             raise HTTPException(status_code=503, detail=str(exc)) from None
+
+    @v1.get("/verdicts/{model}/{candidate}/history", response_model=list[VerdictChange], tags=["verdicts"],
+            responses={404: {"description": "neither configured nor ever scored"}})  # fmt: skip
+    def get_history(
+        model: Name, candidate: Name, limit: int = Query(100, ge=1, le=MAX_WINDOWS, description="newest first")
+    ) -> list[VerdictChange]:
+        """Every change of the pair's verdict, newest first (its first verdict last, from null): from, to,
+        when, samples, the metric that decided and the policy hash (the ``verdict_changes`` view,
+        streams/history.py). A data read like /v1/windows: behind a token when the API has tokens."""
+        if board.verdict(model, candidate) is None:
+            raise HTTPException(status_code=404, detail=f"unknown pair {model}/{candidate}: not configured in "
+                                "[[candidates]] and never scored")  # fmt: skip
+        if sink is None:
+            raise HTTPException(status_code=503, detail="no database attached to this API")
+        try:
+            return read_history(sink, model, candidate, limit)
+        except Exception as exc:  # noqa: BLE001 - the database or the worker cannot answer now
+            line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise HTTPException(status_code=503, detail=f"verdict history unavailable: {line}") from None
 
     @v1.post("/verdicts/{model}/{candidate}/retire", response_model=Verdict, tags=["verdicts"],
              dependencies=[Depends(token_required("retiring a verdict"))],

@@ -56,7 +56,7 @@
 
    - an ``output`` the model does not have (a file onnxruntime cannot load is refused by the
      worker's start-up checks, streams/doctor.py);
-   - an ``output`` that is not a probability vector: shadowlens judges classifiers today. A
+   - an ``output`` that is not a probability vector for a classification candidate (the default kind). A
      float tensor of several values per row (probabilities, or logits with
      ``from_logits = true``) or a ZipMap output (skl2onnx's default ``output_probability``, read
      as the probabilities of the sorted classes) is one; a label tensor (int64, strings) is not,
@@ -65,6 +65,13 @@
      binary classifier's logit;
    - a model input of a type no mirrored tensor carries (strings, bfloat16, sequences);
    - an adapter ``cast`` to a dtype the model's input does not take that the policy cannot cast.
+
+**Output kinds** (``candidates.<name>.kind``, scorers/kinds): the probability-vector rules above are
+classification's. For another kind, a candidate error is an answer its kind cannot compare (NaN or
+infinity, another number of values than the baseline's, what the kind's own checks refuse);
+``baseline_invalid`` is a baseline answer with NaN or infinity or one the kind's
+``baseline_problems`` refuses (a multi-label probability outside [0, 1], an all-zero embedding);
+and rule 4 refuses only an output that is no numeric tensor (a ZipMap, string labels).
 """
 
 from __future__ import annotations
@@ -107,7 +114,19 @@ def refusal(cfg: CandidateConfig, runner: OnnxRunner) -> str | None:
         if want is not None and not np.can_cast(np.dtype(dtype), want, casting=cfg.cast):
             return (f"{where}.adapter.cast.{name}: {dtype}, but the model's input {name!r} takes {want} and "
                     f"{where}.cast = {cfg.cast!r} does not cast {dtype} to {want}; cast to {want}")
-    return output_problem(cfg, runner)
+    return output_problem(cfg, runner) if cfg.kind == "classification" else kind_output_problem(cfg, runner)
+
+
+def kind_output_problem(cfg: CandidateConfig, runner: OnnxRunner) -> str | None:
+    """Why the configured output cannot be compared as the candidate's (non-classification) kind:
+    every other kind compares numbers per request, so the output must be a numeric tensor, not a
+    ZipMap or a tensor of class labels (strings)."""
+    meta = runner.outputs[cfg.output]
+    numeric = meta.type.startswith("tensor(") and "string" not in meta.type
+    if numeric:
+        return None
+    return (f"candidates.{cfg.name}.output: {cfg.output!r} is a {meta.type} value, not numbers per request: kind "
+            f"{cfg.kind!r} compares numeric tensors; set output to the model's numeric output")
 
 
 def output_problem(cfg: CandidateConfig, runner: OnnxRunner) -> str | None:
@@ -120,18 +139,19 @@ def output_problem(cfg: CandidateConfig, runner: OnnxRunner) -> str | None:
     head = f"candidates.{cfg.name}.output: {cfg.output!r} is a {shape} {element} " + (
         "tensor" if meta.type.startswith("tensor(") else "value")
     fix = ("set output to the classifier's probabilities, e.g. skl2onnx's output_probability ('probabilities' when "
-           "exported with zipmap=False), or to its logits with from_logits = true")
+           "exported with zipmap=False), or to its logits with from_logits = true; or, for a model that is no "
+           "classifier, its kind, e.g. kind = \"regression\"")
     dtype = ONNX_DTYPES.get(meta.type)
     floats = dtype.kind == "f" if dtype is not None else meta.type.startswith("tensor(") and "float" in meta.type
     if not floats:
         what = "class labels" if (dtype is not None or "string" in meta.type) else "not numbers per class"
-        return f"{head} ({what}), not a probability vector: shadowlens judges classifiers today ({fix})"
+        return f"{head} ({what}), not a probability vector, and kind is 'classification' ({fix})"
     dims = list(meta.shape) if isinstance(meta.shape, list | tuple) else []
     if not dims:
-        return f"{head}, not a probability vector per request: shadowlens judges classifiers today ({fix})"
+        return f"{head}, not a probability vector per request, and kind is 'classification' ({fix})"
     single = len(dims) == 1 or (len(dims) == 2 and dims[-1] == 1)
     if single and not cfg.from_logits and not _fed_by_sigmoid(cfg.path, cfg.output):
-        return (f"{head}, not a probability vector: shadowlens judges classifiers today ({fix}; one value per "
+        return (f"{head}, not a probability vector, and kind is 'classification' ({fix}; one value per "
                 "request is a binary classifier's probability only when a Sigmoid computes it)")
     return None
 
@@ -226,12 +246,30 @@ def _not_held(before: np.ndarray, after: np.ndarray) -> np.ndarray:
 
 
 # -- rule 2: the baseline output ------------------------------------------------------------------
-def baseline_problems(rows: np.ndarray, name: str, from_logits: bool, skip: Mapping[int, object] | None = None,
+def baseline_check_key(cfg: CandidateConfig) -> tuple:
+    """What ``baseline_problems`` depends on besides the rows: candidates that share it share the check."""
+    return cfg.kind, cfg.from_logits, tuple(sorted((k, repr(v)) for k, v in cfg.kind_params.items()))
+
+
+def baseline_problems(rows: np.ndarray, cfg: CandidateConfig, skip: Mapping[int, object] | None = None,
                       ) -> dict[int, str]:  # fmt: skip
-    """Row -> what is wrong with baseline output ``name`` (a ``baseline_invalid`` letter's reason
-    without the fix, see ``baseline_invalid_reason``): no probability vector (no finite logits with
-    ``from_logits``). Rows in ``skip`` (already dead letters, NaN-filled) are not looked at. The
-    same for every candidate with this baseline output and ``from_logits``: computed once a group."""
+    """Row -> what is wrong with the candidate's baseline output (a ``baseline_invalid`` letter's
+    reason without the fix, see ``baseline_invalid_reason``). Classification: no probability vector
+    (no finite logits with ``from_logits``); another kind: NaN or infinity, and what the kind's own
+    ``baseline_problems`` refuses. Rows in ``skip`` (already dead letters, NaN-filled) are not
+    looked at. The same for every candidate with the same ``baseline_check_key``: once a group."""
+    if cfg.kind == "classification":
+        return _probability_problems(rows, cfg.baseline_output, cfg.from_logits, skip)
+    out = _probability_problems(rows, cfg.baseline_output, True, skip)  # True: the finiteness check only
+    where = f"baseline_output.{cfg.baseline_output}"
+    for i, text in cfg.output_kind().baseline_problems(rows).items():
+        if i not in out and i not in (skip or {}):
+            out[i] = text if text.startswith(where) else f"{where}: {text}"
+    return out
+
+
+def _probability_problems(rows: np.ndarray, name: str, from_logits: bool, skip: Mapping[int, object] | None = None,
+                          ) -> dict[int, str]:  # fmt: skip
     n = rows.shape[0]
     out: dict[int, str] = {}
     if not n or not rows.shape[1]:
@@ -268,6 +306,9 @@ def baseline_problems(rows: np.ndarray, name: str, from_logits: bool, skip: Mapp
 
 def baseline_invalid_reason(problem: str, cfg: CandidateConfig) -> str:
     """A ``baseline_invalid`` letter's reason: the problem and the fix."""
+    if cfg.kind != "classification":
+        return (f"{problem}; the producer must send the baseline's own {cfg.kind} output, or fix "
+                f"candidates.{cfg.name}.baseline_output (or its kind)")  # fmt: skip
     if cfg.from_logits:
         return (f"{problem}; the producer must send the baseline's finite logits, or fix "
                 f"candidates.{cfg.name}.baseline_output")  # fmt: skip

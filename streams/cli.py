@@ -1,4 +1,4 @@
-"""The ``shadowlens`` command: demo, worker, api, query, build-models, mirror."""
+"""The ``shadowlens`` command: demo, worker, api, query, rejudge, build-models, mirror."""
 
 from __future__ import annotations
 
@@ -33,29 +33,34 @@ def demo(
     from streams.demo import run_demo
 
     console = Console()
-    console.print(f"[bold]shadowlens demo[/]: {requests} mirrored digits requests, 3 candidates, chDB at {data_dir}")
+    console.print(f"[bold]shadowlens demo[/]: {requests} mirrored digits requests (classification) and "
+                  f"{requests // 2} diabetes requests (regression), 3 candidates each, chDB at {data_dir}")
     pipeline, figures = run_demo(data_dir, requests=requests)
     noise_refs = {c.name for c in pipeline.settings.candidates if c.noise_reference}
     verdicts = pipeline.board.verdicts()
-    # Fits 80 columns: estimate, mark, margin (">" confidently worse, "≤" confidently within, "?" not
-    # yet decided); sample counts and the first reason are printed below the table.
-    table = Table(title=f"Verdicts of model {', '.join(sorted({v.model for v in verdicts}))} (latest per candidate)",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
-    lat_name = next((m.name for v in verdicts for m in v.metrics
-                     if m.name.startswith("latency_p") and m.name.endswith("_ratio")), None)
-    lat_header = lat_name.removeprefix("latency_").replace("_", " ") if lat_name else ""
-    cols = ["candidate", "verdict", "flip rate", "|Δ conf|", *([lat_header] if lat_name else []), "errors"]
-    for col in cols:
-        table.add_column(col, no_wrap=True)
-    for v in verdicts:
-        metrics = {m.name: m for m in v.metrics}
-        name = v.candidate + (" *" if v.candidate in noise_refs else "")
-        cells = [name, _colour(v.verdict), _fmt(metrics.get("label_flip_rate")),
-                 _fmt(metrics.get("abs_confidence_delta"))]
-        if lat_name:
-            cells.append(_fmt(metrics.get(lat_name), 2))
-        table.add_row(*cells, _fmt(metrics.get("error_rate"), pct=True))
-    console.print(table)
+    kinds = {c.model: c.kind for c in pipeline.settings.candidates}
+    for model in kinds:  # one table per model (and so per output kind), in the config's order
+        # Fits 80 columns: estimate, mark, margin (">" confidently worse, "≤" confidently within, "?" not
+        # yet decided); sample counts and the first reason are printed below the tables.
+        of_model = [v for v in verdicts if v.model == model]
+        table = Table(title=f"Verdicts of model {model}, {kinds[model]} (latest per candidate)",
+                      box=box.SIMPLE_HEAD, pad_edge=False)
+        lat_name = next((m.name for v in of_model for m in v.metrics
+                         if m.name.startswith("latency_p") and m.name.endswith("_ratio")), None)
+        lat_header = lat_name.removeprefix("latency_").replace("_", " ") if lat_name else ""
+        gated = ["flip rate", "|Δ conf|"] if kinds[model] == "classification" else ["disagree", "severity"]
+        cols = ["candidate", "verdict", *gated, *([lat_header] if lat_name else []), "errors"]
+        for col in cols:
+            table.add_column(col, no_wrap=True)
+        for v in of_model:
+            metrics = {m.name: m for m in v.metrics}
+            name = v.candidate + (" *" if v.candidate in noise_refs else "")
+            cells = [name, _colour(v.verdict), _fmt(metrics.get("label_flip_rate")),
+                     _fmt(metrics.get("abs_confidence_delta"))]
+            if lat_name:
+                cells.append(_fmt(metrics.get(lat_name), 2))
+            table.add_row(*cells, _fmt(metrics.get("error_rate"), pct=True))
+        console.print(table)
     if noise_refs:
         console.print("* noise reference: the baseline replayed; its diffs are the noise floor")
     for v in verdicts:
@@ -255,6 +260,30 @@ def verdicts_retire(
 
 
 @app.command()
+def rejudge(
+    model: str = typer.Option(..., "--model", help="the pair's model"),
+    candidate: str = typer.Option(..., "--candidate", help="the pair's candidate"),
+    policy: Path = typer.Option(None, "--policy", help="TOML of JudgePolicy fields (top level or [policy]) that "
+                                "replace the pair's configured ones; default: the configured policy"),
+    config: Path = typer.Option(Path("shadowlens.toml"), "--config", "-c", help="the worker's TOML config"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON document instead of the timeline"),
+) -> None:
+    """Replay a pair's stored diff rows through the judge under another policy (no model calls) and print
+    its verdict timeline beside the recorded one. Exit 1 when the recorded policy does not reproduce the
+    recorded verdicts. With chDB, stop the worker first (it holds the data path) or use an http:// DSN."""
+    from streams.rejudge import RejudgeFailed, run
+
+    settings = _settings(config)
+    try:
+        text, code = run(settings, model, candidate, policy, as_json)
+    except RejudgeFailed as exc:
+        _fail(exc)
+    typer.echo(text)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
 def init(
     models: list[Path] = typer.Argument(..., help="ONNX files of the candidates"),
     model: str = typer.Option(..., "--model", help="the logical model name the producers send (MirroredRequest.model)"),
@@ -263,12 +292,14 @@ def init(
     force: bool = typer.Option(False, help="overwrite an existing file"),
     baseline: Path = typer.Option(None, "--baseline", help="the production model's own ONNX file: replayed as a "
                                   "noise_reference candidate (latency compared on the same hardware; noise floor)"),
+    kind: str = typer.Option("classification", "--kind", help="what the models answer: classification, regression, "
+                             "multilabel, ranking or embedding (README, Output kinds)"),
 ) -> None:
     """Write a commented starter config for these models (validated by the worker's own checks)."""
     from streams.init_config import write_starter
 
     try:
-        path = write_starter(out, models, model, baseline_output, force, baseline=baseline)
+        path = write_starter(out, models, model, baseline_output, force, baseline=baseline, kind=kind)
     except (FileExistsError, FileNotFoundError, ConfigError) as exc:
         _fail(exc)
     except Exception as exc:  # noqa: BLE001 - a file onnxruntime cannot load (a .npy) is said in one line

@@ -3,6 +3,10 @@
 Builds real ONNX models from sklearn's digits, mirrors held-out digits as production traffic
 (the baseline model really answers each request and is timed), and pushes the serialized
 messages through the replay and judge cores the Kafka worker runs (``Pipeline``), into chDB.
+
+Two output kinds are judged side by side: the digits classifiers, and regressors of sklearn's
+diabetes data (``kind = "regression"``, streams/models_regression.py) with half as many requests,
+whose disagreement is a prediction more than 10 % away from the baseline's.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from schemas import MirroredRequest, Tensor
 from streams.config import Settings, load_settings
 from streams.heap import tune_collector
 from streams.models import PIXEL_SCALE, build_digits_models, load_digits_split
+from streams.models_regression import DIABETES_INPUT, DIABETES_OUTPUT, build_diabetes_models, load_diabetes_split
 from streams.pipeline import EMBEDDED_CHUNK, Pipeline
 from streams.sink import ClickHouseSink
 
@@ -41,10 +46,14 @@ DEMO_POLICY = {
     # production's default gap is 60 s), and clusters close 2 s of event time after their last request.
     "cluster_gap_s": 2.0,
 }
+# The regression candidates disagree where a prediction is more than 10 % off the baseline's.
+DIABETES_KIND_PARAMS = {"rel_tolerance": 0.10}
 
 
-def demo_settings(data_dir: Path, models: dict[str, Path], window_s: float = 20.0) -> Settings:
-    """Settings for the digits migration: v1 baseline, v2 good and degraded candidates."""
+def demo_settings(data_dir: Path, models: dict[str, Path], window_s: float = 20.0,
+                  regressors: dict[str, Path] | None = None) -> Settings:  # fmt: skip
+    """Settings for the digits migration: v1 baseline, v2 good and degraded candidates; with
+    ``regressors`` (``build_diabetes_models``) the diabetes regression migration beside it."""
     candidates = [
         {"name": "digits-v2", "model": "digits", "path": str(models["good"]), "adapter": V1_TO_V2_ADAPTER,
          "policy": DEMO_POLICY},
@@ -54,6 +63,14 @@ def demo_settings(data_dir: Path, models: dict[str, Path], window_s: float = 20.
         {"name": "digits-v1-replay", "model": "digits", "path": str(models["baseline"]), "noise_reference": True,
          "policy": DEMO_POLICY},
     ]  # fmt: skip
+    if regressors is not None:
+        regression = {"model": "diabetes", "kind": "regression", "kind_params": DIABETES_KIND_PARAMS,
+                      "output": DIABETES_OUTPUT, "baseline_output": DIABETES_OUTPUT, "policy": DEMO_POLICY}
+        candidates += [
+            {"name": "diabetes-v2", "path": str(regressors["good"]), **regression},
+            {"name": "diabetes-v2-boosted", "path": str(regressors["boosted"]), **regression},
+            {"name": "diabetes-v1-replay", "path": str(regressors["baseline"]), "noise_reference": True, **regression},
+        ]  # fmt: skip
     return load_settings(
         overrides={
             "clickhouse": {"dsn": f"chdb:///{(data_dir / 'chdb').resolve()}"},
@@ -101,6 +118,42 @@ class TrafficGenerator:
         return out
 
 
+@dataclass
+class RegressionTraffic:
+    """Held-out diabetes measurements with small noise, answered and timed by the real baseline regressor."""
+
+    baseline_path: Path
+    seed: int = 11
+    rate_per_s: float = 25.0
+
+    def __post_init__(self):
+        self.data = load_diabetes_split()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.baseline_path), options, providers=["CPUExecutionProvider"])
+
+    def messages(self, n: int, start: datetime | None = None) -> list[bytes]:
+        rng = np.random.default_rng(self.seed)
+        start = start or datetime.now(UTC) - timedelta(seconds=n / self.rate_per_s)
+        idx = rng.integers(0, len(self.data.holdout_x), size=n)
+        x = (self.data.holdout_x[idx] + rng.normal(0, 0.005, size=(n, self.data.holdout_x.shape[1]))).astype(np.float32)
+        out = []
+        for i in range(n):
+            row = x[i : i + 1]
+            t0 = time.perf_counter()
+            y = self.session.run([DIABETES_OUTPUT], {DIABETES_INPUT: row})[0]
+            latency_ms = (time.perf_counter() - t0) * 1e3
+            event = MirroredRequest(
+                request_id=str(uuid.UUID(int=int(rng.integers(0, 2**63)) << 64 | i)), model="diabetes",
+                baseline_version="v1", sent_at=start + timedelta(seconds=i / self.rate_per_s),
+                inputs={DIABETES_INPUT: Tensor.from_array(row)}, baseline_output={DIABETES_OUTPUT: Tensor.from_array(y)},
+                baseline_latency_ms=latency_ms, label=float(self.data.holdout_y[idx[i]]),
+                attributes={"country": COUNTRIES[i % len(COUNTRIES)]},
+            )  # fmt: skip
+            out.append(event.model_dump_json().encode())
+        return out
+
+
 def run_demo(data_dir: Path, requests: int = 6000, progress: bool = True,
              tune_gc: bool = True) -> tuple[Pipeline, dict]:  # fmt: skip
     """Build models, mirror traffic, replay it; returns the pipeline and figures. ``tune_gc``:
@@ -111,9 +164,14 @@ def run_demo(data_dir: Path, requests: int = 6000, progress: bool = True,
     started = time.perf_counter()
     data_dir.mkdir(parents=True, exist_ok=True)
     models = build_digits_models(data_dir / "models")
-    settings = demo_settings(data_dir, models)
+    regressors = build_diabetes_models(data_dir / "models")
+    settings = demo_settings(data_dir, models, regressors=regressors)
     sink = ClickHouseSink(settings.clickhouse.dsn, settings.clickhouse.database, settings.clickhouse.retention_days)
-    messages = TrafficGenerator(models["baseline"]).messages(requests)
+    digits = TrafficGenerator(models["baseline"]).messages(requests)
+    # Half as many regression requests over the same event time, interleaved: two digits, one diabetes.
+    diabetes = RegressionTraffic(regressors["baseline"]).messages(requests // 2)
+    messages = [m for i, d in enumerate(digits) for m in ([d, diabetes[i // 2]] if i % 2 and i // 2 < len(diabetes)
+                                                          else [d])]  # fmt: skip
     pipeline = Pipeline(settings, sink)
     if tune_gc:
         tune_collector()  # as the worker does once its models are loaded
@@ -127,5 +185,6 @@ def run_demo(data_dir: Path, requests: int = 6000, progress: bool = True,
             pipeline.close_due()
             bar.update(len(messages[lo : lo + batch]))
     pipeline.close_due(force=True)  # end of input: close the last window and judge
-    figures = {"requests": requests, "dead_letters": dead, "wall_s": time.perf_counter() - started}
+    figures = {"requests": len(messages), "dead_letters": dead, "wall_s": time.perf_counter() - started,
+               "by_model": {"digits": len(digits), "diabetes": len(diabetes)}}
     return pipeline, figures

@@ -48,7 +48,7 @@ def run_doctor(settings: Settings, sample: int = 200, role: str = "all") -> list
     candidates: dict[str, list] = {}
     if role in ("replay", "all"):
         candidates, model_checks = load_candidates(settings)
-        checks += model_checks
+        checks += [kind_fix(cfg, c) for cfg, c in zip(settings.candidates, model_checks, strict=True)]
     checks += port_checks(settings, role)
     if role in ("judge", "all"):
         checks.append(database_check(settings))
@@ -116,6 +116,17 @@ def model_failure(cfg, exc: BaseException) -> tuple[str, str]:
     # Candidate.load's own refusal (streams.blame.CandidateRefused): one line, its fix included
     text = _first_line(exc) or type(exc).__name__
     return text, (f"set candidates.{cfg.name}.output to one of them" if "is not an output of" in text else "")
+
+
+def kind_fix(cfg, check: Check) -> Check:
+    """The doctor's row for a classification candidate refused for an output of numbers that are no
+    probabilities: it names the output kind that compares them (the worker's start-up line keeps
+    the refusal's own fix)."""
+    if (check.status == FAIL and not check.fix and cfg.kind == "classification"
+            and "not a probability vector" in check.detail and "float tensor" in check.detail):  # fmt: skip
+        check.fix = (f"if the model predicts numbers, set candidates.{cfg.name}.kind = \"regression\" (or "
+                     "multilabel, ranking, embedding: README, Output kinds)")
+    return check
 
 
 def file_problem(path, exc: BaseException) -> tuple[str, str]:

@@ -6,6 +6,11 @@ still replays every record. The records go through the real ``ReplayCore.replay`
 adapter, input checks and casts, the candidate's session, the baseline comparison); its dead
 letters (streams/blame.py says whose fault each kind is) and candidate errors are reported per
 candidate and reason, with the reason's own text and the fix.
+
+Output kinds (scorers/kinds): a classification candidate whose sampled baseline outputs are no
+probabilities (negative values, values outside [0, 1], rows not summing to 1) is most likely a
+model of another kind configured like the README's classifier: the row says so and names the
+setting (``kind = "regression"``), instead of leaving the operator to find out from a held verdict.
 """
 
 from __future__ import annotations
@@ -35,6 +40,17 @@ FIXES = {
     "replay_failed": "the model raised on these inputs: check the reason, the model's export and the adapter",
     "candidate_error": "the candidate fails on valid input (its verdict counts it in error_rate): check its export",
 }  # fmt: skip
+# Reasons (streams/blame.py, scorers/diffs.py) that say an answer is numbers but no probabilities.
+NOT_PROBABILITIES = ("negative values", "not a probability", "probabilities are negative", "probabilities sum to")
+KIND_HINT = ("baseline outputs are not probabilities: set candidates.{name}.kind = \"regression\" if the model "
+             "predicts numbers (or multilabel, ranking, embedding: README, Output kinds)")
+
+
+def kind_hint(cfg, reason: str) -> str | None:
+    """The fix for a classification candidate whose compared outputs are numbers but no probabilities."""
+    if cfg.kind == "classification" and not cfg.from_logits and any(t in reason for t in NOT_PROBABILITIES):
+        return KIND_HINT.format(name=cfg.name)
+    return None
 
 
 # -- Kafka: topics and a sample of the traffic ---------------------------------------------------
@@ -166,15 +182,16 @@ def sample_checks(settings: Settings, candidates: dict, messages: list, partitio
             if model == cfg.model and name == cfg.name:
                 failed += len(found)
                 fix = FIXES.get(kind, "see the reason; the producer's record or candidates.{name} is at fault")
+                fix = (kind == "baseline_invalid" and kind_hint(cfg, found[0].reason)) or fix.format(**fix_args)
                 checks.append(Check(what, FAIL, f"{len(found)} of {seen} records dead-lettered as {kind}: "
-                                    f"{_clip(found[0].reason, 400)}", fix.format(**fix_args)))  # fmt: skip
+                                    f"{_clip(found[0].reason, 400)}", fix))  # fmt: skip
         raised = errors.get((cfg.model, cfg.name), [])
         if raised:  # candidate errors: what the model does wrong on valid input (streams/blame.py, rule 1)
             failed += len(raised)
             checks.append(Check(what, FAIL, f"the model failed on {len(raised)} of {seen} records: "
-                                f"{_clip(raised[0], 240)}", FIXES["candidate_error"]))  # fmt: skip
+                                f"{_clip(raised[0], 240)}", kind_hint(cfg, raised[0]) or FIXES["candidate_error"]))
         if not failed:  # records refused for every candidate (NaN inputs) are in the rows above
             scored = rows.get((cfg.model, cfg.name), 0)
             checks.append(Check(what, OK, f"{scored} of {seen} records scored: inputs fit, output {cfg.output!r} "
-                                          f"compares with baseline_output[{cfg.baseline_output!r}]"))  # fmt: skip
+                                          f"compares with baseline_output[{cfg.baseline_output!r}] as {cfg.kind}"))
     return checks

@@ -3,6 +3,9 @@
 The candidates' outputs and inputs are read from the model files (onnxruntime), paths are written
 relative to the config file (that is how the worker reads them), and the result is loaded once
 with the worker's own validation before it is written, so what ``init`` writes always starts.
+
+``--kind`` (scorers/kinds) says what the candidates answer: the config names it and lists the
+kind's parameters with their defaults, commented out, beside what its disagreement means.
 """
 
 from __future__ import annotations
@@ -10,9 +13,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from streams.config import KafkaConfig, load_settings
+from streams.config import ConfigError, KafkaConfig, load_settings
 
 PREFERRED_OUTPUTS = ("probabilities", "probs", "output_probability", "softmax", "logits")
+# What other kinds' outputs are usually called (skl2onnx names a regressor's output "variable").
+PREFERRED_BY_KIND = {
+    "regression": ("variable", "predictions", "prediction", "output"),
+    "multilabel": ("probabilities", "probs", "sigmoid", "logits"),
+    "ranking": ("scores", "score", "variable", "logits"),
+    "embedding": ("embedding", "embeddings", "variable", "output"),
+}
 
 
 def describe_model(path: Path) -> tuple[list[str], list[str]]:
@@ -25,8 +35,26 @@ def describe_model(path: Path) -> tuple[list[str], list[str]]:
     return outputs, inputs
 
 
-def pick_output(outputs: list[str]) -> str:
-    return next((o for p in PREFERRED_OUTPUTS for o in outputs if o == p), outputs[-1])
+def pick_output(outputs: list[str], kind: str = "classification") -> str:
+    preferred = PREFERRED_BY_KIND.get(kind, PREFERRED_OUTPUTS)
+    return next((o for p in preferred for o in outputs if o == p), outputs[-1])
+
+
+def kind_lines(kind: str) -> list[str]:
+    """The candidate's ``kind`` line and its parameters with their defaults, commented out."""
+    import dataclasses
+
+    from scorers.judge import toml_value
+    from scorers.kinds import KIND_NAMES, KINDS
+
+    cls = KINDS[kind]
+    params = ", ".join(f"{f.name} = {toml_value(f.default)}" for f in dataclasses.fields(cls))
+    if kind == "classification":
+        return [f'# kind = "classification"   # what the model answers: {", ".join(KIND_NAMES)} (README, Output kinds)']
+    return [
+        f'kind = "{kind}"                # what the model answers (README, Output kinds)',
+        f"# kind_params = {{ {params} }}   # the defaults; disagreement: {cls.disagree_doc}",
+    ]
 
 
 def policy_block() -> list[str]:
@@ -44,9 +72,10 @@ def policy_block() -> list[str]:
     return lines
 
 
-def _candidate_lines(out: Path, path: Path, name: str, model_name: str, baseline_output: str | None) -> list[str]:
+def _candidate_lines(out: Path, path: Path, name: str, model_name: str, baseline_output: str | None,
+                     kind: str = "classification") -> list[str]:  # fmt: skip
     outputs, inputs = describe_model(path)
-    output = pick_output(outputs)
+    output = pick_output(outputs, kind)
     rel = os.path.relpath(path.resolve(), out.resolve().parent)
     return [
         "[[candidates]]",
@@ -57,11 +86,12 @@ def _candidate_lines(out: Path, path: Path, name: str, model_name: str, baseline
         f'baseline_output = "{baseline_output or output}"   # the MirroredRequest.baseline_output entry to compare with',
         f"# inputs of this file: {'; '.join(inputs)}",
         "# adapter = { rename = { pixels = \"image\" }, cast = { image = \"float32\" } }  # if production's inputs differ",
+        *kind_lines(kind),
     ]
 
 
 def starter_config(out: Path, models: list[Path], model_name: str, baseline_output: str | None,
-                   baseline: Path | None = None) -> str:
+                   baseline: Path | None = None, kind: str = "classification") -> str:
     """The config text. ``baseline``: the production model's own file, replayed as a
     ``noise_reference`` candidate (latency on the same hardware, and the noise floor)."""
     k = KafkaConfig()
@@ -92,7 +122,7 @@ def starter_config(out: Path, models: list[Path], model_name: str, baseline_outp
         "",
     ]
     for i, path in enumerate(models):
-        lines += _candidate_lines(out, path, path.stem, model_name, baseline_output)
+        lines += _candidate_lines(out, path, path.stem, model_name, baseline_output, kind)
         if i == 0:
             lines += policy_block()
         else:
@@ -117,7 +147,7 @@ def starter_config(out: Path, models: list[Path], model_name: str, baseline_outp
             "# - noise floor: its diffs against production's answers (numeric noise of the runtime, provider,",
             "#   threads) are subtracted from the candidates' flip and confidence rates.",
             "# Its own verdict is not a decision about anything.",
-            *_candidate_lines(out, baseline, name, model_name, baseline_output),
+            *_candidate_lines(out, baseline, name, model_name, baseline_output, kind),
             "noise_reference = true",
             "",
         ]
@@ -125,10 +155,15 @@ def starter_config(out: Path, models: list[Path], model_name: str, baseline_outp
 
 
 def write_starter(out: Path, models: list[Path], model_name: str, baseline_output: str | None, force: bool,
-                  baseline: Path | None = None) -> Path:
+                  baseline: Path | None = None, kind: str = "classification") -> Path:
     """Write the starter config. ``baseline`` (``shadowlens init ... --baseline PROD.onnx``): the
     production model's file, added as the replayed baseline (``noise_reference = true``); a model
-    given both as a candidate and as the baseline is the baseline only."""
+    given both as a candidate and as the baseline is the baseline only. ``kind``: what the models
+    answer (scorers.kinds); an unknown one is a ConfigError naming the kinds."""
+    from scorers.kinds import KIND_NAMES
+
+    if kind not in KIND_NAMES:
+        raise ConfigError(f"--kind: {kind!r} is not an output kind; use one of {', '.join(KIND_NAMES)}")
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it, or --out another path")
     for m in [*models, *([baseline] if baseline is not None else [])]:
@@ -138,7 +173,7 @@ def write_starter(out: Path, models: list[Path], model_name: str, baseline_outpu
         models = [m for m in models if m.resolve() != baseline.resolve()]
         if not models:
             raise FileNotFoundError(f"{baseline} is the baseline; pass the ONNX files of the candidates too")
-    text = starter_config(out, models, model_name, baseline_output, baseline)
+    text = starter_config(out, models, model_name, baseline_output, baseline, kind)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(text)
     try:

@@ -31,11 +31,12 @@ import numpy as np
 
 from schemas import Verdict, WindowStats
 from scorers.accumulate import PairAccumulator
-from scorers.diffs import ClassificationDiffs
 from scorers.clusters import request_keys, tracker_for
 from scorers.judge import JudgeMemory, judge
 from streams.board import VerdictBoard
 from streams.config import CandidateConfig, Settings
+from streams.history import provenance
+from streams.judge_kinds import accumulator_inputs, explain, window_divergence
 from streams.recent_ids import RecentIds, id_hashes
 from streams.records import DiffBatch
 from streams.sink import ClickHouseSink
@@ -233,7 +234,7 @@ class JudgeCore:
         for start in np.unique(starts).tolist():
             idx = np.flatnonzero(starts == start)
             part = rows.take(idx) if len(idx) != len(rows) else rows
-            diffs, kwargs = _accumulator_inputs(part)
+            diffs, kwargs = accumulator_inputs(part)
             window = pw.window_for(int(start))
             if window is None:
                 pw.late_events += len(idx)
@@ -303,7 +304,10 @@ class JudgeCore:
             judged.append(self._verdict(pw, pw.closed_upto_ms - self.size_ms))
         verdicts = [v for _, v, _, _ in judged]
         self.sink.insert_windows(windows)
-        self.sink.insert_verdicts(verdicts)
+        # With each verdict, its policy's hash and what it rested on besides the rows (streams/history.py):
+        # the verdict history names the policy, and `shadowlens rejudge` replays this very look.
+        self.sink.insert_verdicts(verdicts, [provenance(self, pw, clocks.get(pair_key(pw.model, pw.candidate), -1),
+                                                        now_wall) for pw, _, _, _ in judged])
         for _key, pw in rejudged:
             pw.rejudge = False
         for _key, pw, _due in plan:
@@ -343,9 +347,10 @@ class JudgeCore:
     def _window_row(self, pw: PairWindows, start: int) -> WindowStats:
         acc = pw.open_windows[start]
         s = acc.summary()
-        divergence = acc.divergence()  # from the window's histograms and label tables
+        kind = self.configs[pair_key(pw.model, pw.candidate)].kind
+        divergence = window_divergence(acc, kind)  # from the window's histograms and label tables
         return WindowStats(
-            divergence=divergence, model=pw.model, candidate=pw.candidate, window_start=ms_to_datetime(start),
+            kind=kind, metrics=acc.metric_means(), divergence=divergence, model=pw.model, candidate=pw.candidate, window_start=ms_to_datetime(start),
             window_end=ms_to_datetime(start + self.size_ms), duplicates_dropped=pw.duplicates.get(start, 0),
             state=json.dumps(acc.to_dict()), updated_at=datetime.now(UTC),
             **{k: s[k] for k in WINDOW_SUMMARY_FIELDS},
@@ -368,8 +373,10 @@ class JudgeCore:
                 paired = pw.reference_latency
         j = judge(pw.cumulative, cfg.judge_policy(), noise=noise, expected_requests=pw.received,
                   unscorable=pw.unscorable, memory=JudgeMemory.from_dict(pw.judge_memory), paired_latency=paired)
+        reasons = explain(j.reasons, j.metrics, cfg.output_kind())  # what the gated metrics mean for its kind
         return pw, Verdict(
-            model=pw.model, candidate=pw.candidate, verdict=j.verdict, reasons=j.reasons, metrics=j.metrics,
+            model=pw.model, candidate=pw.candidate, kind=cfg.kind, verdict=j.verdict, reasons=reasons,
+            metrics=j.metrics,
             samples=j.samples, window_start=ms_to_datetime(last_start),
             window_end=ms_to_datetime(last_start + self.size_ms), updated_at=datetime.now(UTC),
             requests_needed=j.requests_needed, worst_slices=j.worst_slices,
@@ -412,24 +419,3 @@ class JudgeCore:
             model, _, candidate = key.partition("/")
             pw = self._pairs[key] = PairWindows(model, candidate)
         return pw
-
-
-def _accumulator_inputs(rows: DiffBatch) -> tuple[ClassificationDiffs, dict]:
-    c = rows.columns
-    diffs = ClassificationDiffs(
-        baseline_label=c["baseline_label"].astype(np.int64), candidate_label=c["candidate_label"].astype(np.int64),
-        label_flip=c["label_flip"].astype(bool), confidence_delta=c["confidence_delta"], l1=c["l1"],
-        linf=c["linf"], hellinger=c["hellinger"], topk_overlap=c["topk_overlap"],
-        error=np.array(rows.error, dtype=object), top_k=rows.top_k,
-    )  # fmt: skip
-    lat = c["candidate_latency_ms"]
-    # Sampled timing (streams/replay.py): a scored row the replay did not time alone carries NaN by
-    # design: not measured, not missing. A candidate error's NaN still counts as missing.
-    untimed = np.isnan(lat) & diffs.ok
-    kwargs = dict(
-        baseline_latency_ms=c["baseline_latency_ms"], candidate_latency_ms=lat[~untimed] if untimed.any() else lat,
-        request_ids=rows.request_id, attributes=rows.attributes, labels=c["label"],
-        baseline_confidence=c["baseline_confidence"], candidate_confidence=c["candidate_confidence"],
-        sent_ms=c["sent_ms"], clustered=True,
-    )  # fmt: skip
-    return diffs, kwargs

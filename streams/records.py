@@ -19,6 +19,11 @@ numpy buffers, so encoding and decoding are a few memcpys per column. The header
 lists the buffers that follow as ``[name, dtype]`` pairs, in order; a batch without it (written
 before the list existed) carries exactly ``LEGACY_LAYOUT``. Columns a batch lacks decode as zeros,
 columns a decoder does not know are skipped.
+
+The candidate's output kind (scorers/kinds) travels as the header's ``kind`` (absent: an older
+writer, ``"classification"``), and the kind's own per-request metrics as ``metrics``: a list of
+``[name, "<f8"]`` whose buffers follow the numeric columns, in order (absent: no metrics). The
+gated columns keep their names whatever the kind (streams/replay_columns.py says what each holds).
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ LEGACY_LAYOUT = tuple((name, NUMERIC[name]) for name in (
     "label", "source_partition", "source_offset",
 ))  # fmt: skip
 STRINGS = ("request_id", "baseline_version", "error")
+METRIC_DTYPE = "<f8"  # every kind metric travels as little-endian float64
 
 
 @dataclass
@@ -100,6 +106,10 @@ class DiffBatch:
     # was cast (e.g. {"pixels float64->float32": 250}); each row counts once. Like ``unscorable``,
     # per batch: ``concat`` leaves it to the caller.
     cast: dict[str, int] = field(default_factory=dict)
+    # The candidate's output kind (scorers.kinds) and its own per-request metrics (float64, NaN on
+    # error), name -> (n,) array: the diff rows' typed ``metrics`` map beside the common columns.
+    kind: str = "classification"
+    metrics: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.request_id)
@@ -115,7 +125,8 @@ class DiffBatch:
             self.model, self.candidate, self.scored_ms, {k: v[idx] for k, v in self.columns.items()},
             [self.request_id[i] for i in pick], [self.baseline_version[i] for i in pick],
             [self.error[i] for i in pick], [self.attributes[i] for i in pick], self.top_k, self.routed,
-            dict(self.covers), dict(self.unscorable), list(self.unscorable_ms), dict(self.cast),
+            dict(self.covers), dict(self.unscorable), list(self.unscorable_ms), dict(self.cast), self.kind,
+            {k: v[idx] for k, v in self.metrics.items()},
         )  # fmt: skip
 
     @classmethod
@@ -132,7 +143,7 @@ class DiffBatch:
             {k: np.concatenate([p.columns[k] for p in parts]) for k in first.columns},
             [r for p in parts for r in p.request_id], [v for p in parts for v in p.baseline_version],
             [e for p in parts for e in p.error], [a for p in parts for a in p.attributes], first.top_k,
-            sum(p.routed for p in parts),
+            sum(p.routed for p in parts), kind=first.kind, metrics=_concat_metrics(parts),
         )  # fmt: skip
 
     def encode(self) -> bytes:
@@ -144,8 +155,13 @@ class DiffBatch:
             "unscorable_ms": self.unscorable_ms, "cast": self.cast,
             "columns": [[name, dt] for name, dt in NUMERIC.items()],
         }  # fmt: skip
+        if self.kind != "classification":
+            header["kind"] = self.kind
+        if self.metrics:
+            header["metrics"] = [[name, METRIC_DTYPE] for name in self.metrics]
         head = msgspec.json.encode(header)  # the same JSON as json.dumps (ints, strings), ~9x faster
         buffers = [np.ascontiguousarray(self.columns[name], dtype=dt).tobytes() for name, dt in NUMERIC.items()]
+        buffers += [np.ascontiguousarray(v, dtype=METRIC_DTYPE).tobytes() for v in self.metrics.values()]
         return b"".join([MAGIC, struct.pack("<I", len(head)), head, *buffers])
 
     @classmethod
@@ -170,6 +186,13 @@ class DiffBatch:
         for name, dt in NUMERIC.items():  # a column the writer did not have yet: 0 (unknown)
             if name not in columns:
                 columns[name] = np.zeros(n, dtype=np.dtype(dt).newbyteorder("="))
+        metrics = {}
+        for name, dt in header.get("metrics") or []:
+            dtype = np.dtype(str(dt))
+            if dtype.kind != "f":
+                raise ValueError(f"diff batch metric {name!r}: dtype {dt!r} is not a float")
+            metrics[str(name)] = np.frombuffer(raw, dtype=dtype, count=n, offset=offset).astype(np.float64)
+            offset += n * dtype.itemsize
         if offset != len(raw):
             raise ValueError(f"diff batch of {len(raw)} bytes, expected {offset}")
         return cls(
@@ -179,7 +202,15 @@ class DiffBatch:
             {str(k): int(v) for k, v in header.get("unscorable", {}).items()},
             [int(t) for t in header.get("unscorable_ms", [])],
             {str(k): int(v) for k, v in header.get("cast", {}).items()},
+            str(header.get("kind", "classification")), metrics,
         )  # fmt: skip
+
+
+def _concat_metrics(parts: list[DiffBatch]) -> dict[str, np.ndarray]:
+    """The parts' metrics, row for row; a name some part lacks is NaN in its rows (a pair's parts
+    come from one kind, so in practice every part has the same names)."""
+    names = list(dict.fromkeys(name for p in parts for name in p.metrics))
+    return {name: np.concatenate([p.metrics.get(name, np.full(len(p), np.nan)) for p in parts]) for name in names}
 
 
 def empty_columns(n: int) -> dict[str, np.ndarray]:

@@ -34,20 +34,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import softmax
 
 from schemas import DeadLetter, MirroredRequest
 from schemas.decode import Rejection, decode_for_replay
 from schemas.fast_path import PlainRequest
-from scorers.diffs import classification_diffs
 from streams.adapter import InputAdapter
 from streams.blame import (
-    UNSCORABLE, CandidateRefused, baseline_invalid_reason, baseline_problems, conform_inputs, refusal,
+    UNSCORABLE, CandidateRefused, baseline_check_key, baseline_invalid_reason, baseline_problems, conform_inputs,
+    refusal,
 )  # fmt: skip
 from streams.config import CandidateConfig, Settings
 from streams.evidence_keys import evidence_keys
-from streams.recent_ids import id_hashes
+from streams.letter_log import LetterLog
 from streams.records import DiffBatch, empty_columns
+from streams.replay_columns import fill_kind_columns, pair_reference_latency, request_columns
 from streams.runner import Runner, load_runner, timed_rows
 from streams.runner_torch import TorchModelError
 from streams.stacking import baseline_rows, groups_by_signature, stack
@@ -160,7 +160,7 @@ class ReplayCore:
                 _count_unscorable(batch, unscorable, sent)
                 model_batches.append((cand, batch))
                 out.dead_letters.extend(letters)
-            _pair_reference_latency(model_batches)
+            pair_reference_latency(model_batches)
             out.batches.extend(b for _, b in model_batches)
         self._log_letters(out.dead_letters, by_model)
         return out
@@ -256,7 +256,7 @@ class ReplayCore:
         if problems:
             return None, _letter(group[0][1], "baseline_mismatch", f"{problems[0]}; the producer must send it, or fix "
                                  f"candidates.{cfg.name}.baseline_output", candidate=cand)  # fmt: skip
-        invalid = baseline_problems(base_rows, cfg.baseline_output, cfg.from_logits)
+        invalid = baseline_problems(base_rows, cfg)
         if invalid:
             reason = baseline_invalid_reason(invalid[0], cfg)
             return None, _letter(group[0][1], "baseline_invalid", reason, candidate=cand)
@@ -272,8 +272,8 @@ class ReplayCore:
         width = cand_rows.shape[1]
         base_rows, problems = self._per_group(group, ("baseline", cfg.baseline_output, width),
                                               lambda: baseline_rows(events, cfg, width))  # fmt: skip
-        invalid = self._per_group(group, ("valid", cfg.baseline_output, width, cfg.from_logits), lambda: (
-            baseline_problems(base_rows, cfg.baseline_output, cfg.from_logits, problems)))  # fmt: skip
+        invalid = self._per_group(group, ("valid", cfg.baseline_output, width, *baseline_check_key(cfg)), lambda: (
+            baseline_problems(base_rows, cfg, problems)))  # fmt: skip
         letters = [_letter(group[i][1], "baseline_mismatch", f"{reason}; the producer must send it, or fix "
                            f"candidates.{cfg.name}.baseline_output", candidate=cand)
                    for i, reason in problems.items()]  # fmt: skip
@@ -293,7 +293,7 @@ class ReplayCore:
         if replay.timing != "sampled":
             return cand.runner.run_stacked(feeds, n, cfg.output, replay.timing)
         outputs, latencies = cand.runner.run_stacked(feeds, n, cfg.output, "sampled")
-        req = self._per_group(group, ("requests",), lambda: _request_columns(group))
+        req = self._per_group(group, ("requests",), lambda: request_columns(group))
         rows = self._per_group(group, ("timed",), lambda: timed_rows(
             req["id_hash"], replay.timing_sample, req["sent_ms"], int(self.settings.windows.size_s * 1000),
             replay.timing_min_per_window))  # fmt: skip
@@ -316,18 +316,13 @@ class ReplayCore:
 
     def _columns(self, cand: Candidate, group, keys, scored_ms, base_rows, cand_rows, latencies, failure: str = ""):
         cfg = cand.config
-        req = self._per_group(group, ("requests",), lambda: _request_columns(group))
-        diffs = classification_diffs(base_rows, cand_rows, from_logits=cfg.from_logits)
-        if failure:
-            diffs.error[:] = failure  # the exception replaces the scorer's generic NaN reason
+        req = self._per_group(group, ("requests",), lambda: request_columns(group))
+        kind = cfg.output_kind()  # the candidate's output kind computes the diffs (streams/replay_columns.py)
+        diffs = kind.diffs(base_rows, cand_rows)
         cols = empty_columns(len(group))
         for name in ("sent_ms", "baseline_latency_ms", "label", "source_partition", "source_offset", "id_hash"):
             cols[name][:] = req[name]
-        for name in ("baseline_label", "candidate_label", "label_flip", "confidence_delta", "l1", "linf",
-                     "hellinger", "topk_overlap"):  # fmt: skip
-            cols[name][:] = getattr(diffs, name)
-        cols["baseline_confidence"][:] = _top_confidence(base_rows, cfg.from_logits)
-        cols["candidate_confidence"][:] = _top_confidence(cand_rows, cfg.from_logits)
+        metrics = fill_kind_columns(cols, diffs, failure)
         cols["candidate_latency_ms"][:] = latencies
         cols["input_hash"][:] = keys[:, 0]
         cols["sample_hash"][:] = keys[:, 1]
@@ -335,7 +330,8 @@ class ReplayCore:
         # takes subsets into new lists; attribute maps are only read).
         return DiffBatch(
             cfg.model, cfg.name, scored_ms, cols, req["request_id"], req["baseline_version"],
-            [str(e) for e in diffs.error.tolist()], req["attributes"], diffs.top_k,
+            [str(e) for e in diffs.error.tolist()], req["attributes"], getattr(kind, "top_k", 3),
+            kind=kind.name, metrics=metrics,
         )  # fmt: skip
 
 
@@ -344,72 +340,6 @@ def _count_unscorable(batch: DiffBatch, letters: list[DeadLetter], sent: dict[tu
     for letter in letters:
         batch.unscorable[letter.error_type] = batch.unscorable.get(letter.error_type, 0) + 1
         batch.unscorable_ms.append(sent.get((letter.partition, letter.offset), 0))
-
-
-class LetterLog:
-    """Dead letters in the log, summarised: one WARNING line per (model, candidate, error type) a
-    minute at most, with the count since the previous line and one example request id (the first
-    of its kind at once). 1,200 dead letters a minute make one line, not 1,200; every letter is on
-    the dead-letter topic and in ``shadowlens_dead_letters_total{reason}``."""
-
-    def __init__(self, every_s: float = 60.0):
-        self.every_s = every_s
-        self._pending: dict[tuple, list] = {}  # key -> [count, example, reason] since the key's last line
-        self._last: dict[tuple, float] = {}  # key -> monotonic time of its last line
-
-    def add(self, key: tuple[str | None, str | None, str], example: str, reason: str) -> None:
-        entry = self._pending.get(key)
-        if entry is None:
-            self._pending[key] = [1, example, reason]
-        else:
-            entry[0] += 1
-
-    def flush(self, now: float | None = None) -> list[str]:
-        """Log the keys whose minute is up (a key never logged: at once); returns the lines."""
-        now = time.monotonic() if now is None else now
-        lines = []
-        for key in list(self._pending):
-            last = self._last.get(key)
-            if last is not None and now - last < self.every_s:
-                continue
-            count, example, reason = self._pending.pop(key)
-            model, candidate, kind = key
-            pair = f"{model}/{candidate}" if candidate else (model or "mirror topic")
-            since = "" if last is None else f" in the last {now - last:.0f} s"
-            line = f"{pair}: {count} request(s) dead-lettered as {kind}{since}, e.g. {example}: {reason[:300]}"
-            log.warning("%s", line)
-            lines.append(line)
-            self._last[key] = now
-        return lines
-
-
-def _request_columns(group) -> dict:
-    """What the diff rows of every candidate take from the requests themselves."""
-    events = [ev for ev, _ in group]
-    return {
-        "sent_ms": np.array([ev.sent_ms for ev in events], dtype=np.int64),
-        "baseline_latency_ms": np.array([ev.baseline_latency_ms for ev in events], dtype=np.float64),
-        "label": np.array([np.nan if ev.label is None else float(ev.label) for ev in events], dtype=np.float64),
-        "source_partition": np.array([msg.partition for _, msg in group], dtype=np.int64),
-        "source_offset": np.array([msg.offset for _, msg in group], dtype=np.int64),
-        "request_id": [ev.request_id for ev in events],
-        "id_hash": id_hashes([ev.request_id for ev in events]),
-        "baseline_version": [ev.baseline_version for ev in events],
-        "attributes": [ev.attributes for ev in events],
-    }  # fmt: skip
-
-
-def _pair_reference_latency(model_batches) -> None:
-    """Give every candidate's rows the replayed baseline's latency on the same request (same
-    micro-batch, same machine): the paired latency comparison of scorers.latency."""
-    ref = next((b for c, b in model_batches if c.config.noise_reference), None)
-    if ref is None or not len(ref):
-        return
-    lat = dict(zip(ref.request_id, ref.columns["candidate_latency_ms"].tolist(), strict=True))
-    for _, batch in model_batches:
-        if batch is not ref and len(batch):
-            batch.columns["reference_latency_ms"] = np.array([lat.get(r, np.nan) for r in batch.request_id],
-                                                             dtype=np.float64)
 
 
 def _stack_finite(group):
@@ -438,7 +368,7 @@ def _stack_finite(group):
 def _concat(cfg: CandidateConfig, scored_ms: int, parts: list[DiffBatch]) -> DiffBatch:
     if parts:
         return DiffBatch.concat(parts)
-    return DiffBatch(cfg.model, cfg.name, scored_ms, empty_columns(0), [], [], [], [])
+    return DiffBatch(cfg.model, cfg.name, scored_ms, empty_columns(0), [], [], [], [], kind=cfg.kind)
 
 
 def _covers(items) -> dict[int, int]:
@@ -447,14 +377,6 @@ def _covers(items) -> dict[int, int]:
     for _, msg in items:
         out[msg.partition] = max(msg.offset, out.get(msg.partition, -1))
     return out
-
-
-def _top_confidence(rows: np.ndarray, from_logits: bool) -> np.ndarray:
-    """Each row's probability of its own top class (0 where the row is unusable)."""
-    probs = softmax(rows, axis=1) if from_logits else rows
-    with np.errstate(invalid="ignore"):
-        top = np.max(probs, axis=1) if probs.shape[1] else np.zeros(len(probs))
-    return np.nan_to_num(top, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _describe(exc: BaseException) -> str:

@@ -31,14 +31,17 @@ DIFF_COLUMNS = [
     "model", "candidate", "request_id", "baseline_version", "sent_at", "scored_at", "baseline_label",
     "candidate_label", "label_flip", "confidence_delta", "l1_distance", "baseline_confidence", "candidate_confidence",
     "baseline_latency_ms",
-    "candidate_latency_ms", "error", "label", "attributes", "metrics", "source_partition", "source_offset",
+    "candidate_latency_ms", "error", "label", "attributes", "metrics", "source_partition", "source_offset", "kind",
 ]  # fmt: skip
 # Types the columnar insert sends (ClickHouse converts where the table's differ: seconds -> DateTime64).
 DIFF_INSERT_TYPES = [
     "String", "String", "String", "String", "Float64", "Float64", "Int32", "Int32", "UInt8", "Float64", "Float64",
     "Float64", "Float64", "Float64", "Float64", "String", "Nullable(Float64)", "Map(String, String)",
-    "Map(String, Float64)", "Int32", "Int64",
+    "Map(String, Float64)", "Int32", "Int64", "String",
 ]  # fmt: skip
+# Also written by the columnar insert (not by ``insert_diffs``): the cluster keys and the replayed
+# baseline's latency, which ``shadowlens rejudge`` (streams/rejudge.py) replays through the judge.
+REJUDGE_COLUMNS = {"input_hash": "UInt64", "sample_hash": "UInt64", "reference_latency_ms": "Float64"}
 WINDOW_COLUMNS = list(WindowStats.model_fields)
 VERDICT_COLUMNS = ["model", "candidate", "verdict", "samples", "window_start", "window_end", "updated_at", "body"]
 
@@ -115,23 +118,28 @@ class ClickHouseSink:
             [e for b in batches for e in b.error],
             [None if x != x else x for x in label.tolist()],  # NaN -> NULL (no label)
             [a for b in batches for a in b.attributes],
-            [{"linf": a, "hellinger": h, "topk_overlap": k} for a, h, k in zip(
-                np.nan_to_num(cols["linf"]).tolist(), np.nan_to_num(cols["hellinger"]).tolist(),
-                np.nan_to_num(cols["topk_overlap"]).tolist(), strict=True)],
+            [m for b in batches for m in _metric_maps(b)],
             cols["source_partition"], cols["source_offset"],
+            [k for b in batches for k in [b.kind] * len(b)],
+            *(cols[c] for c in REJUDGE_COLUMNS),
         ]  # fmt: skip
         assert all(len(col) == n for col in data)
         with self._lock:
-            self.client.insert(f"{self.database}.request_diffs", data, column_names=DIFF_COLUMNS,
-                               column_type_names=DIFF_INSERT_TYPES, column_oriented=True)  # fmt: skip
+            self.client.insert(f"{self.database}.request_diffs", data, column_names=[*DIFF_COLUMNS, *REJUDGE_COLUMNS],
+                               column_type_names=[*DIFF_INSERT_TYPES, *REJUDGE_COLUMNS.values()],
+                               column_oriented=True)  # fmt: skip
 
     def insert_windows(self, windows: Sequence[WindowStats]) -> None:
         self._insert("window_stats", WINDOW_COLUMNS, [[getattr(w, c) for c in WINDOW_COLUMNS] for w in windows])
 
-    def insert_verdicts(self, verdicts: Sequence[Verdict]) -> None:
+    def insert_verdicts(self, verdicts: Sequence[Verdict], provenance: Sequence[tuple[str, str]] | None = None) -> None:
         # The whole verdict is kept as JSON in ``body``; the other columns are for filtering.
         rows = [[*(getattr(v, c) for c in VERDICT_COLUMNS[:-1]), v.model_dump_json()] for v in verdicts]
-        self._insert("verdicts", VERDICT_COLUMNS, rows)
+        if provenance is None:  # a retirement, a seeded verdict: no policy, nothing to re-judge
+            self._insert("verdicts", VERDICT_COLUMNS, rows)
+        else:  # the judge's: (policy_hash, evidence JSON) per verdict (streams/history.py)
+            rows = [[*row, *extra] for row, extra in zip(rows, provenance, strict=True)]
+            self._insert("verdicts", [*VERDICT_COLUMNS, "policy_hash", "evidence"], rows)
 
     def _insert(self, table: str, columns: list[str], rows: list[list]) -> None:
         if rows:
@@ -241,6 +249,25 @@ class ClickHouseSink:
             f"SELECT model, candidate, count() FROM {self.database}.request_diffs FINAL GROUP BY model, candidate"
         )
         return {(m, c): n for m, c, n in rows}
+
+
+def _metric_maps(batch) -> list[dict[str, float]]:
+    """The diff rows' typed ``metrics`` map: classification's distances from their columns (as
+    before kinds), and the output kind's own metrics (``DiffBatch.metrics``; NaN on error rows)."""
+    if batch.kind == "classification" and not batch.metrics:  # the common case, as fast as before kinds
+        return [{"linf": a, "hellinger": h, "topk_overlap": k} for a, h, k in zip(
+            np.nan_to_num(batch.columns["linf"]).tolist(), np.nan_to_num(batch.columns["hellinger"]).tolist(),
+            np.nan_to_num(batch.columns["topk_overlap"]).tolist(), strict=True)]  # fmt: skip
+    names, values = [], []
+    if batch.kind == "classification":
+        names += ["linf", "hellinger", "topk_overlap"]
+        values += [np.nan_to_num(batch.columns[n]).tolist() for n in names]
+    for name, column in batch.metrics.items():
+        names.append(name)
+        values.append(np.asarray(column, dtype=np.float64).tolist())
+    if not names:
+        return [{} for _ in range(len(batch))]
+    return [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
 
 
 def _literal(text: str) -> str:

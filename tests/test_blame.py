@@ -281,9 +281,10 @@ def test_the_worker_refuses_a_regression_model_in_one_line(kafka_bootstrap, mode
     errors = [line for line in proc.stderr.splitlines() if line.startswith(("config error", "error"))]
     assert errors == proc.stderr.strip().splitlines()[-1:] == [
         "config error: candidates.digits-reg.output: 'variable' is a [None, 1] float tensor, not a probability "
-        "vector: shadowlens judges classifiers today (set output to the classifier's probabilities, e.g. skl2onnx's "
+        "vector, and kind is 'classification' (set output to the classifier's probabilities, e.g. skl2onnx's "
         "output_probability ('probabilities' when exported with zipmap=False), or to its logits with from_logits = "
-        "true; one value per request is a binary classifier's probability only when a Sigmoid computes it)"
+        "true; or, for a model that is no classifier, its kind, e.g. kind = \"regression\"; one value per request "
+        "is a binary classifier's probability only when a Sigmoid computes it)"
     ], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
 

@@ -30,7 +30,7 @@ class StubSink:
     def insert_windows(self, windows):
         pass
 
-    def insert_verdicts(self, verdicts):
+    def insert_verdicts(self, verdicts, provenance=None):
         self.verdicts.extend(verdicts)
 
 

@@ -17,6 +17,7 @@ import pytest
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "shadow_analysis.ipynb"
 CANDIDATES = {"digits-v2", "digits-v2-degraded", "digits-v1-replay"}
+REGRESSORS = {"diabetes-v2", "diabetes-v2-boosted", "diabetes-v1-replay"}
 INJECTED_ERROR = "probabilities: shape mismatch: baseline (10,) candidate (9,)"
 
 
@@ -24,8 +25,12 @@ def load_notebook() -> dict:
     return json.loads(NOTEBOOK.read_text())
 
 
-def run_notebook(dsn: str, monkeypatch: pytest.MonkeyPatch) -> dict:
+def run_notebook(dsn: str, monkeypatch: pytest.MonkeyPatch, model: str | None = "digits") -> dict:
     monkeypatch.setenv("SHADOWLENS_CLICKHOUSE_DSN", dsn)
+    if model is None:
+        monkeypatch.delenv("SHADOWLENS_MODEL", raising=False)
+    else:
+        monkeypatch.setenv("SHADOWLENS_MODEL", model)
     monkeypatch.setenv("MPLBACKEND", "Agg")  # if matplotlib is installed, plt.show() must not open a window
     ns: dict = {"__name__": "__main__"}
     try:
@@ -99,6 +104,7 @@ def test_notebook_runs_on_demo_data(demo_dsn, monkeypatch, capsys, with_pandas):
         ns["plt"].close("all")
 
     # 1. latest verdicts, metrics parsed from the JSON body
+    # The demo judges two models; MODEL = "digits" (SHADOWLENS_MODEL) keeps the classifier only.
     verdicts = {v["candidate"]: v for v in ns["verdicts"]}
     assert set(verdicts) == CANDIDATES
     assert verdicts["digits-v2-degraded"]["verdict"] == "rollback"
@@ -229,7 +235,21 @@ def test_notebook_queries_through_the_worker_api_when_the_chdb_path_is_held(demo
         Path(path + ".api.json").unlink(missing_ok=True)
     assert "querying through its API" in capsys.readouterr().out
     assert type(ns["client"]).__name__ == "WorkerApiClient"
+    # The demo judges two models; MODEL = "digits" (SHADOWLENS_MODEL) keeps the classifier only.
     verdicts = {v["candidate"]: v for v in ns["verdicts"]}
     assert set(verdicts) == CANDIDATES and verdicts["digits-v2-degraded"]["verdict"] == "rollback"
     if ns.get("plt") is not None:
         ns["plt"].close("all")
+
+
+def test_notebook_over_every_model_keeps_the_confusion_table_to_classifiers(demo_dsn, monkeypatch):
+    """MODEL = None: both of the demo's models are listed, and the confusion table (class labels)
+    is the worst *classifier's*, never the regressor's, however its verdict looks."""
+    ns = run_notebook(demo_dsn, monkeypatch, model=None)
+    by_model: dict[str, set[str]] = {}
+    for v in ns["verdicts"]:
+        by_model.setdefault(v["model"], set()).add(v["candidate"])
+    assert by_model == {"digits": CANDIDATES, "diabetes": REGRESSORS}
+    assert {v["kind"] for v in ns["verdicts"] if v["model"] == "diabetes"} == {"regression"}
+    assert ns["confusion_candidate"] == "digits-v2-degraded"
+    assert {w["model"] for w in ns["windows"]} == {"digits", "diabetes"}
