@@ -16,7 +16,8 @@ input every time; a user's requests may share quirks); *between* the pieces of a
 not. A key that never pauses (a constant key, a hot input asked every second) is cut into pieces of
 ``cap`` requests: the verdict then rests on requests / cap pieces, and says so.
 
-**Bounded state.** ``ClusterTracker`` (scorers/cluster_tracker.py; keys in scorers/cluster_keys.py) keeps at most ``max_open`` open clusters; past that the least
+**Bounded state.** ``ClusterTracker`` (scorers/cluster_tracker.py; the keys are made in
+scorers/cluster_keys.py) keeps at most ``max_open`` open clusters; past that the least
 recently active ones are closed early (eviction = closing, counted in ``evicted``): with more
 concurrently active keys than that, the effective session gap shrinks to what the map can hold.
 Packed, an open cluster takes 48 bytes (base64 in the JSON state): 2,048 of them ~ 130 KB.
