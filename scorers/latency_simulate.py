@@ -9,7 +9,8 @@ import math
 
 import numpy as np
 
-from scorers.latency import CS_SHARE, UNPAIRED_SHARE, _T_SPAN, _key
+from scorers.latency import CS_SHARE, EXCEEDANCE_SHARE, UNPAIRED_SHARE, _T_SPAN, _key
+from scorers.latency_exceedance import rejects_everywhere
 from scorers.sequential import bernoulli_log_evalue_above, order_statistic_ranks
 from scorers.sketch import ZERO_THRESHOLD_MS
 
@@ -17,7 +18,7 @@ from scorers.sketch import ZERO_THRESHOLD_MS
 def simulate_latencies(rng: np.random.Generator, n: int, k: float, *, paired: bool = True,
                        spike_p: float = 0.01, spike_x: float = 20.0, sigma: float = 1.0,
                        noise: float = 0.1, jitter_p: float = 0.0, jitter_ms: float = 0.0,
-                       scale_ms: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                       scale_ms: float = 1.0, spikes_per_execution: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(b, c) for n requests under the module's simulation model.
 
     ``jitter_p`` / ``jitter_ms``: besides that, each run of a model is delayed, with probability
@@ -25,18 +26,26 @@ def simulate_latencies(rng: np.random.Generator, n: int, k: float, *, paired: bo
     (the scheduler, an interrupt, a page fault, another process on a loaded machine): absolute, so it
     is not scaled by ``k``, and independent between the baseline and the candidate. ``scale_ms``: the
     request cost's scale (the jitter matters where the models take about as long as it).
+    ``spikes_per_execution``: the x``spike_x`` spikes hit each model's run independently (GC pauses,
+    queueing) instead of belonging to the request (``scorers.calibration``'s ``latency_*_exec``).
     """
+    def spikes():
+        return np.where(rng.random(n) < spike_p, spike_x, 1.0)
+
     def cost():
-        return scale_ms * rng.lognormal(0.0, sigma, n) * np.where(rng.random(n) < spike_p, spike_x, 1.0)
+        return scale_ms * rng.lognormal(0.0, sigma, n) * (1.0 if spikes_per_execution else spikes())
 
     def jitter():
         if jitter_p <= 0:
             return 0.0
         return np.where(rng.random(n) < jitter_p, rng.exponential(jitter_ms, n), 0.0)
 
+    def own():  # the run's own spike, when spikes are per execution
+        return spikes() if spikes_per_execution else 1.0
+
     lat = cost()
-    b = lat * rng.lognormal(0.0, noise, n) + jitter()
-    c = k * (lat if paired else cost()) * rng.lognormal(0.0, noise, n) + jitter()
+    b = lat * own() * rng.lognormal(0.0, noise, n) + jitter()
+    c = k * (lat if paired else cost()) * own() * rng.lognormal(0.0, noise, n) + jitter()
     return b, c
 
 
@@ -44,7 +53,7 @@ def simulate_latency(k: float, *, paired: bool = True, method: str = "paired", r
                      requests: int = 10_000, window: int = 250, margin: float = 1.5, q: float = 0.99,
                      alpha_rollback: float = 0.005, alpha_promote: float = 0.025, relative_accuracy: float = 0.005,
                      cs_share: float = CS_SHARE, unpaired_share: float = UNPAIRED_SHARE,
-                     return_decisions: bool = False, **model) -> dict:
+                     exceedance_share: float = EXCEEDANCE_SHARE, return_decisions: bool = False, **model) -> dict:
     """Many runs judged every ``window`` requests; returns rates of the latency metric's decisions.
 
     ``method``: "paired" (what ``latency_ratio_metric`` does with a ``PairedLatency``: the sign test at
@@ -68,12 +77,15 @@ def simulate_latency(k: float, *, paired: bool = True, method: str = "paired", r
     if method not in ("paired", "unpaired"):
         raise ValueError(f"unknown method {method!r}")
     u_share = 1.0 if method == "unpaired" else float(unpaired_share)
+    e_share = 0.0 if method == "unpaired" else float(exceedance_share)
+    a_re, a_pe = alpha_rollback * e_share, alpha_promote * e_share
     if u_share > 0:
         a_ru, a_pu = alpha_rollback * u_share, alpha_promote * u_share
         rc = np.array([order_statistic_ranks(int(n), q, a_ru / 2, a_pu / 2) for n in looks])
         rb = np.array([order_statistic_ranks(int(n), q, a_pu / 2, a_ru / 2) for n in looks])
     if method == "paired":
-        alpha_rollback, alpha_promote = alpha_rollback * (1 - u_share), alpha_promote * (1 - u_share)
+        sign = 1 - u_share - e_share  # the sign test's share of each side's level
+        alpha_rollback, alpha_promote = alpha_rollback * sign, alpha_promote * sign
         span = int(math.ceil(_T_SPAN / lg))
         t_r = math.floor(math.log(margin) / lg) + 2  # rejection at t_r <=> lower bound g^(t_r-1) > margin
         t_p = math.ceil(math.log(margin) / lg) - 2  # rejection at t_p <=> upper bound g^(t_p+1) < margin
@@ -109,6 +121,21 @@ def simulate_latency(k: float, *, paired: bool = True, method: str = "paired", r
                 fail[run, li], pas[run, li] = lo > margin, hi < margin
         if method == "unpaired":
             continue
+        if e_share > 0:  # the two-sample exceedance test at the margin's offsets, every index
+            for li, n in enumerate(looks):
+                for side, t, a_s, out in (("rollback", t_r, a_re, fail), ("promote", t_p, a_pe, pas)):
+                    if out[run, li]:
+                        continue
+                    bb, cc = kb[:n], kc[:n] - t
+                    lo, hi = min(bb.min(), cc.min()), max(bb.max(), cc.max()) + 1
+
+                    def above(x, lo=lo, hi=hi):
+                        return np.cumsum(np.bincount(x - lo, minlength=hi - lo + 1)[::-1])[::-1].astype(float)
+
+                    nb, nc, both = above(bb), above(cc), above(np.minimum(bb, cc))
+                    up, down = (nc, nb) if side == "rollback" else (nb, nc)
+                    out[run, li] = rejects_everywhere(int(n), up, down, both, np.ones(up.size, dtype=bool),
+                                                      1.0 - q, math.log(1.0 / a_s))
         # paired: the baseline CS's key range per look and side, then cumulative U(a) / V(a) per look
         # over just those keys (difference arrays), then one vectorised sign test per side.
         ra = relative_accuracy

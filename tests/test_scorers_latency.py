@@ -180,3 +180,42 @@ def test_paired_test_stays_valid_on_unpaired_data():
 def test_unpaired_construction_validity_at_the_margin():
     r = simulate_latency(1.5, method="unpaired", runs=100, seed=105, requests=5000)
     assert r["ever_fail"] <= limit(A_R, 100) and r["ever_pass"] <= limit(A_P, 100)
+
+
+# -- the two-sample exceedance test (scorers.latency_exceedance) ------------------------------------------
+
+def test_exceedance_evalue_is_valid_at_the_least_favourable_null():
+    """Both indicators exactly at p (independent, the boundary of the null at a = j*): the mixture
+    crosses 1/alpha at some time in at most alpha of the runs (+3 SD); 2,000 runs to 10,000 requests."""
+    from scorers.latency_exceedance import log_evalue
+    rng, runs, n, p, alpha = np.random.default_rng(11), 2000, 10_000, 0.01, 0.05
+    looks = np.arange(50, n + 1, 50)
+    xu, xd = rng.random((runs, n)) < p, rng.random((runs, n)) < p
+    up, down = (np.cumsum(x, axis=1)[:, looks - 1] for x in (xu, xd))
+    both = np.cumsum(xu & xd, axis=1)[:, looks - 1]
+    le = log_evalue(np.broadcast_to(looks, up.shape).ravel(), up.ravel(), down.ravel(), both.ravel(), p)
+    crossed = (le.reshape(runs, -1) >= np.log(1 / alpha)).any(axis=1).mean()
+    assert crossed <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / runs), crossed
+
+
+def test_exceedance_bounds_cover_the_truth_and_shrink():
+    """Per-execution spikes, candidate 2x the baseline: the interval holds 2 and narrows with data."""
+    from scorers.latency_exceedance import exceedance_bounds
+    b, c = simulate_latencies(np.random.default_rng(5), 40_000, 2.0, spikes_per_execution=True)
+    widths = []
+    for n in (4_000, 40_000):
+        pl = PairedLatency()
+        pl.update(b[:n], c[:n])
+        lo, hi = exceedance_bounds(pl, 0.99, 0.005, 0.025, span=280)
+        assert lo <= 2.0 <= hi, (n, lo, hi)
+        widths.append(math.log(hi / lo) if lo > 0 else math.inf)
+    assert widths[1] < widths[0] / 1.5, widths
+
+
+def test_exceedance_test_at_the_margin_stays_within_its_level():
+    """Ratio exactly at the margin with per-execution spikes, the metric's decisions as the judge's
+    (scorers.latency_simulate): neither side decides beyond its level (+3 SD); 60 runs."""
+    runs = 60
+    r = simulate_latency(1.5, runs=runs, seed=31, requests=6000, spikes_per_execution=True)
+    limit = lambda a: a + 3 * math.sqrt(a * (1 - a) / runs)  # noqa: E731
+    assert r["ever_fail"] <= limit(0.005) and r["ever_pass"] <= limit(0.025), r
