@@ -45,7 +45,8 @@ from scorers.sketch import LatencySketch
 TOP_EXAMPLES = 10
 MAX_ERROR_REASONS = 32
 MAX_CLASSES = 1024
-_EVIDENCE = ("requests", "errors", "scored", "label_flips", "abs_confidence_delta")
+_EVIDENCE = (  # the first-seen counts of v3 state, read only to convert it:
+    "requests", "errors", "scored", "label_flips", "abs_confidence_delta")
 _SUMS = ("abs_confidence_delta", "confidence_delta", "sq_confidence_delta", "l1", "linf", "hellinger",
          "topk_overlap")
 
@@ -59,8 +60,6 @@ class SliceStats:
     scored: int = 0
     label_flips: int = 0
     sum_abs_confidence_delta: float = 0.0
-    evidence_scored: int = 0  # scored requests that are independent evidence (scorers.evidence)
-    evidence_flips: int = 0
 
     def add(self, other: SliceStats) -> None:
         self.requests += other.requests
@@ -68,18 +67,13 @@ class SliceStats:
         self.scored += other.scored
         self.label_flips += other.label_flips
         self.sum_abs_confidence_delta += other.sum_abs_confidence_delta
-        self.evidence_scored += other.evidence_scored
-        self.evidence_flips += other.evidence_flips
 
     def to_list(self) -> list:
-        return [self.requests, self.errors, self.scored, self.label_flips, self.sum_abs_confidence_delta,
-                self.evidence_scored, self.evidence_flips]
+        return [self.requests, self.errors, self.scored, self.label_flips, self.sum_abs_confidence_delta]
 
     @classmethod
     def from_list(cls, v: list) -> SliceStats:
-        if len(v) == 5:  # state from before evidence counts: every request counted
-            v = [*v, v[2], v[3]]
-        return cls(*v)
+        return cls(*v[:5])  # v3 state had two more: its first-seen counts (see from_dict)
 
 
 def _example_score(d: ClassificationDiffs) -> np.ndarray:
@@ -113,9 +107,6 @@ class PairAccumulator:
         self.baseline_confidence = ConfidenceHistogram()
         self.candidate_confidence = ConfidenceHistogram()
         self.label_pairs = LabelPairTable()
-        # Independent evidence (scorers.evidence): the first request of each input / sample key.
-        # The judge's bounds use these; the request-weighted counts above are reported beside them.
-        self.evidence = dict.fromkeys(_EVIDENCE, 0.0)
         # Closed clusters (scorers.clusters): what the judge's bounds are computed on (scorers.ratio_cs).
         # Without a cluster tracker (``update(..., clustered=False)``) every request is its own cluster.
         self.clusters = ClusterStats()
@@ -127,12 +118,10 @@ class PairAccumulator:
     # -- updating -------------------------------------------------------------------------
     def update(self, diffs: ClassificationDiffs, *, baseline_latency_ms, candidate_latency_ms,
                request_ids: Sequence[str], attributes: Sequence[dict[str, str]] | None = None,
-               labels=None, baseline_confidence=None, candidate_confidence=None, evidence=None,
-               sent_ms=None, clustered: bool = False, metrics=None) -> None:
+               labels=None, baseline_confidence=None, candidate_confidence=None, sent_ms=None, clustered: bool = False, metrics=None) -> None:
         """``baseline_confidence`` / ``candidate_confidence``: each model's top-class probability per row
         (1-D, same length as ``diffs``); rows that are not scored (``diffs.ok`` False) are left out.
-        ``evidence``: boolean per row, True when the row is independent evidence (the first of its
-        input and sample key, ``scorers.evidence.SeenFilter``); None: every row is. ``sent_ms``: the
+        ``sent_ms``: the
         rows' event times, for the observed span. ``clustered``: the caller tracks clusters
         (``scorers.clusters.ClusterTracker``) and adds them when they close (``add_clusters``); else
         every row is a closed cluster of its own (independent requests). ``metrics``: the output
@@ -146,10 +135,6 @@ class PairAccumulator:
             if v is not None and v.size != n:
                 raise ValueError(f"{v.size} confidences for {n} diffs")
         ok = diffs.ok
-        ev = np.ones(n, dtype=bool) if evidence is None else np.asarray(evidence, dtype=bool).reshape(-1)
-        if ev.size != n:
-            raise ValueError(f"{ev.size} evidence flags for {n} diffs")
-        self._update_evidence(diffs, ev)
         if sent_ms is not None and n:
             t = np.asarray(sent_ms, dtype=np.int64)
             self._span(int(t.min()), int(t.max()))
@@ -177,7 +162,7 @@ class PairAccumulator:
         if labels is not None:
             self._update_labels(diffs, np.asarray(labels, dtype=np.float64).reshape(-1))
         if attributes is not None:
-            self._update_slices(diffs, attributes, ev)
+            self._update_slices(diffs, attributes)
         self._update_examples(_example_score(diffs), request_ids, diffs.error)
         if not clustered:
             self.clusters.add(singletons(ok, diffs.label_flip, diffs.confidence_delta, attributes))
@@ -191,15 +176,6 @@ class PairAccumulator:
     def add_clusters(self, closed: Closed) -> None:
         """Closed clusters join the judged statistics (their requests were counted by ``update``)."""
         self.clusters.add(closed)
-
-    def _update_evidence(self, diffs: ClassificationDiffs, ev: np.ndarray) -> None:
-        ok = diffs.ok
-        e = self.evidence
-        e["requests"] += int(ev.sum())
-        e["errors"] += int((ev & ~ok).sum())
-        e["scored"] += int((ev & ok).sum())
-        e["label_flips"] += int((diffs.label_flip & ok & ev).sum())
-        e["abs_confidence_delta"] += float(np.abs(diffs.confidence_delta[ok & ev]).sum())
 
     def _span(self, first: int | None, last: int | None) -> None:
         if first is not None:
@@ -241,8 +217,7 @@ class PairAccumulator:
         self.baseline_right_candidate_wrong += int((b_right & ~c_right).sum())
         self.baseline_wrong_candidate_right += int((~b_right & c_right).sum())
 
-    def _update_slices(self, diffs: ClassificationDiffs, attributes: Sequence[dict[str, str]],
-                       ev: np.ndarray) -> None:
+    def _update_slices(self, diffs: ClassificationDiffs, attributes: Sequence[dict[str, str]]) -> None:
         ok = diffs.ok
         flips = diffs.label_flip & ok
         absd = np.where(ok, np.abs(np.nan_to_num(diffs.confidence_delta)), 0.0)
@@ -258,12 +233,9 @@ class PairAccumulator:
             scored = np.bincount(inv, weights=ok[present], minlength=uniq.size)
             fl = np.bincount(inv, weights=flips[present], minlength=uniq.size)
             sa = np.bincount(inv, weights=absd[present], minlength=uniq.size)
-            ev_ok = (ok & ev)[present]
-            es = np.bincount(inv, weights=ev_ok, minlength=uniq.size)
-            ef = np.bincount(inv, weights=(flips & ev)[present], minlength=uniq.size)
             for j, value in enumerate(uniq.tolist()):
                 self._slice(key, value).add(SliceStats(int(counts[j]), int(errs[j]), int(scored[j]),
-                                                       int(fl[j]), float(sa[j]), int(es[j]), int(ef[j])))
+                                                       int(fl[j]), float(sa[j])))
 
     def _slice(self, key: str, value: str) -> SliceStats:
         return capped_slot(self.slices, key, value, SliceStats)
@@ -319,8 +291,6 @@ class PairAccumulator:
         self.baseline_confidence.merge(other.baseline_confidence)
         self.candidate_confidence.merge(other.candidate_confidence)
         self.label_pairs.merge(other.label_pairs)
-        for k in _EVIDENCE:
-            self.evidence[k] += other.evidence[k]
         self.clusters.merge(other.clusters)
         self._span(other.first_sent_ms, other.last_sent_ms)
         self.metric_sums.merge(other.metric_sums)
@@ -393,7 +363,7 @@ class PairAccumulator:
     # -- serialising ----------------------------------------------------------------------
     def to_dict(self) -> dict:
         out = {
-            "v": 4, "requests": self.requests, "errors": self.errors, "scored": self.scored,
+            "v": 5, "requests": self.requests, "errors": self.errors, "scored": self.scored,
             "label_flips": self.label_flips, "sums": dict(self.sums), "error_reasons": dict(self.error_reasons),
             "baseline_label_counts": {str(k): v for k, v in self.baseline_label_counts.items()},
             "candidate_label_counts": {str(k): v for k, v in self.candidate_label_counts.items()},
@@ -405,7 +375,6 @@ class PairAccumulator:
             "top_examples": [list(t) for t in self.top_examples],
             "confidence": [self.baseline_confidence.to_dict(), self.candidate_confidence.to_dict()],
             "label_pairs": self.label_pairs.to_dict(),
-            "evidence": [self.evidence[k] for k in _EVIDENCE],
             "span": [self.first_sent_ms, self.last_sent_ms],
             "clusters": self.clusters.to_dict(),
         }
@@ -431,23 +400,24 @@ class PairAccumulator:
             a.baseline_confidence, a.candidate_confidence = map(ConfidenceHistogram.from_dict, d["confidence"])
         if "label_pairs" in d:
             a.label_pairs = LabelPairTable.from_dict(d["label_pairs"])
-        if "evidence" in d:
-            a.evidence = dict(zip(_EVIDENCE, d["evidence"], strict=True))
-        else:  # v2 state: every request counted as evidence, as it was judged then
-            a.evidence = {"requests": a.requests, "errors": a.errors, "scored": a.scored,
-                          "label_flips": a.label_flips, "abs_confidence_delta": a.sums["abs_confidence_delta"]}
         a.first_sent_ms, a.last_sent_ms = d.get("span", [None, None])
         a.metric_sums = MetricSums.from_dict(d.get("metric_sums"))
         if "clusters" in d:
             a.clusters = ClusterStats.from_dict(d["clusters"])
-        else:  # v3 state: it was judged on the first-seen evidence; those requests become single clusters
-            ev, c = a.evidence, a.clusters
+        else:  # v2/v3 state: judged on its first-seen requests (v2: on all); they become single clusters
+            if "evidence" in d:
+                ev = dict(zip(_EVIDENCE, d["evidence"], strict=True))
+            else:
+                ev = {"requests": a.requests, "errors": a.errors, "scored": a.scored,
+                      "label_flips": a.label_flips, "abs_confidence_delta": a.sums["abs_confidence_delta"]}
+            c = a.clusters
             c.errors.add_singletons(ev["requests"], ev["errors"])
             c.flips.add_singletons(ev["scored"], ev["label_flips"])
             c.abs_delta.add_singletons(ev["scored"], ev["abs_confidence_delta"])
-            for key, table in a.slices.items():
-                for value, st in table.items():
-                    c._slice(key, value).add_singletons(st.evidence_scored, st.evidence_flips)
+            for key, table in d["slices"].items():
+                for value, st in table.items():  # [requests, errors, scored, flips, |delta|, first-seen scored, flips]
+                    scored, flips = (st[5], st[6]) if len(st) == 7 else (st[2], st[3])
+                    c._slice(key, value).add_singletons(scored, flips)
         return a
 
     def __repr__(self) -> str:

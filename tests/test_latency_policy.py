@@ -3,9 +3,9 @@ only against production's recorded latency (unless the policy opts in); a 16x fa
 loaded machine promotes; requests_needed is a number only when the data back it; a rollback is
 logged once at WARNING; the policy's defaults are one table.
 
-Traffic (``shadow_run``: PairAccumulator -> judge() after every window, the judge stage's calls; the
-first-seen filter it still passes as flip evidence does not touch latency, and the per-execution
-spike cases run ``scorers.calibration``'s real path, cluster keys included):
+Traffic (``shadow_run``: PairAccumulator -> judge() after every window, the judge stage's calls, every
+request its own cluster, which does not touch latency; the per-execution spike cases run
+``scorers.calibration``'s real path, cluster keys included):
 A/A answers (0.3 % near-tie flips, a noise run beside it), judged every 250 requests. Latencies:
 
 * ``HEAVY``: the request's cost lognormal(0, 1) ms, x20 for 1 % (long inputs), hardware noise
@@ -31,7 +31,6 @@ import pytest
 from scorers import latency as latency_module
 from scorers.accumulate import PairAccumulator
 from scorers.calibration import _aa, _diffs
-from scorers.evidence import SeenFilter
 from scorers.judge import JudgeMemory, JudgePolicy, judge, policy_defaults, policy_defaults_table
 from scorers.latency import PairedLatency
 from scorers.latency_simulate import simulate_latencies, simulate_latency
@@ -57,16 +56,15 @@ def shadow_run(lat, *, policy=POLICY, replayed=True, window=250, seed=0):
     tr = _aa(np.random.default_rng(seed), n)
     cum, noise = PairAccumulator(), PairAccumulator()
     paired = PairedLatency() if replayed else None
-    seen, noise_seen = SeenFilter(capacity=50_000, bits=1 << 20), SeenFilter(capacity=50_000, bits=1 << 20)
     memory, out = JudgeMemory(), []
     for end in range(window, n + 1, window):
         sl = slice(end - window, end)
-        keys, ids, part = tr.input_key[sl], [str(i) for i in range(end - window, end)], lat[:, sl]
+        ids, part = [str(i) for i in range(end - window, end)], lat[:, sl]
         cum.update(_diffs(tr.flip[sl], tr.abs_delta[sl]), baseline_latency_ms=part[0], candidate_latency_ms=part[2],
-                   request_ids=ids, evidence=seen.first_seen(keys))
+                   request_ids=ids)
         if replayed:
             noise.update(_diffs(tr.noise_flip[sl], tr.abs_delta[sl] * 0), baseline_latency_ms=part[0],
-                         candidate_latency_ms=part[1], request_ids=ids, evidence=noise_seen.first_seen(keys))
+                         candidate_latency_ms=part[1], request_ids=ids)
             paired.update(part[1], part[2])
         j = judge(cum, policy, noise=noise if replayed else None, memory=memory, paired_latency=paired)
         memory = j.memory

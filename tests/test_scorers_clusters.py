@@ -287,11 +287,13 @@ def test_state_from_before_clusters_loads_its_evidence_as_single_requests():
     acc = PairAccumulator()
     acc.update(_diffs(np.r_[np.ones(5, bool), np.zeros(95, bool)], np.full(100, 0.01)),
                baseline_latency_ms=np.ones(100), candidate_latency_ms=np.ones(100),
-               request_ids=[str(i) for i in range(100)], attributes=[{"c": "de"}] * 100,
-               evidence=np.r_[np.ones(60, bool), np.zeros(40, bool)])
+               request_ids=[str(i) for i in range(100)], attributes=[{"c": "de"}] * 100)
+    # v3 state, as the first-seen rule wrote it: 60 of the 100 requests were first seen, the 5 flips among them
     old = acc.to_dict()
     del old["clusters"]
     old["v"] = 3
+    old["evidence"] = [60, 0, 60, 5, 0.6]  # requests, errors, scored, label flips, sum |confidence delta|
+    old["slices"]["c"]["de"] = [*old["slices"]["c"]["de"], 60, 5]  # ... and the slice's first-seen scored, flips
     back = PairAccumulator.from_dict(old)
     assert back.clusters.flips.requests == 60 and back.clusters.flips.total == 5
     assert back.clusters.slices["c"]["de"].requests == 60

@@ -17,7 +17,6 @@ import pytest
 from scorers.accumulate import PairAccumulator
 from scorers.calibration import _diffs, calibrate
 from scorers.clusters import request_keys, tracker_for
-from scorers.evidence import SeenFilter
 from scorers.judge import JudgeMemory, JudgePolicy, judge
 
 
@@ -87,16 +86,6 @@ def test_a_key_shared_by_most_traffic_is_named_in_the_verdict():
     m = judge(acc, policy).metric("label_flip_rate")
     assert "in 94 independent clusters" in m.detail and "one key carries >= 100%" in m.detail
 
-
-def test_seen_filter_marks_first_of_each_input_and_sample_key():
-    f = SeenFilter(capacity=1000, bits=1 << 16)
-    inp = np.array([1, 2, 1, 3, 4, 5], dtype=np.uint64)
-    smp = np.array([0, 0, 0, 9, 9, 0], dtype=np.uint64)  # request 5 shares request 4's user
-    assert f.first_seen(inp, smp).tolist() == [True, True, False, True, False, True]
-    assert f.first_seen(np.array([2, 6], dtype=np.uint64)).tolist() == [False, True]  # across calls
-    for _ in range(3):  # rotation keeps the horizon at >= capacity keys
-        f.first_seen(np.arange(1000, 1000 + 600, dtype=np.uint64) + np.uint64(_ * 600))
-    assert f.first_seen(np.array([2], dtype=np.uint64)).tolist() == [True]  # long forgotten
 
 
 def _acc(flip_rate: float, n: int, seed: int, start_ms: int = 0, segments: bool = False) -> PairAccumulator:
