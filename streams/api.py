@@ -53,13 +53,14 @@ class Unavailable(RuntimeError):
 
 def create_app(
     board: VerdictBoard, sink: Any = None, health: Any = None, tokens: Sequence[str] = (),
-    retire: Callable[[str, str, str, str], Verdict] | None = None,
+    retire: Callable[[str, str, str, str], Verdict] | None = None, registry: Any = None,
 ) -> FastVerdicts:  # fmt: skip
     """``board``: the verdicts to serve; ``sink``: ClickHouseSink for windows and readiness (None:
     those answer 503); ``health``: the worker's ``streams.kafka_io.Health`` when served from a
     worker; ``tokens``: accepted bearer tokens (empty: no authentication, except for SQL and
     writes, which are then off); ``retire(model, candidate, reason, by)``: writes a retirement
-    (streams/retire.py; None: 503)."""
+    (streams/retire.py; None: 503); ``registry``: the Settings whose candidate registry /v1/candidates
+    serves (streams/registry_api.py; None: no such routes)."""
     app = FastAPI(
         title="shadowlens verdicts API",
         version="1.2",
@@ -250,6 +251,10 @@ def create_app(
             line = next((x for x in text.splitlines() if "Code:" in x), text.splitlines()[0] if text else "")
             raise HTTPException(status_code=400, detail=line[:500]) from None
 
+    if registry is not None:
+        from streams.registry_api import add_routes
+
+        add_routes(v1, registry, token_required)
     app.include_router(v1)
     app.include_router(gates)
     return FastVerdicts(app, board, accepted)

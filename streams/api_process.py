@@ -226,6 +226,7 @@ def _child(settings_json: dict, sock: socket.socket, updates, queries) -> None:
         return row
 
     threading.Thread(target=follow, name="board-feed", daemon=True).start()
-    app = create_app(board, sink=worker, health=worker, tokens=settings.api.tokens, retire=retire)
+    app = create_app(board, sink=worker, health=worker, tokens=settings.api.tokens, retire=retire,
+                     registry=settings)
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
     uvicorn.Server(config).run(sockets=[sock])

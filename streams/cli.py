@@ -16,6 +16,9 @@ try:  # the producer SDK's commands (backfill); mirror depends only on schemas
     app.add_typer(mirror_app, name="mirror", help="Producer-side tools: backfill files into the mirror topic.")
 except ImportError:  # pragma: no cover - mirror is part of the same distribution
     pass
+from streams.registry_cli import app as candidates_app  # noqa: E402 - beside the mirror's commands
+
+app.add_typer(candidates_app, name="candidates")
 
 
 @app.command()
@@ -173,7 +176,8 @@ def api(config: Path = typer.Option(..., "--config", "-c", help="TOML config fil
     board = VerdictBoard.from_settings(settings)
     refresher = BoardRefresher(board, sink, settings.api.refresh_s)
     refresher.start()
-    app_ = create_app(board, sink, tokens=settings.api.tokens, retire=partial(retire_pair, sink, board=board))
+    app_ = create_app(board, sink, tokens=settings.api.tokens, retire=partial(retire_pair, sink, board=board),
+                      registry=settings)
     write_api_sidecar(settings)  # with chDB this process holds the path: query and retire come through it
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler found
     # at start: this one ends the process through the finally below instead of killing it there.

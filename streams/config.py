@@ -58,6 +58,13 @@ class KafkaConfig(_Section):
     def diffs_topic(self) -> str:
         return self.diffs_topic_name or f"{self.topic}.diffs"
 
+    candidates_topic_name: str = Field(default="", alias="candidates_topic",
+                                       description="the candidate registry (compacted); empty: '<topic>.candidates'")
+
+    @property
+    def candidates_topic(self) -> str:
+        return self.candidates_topic_name or f"{self.topic}.candidates"
+
     @property
     def judge_group(self) -> str:
         return self.judge_group_id or f"{self.group_id}-judge"

@@ -69,6 +69,7 @@ class JudgeCore:
         self.sink = sink
         self.configs: dict[str, CandidateConfig] = {pair_key(c.model, c.name): c for c in settings.candidates}
         self._pairs: dict[str, PairWindows] = {}  # the live state, by pair key
+        self.final: set[str] = set()  # pairs retired in the registry: their verdict stays the retirement
         self._sizes: dict[str, int] = {}  # bytes of each pair's state when last serialised
         # What counts as independent is a *cluster* (scorers.clusters): each pair's open clusters are
         # in its state (PairWindows.clusters, on the changelog), the closed ones in its cumulative.
@@ -302,6 +303,7 @@ class JudgeCore:
                     if pw.rejudge and key not in planned and not pw.open_windows and pw.closed_upto_ms > 0]
         for _key, pw in rejudged:
             judged.append(self._verdict(pw, pw.closed_upto_ms - self.size_ms))
+        judged = [j for j in judged if pair_key(j[0].model, j[0].candidate) not in self.final]  # windows still written
         verdicts = [v for _, v, _, _ in judged]
         self.sink.insert_windows(windows)
         # With each verdict, its policy's hash and what it rested on besides the rows (streams/history.py):

@@ -213,7 +213,7 @@ def consumer(settings: Settings, topic: str, group_id: str, max_records: int, li
 
 
 async def ensure_topics(settings: Settings) -> dict[str, int]:
-    """Create the mirror, dead-letter, diffs and changelog topics when missing.
+    """Create the mirror, dead-letter, diffs, changelog and candidate registry topics when missing.
 
     A topic that appears after a consumer subscribed is noticed only at the next metadata refresh
     (minutes), so they are created up front. The changelog is compacted with an explicit
@@ -232,6 +232,8 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
             NewTopic(k.diffs_topic, k.diffs_partitions, 1, topic_configs={"max.message.bytes": str(PRODUCER_MAX_REQUEST_BYTES)}),
             NewTopic(k.changelog_topic, k.diffs_partitions, 1, topic_configs={
                 "cleanup.policy": "compact", "max.message.bytes": str(CHANGELOG_MAX_MESSAGE_BYTES)}),
+            # The candidate registry (streams/registry.py): one partition, so one order for every reader.
+            NewTopic(k.candidates_topic, 1, 1, topic_configs={"cleanup.policy": "compact"}),
         ]  # fmt: skip
         missing = [t for t in wanted if t.name not in existing]
         if missing:

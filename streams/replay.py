@@ -75,6 +75,15 @@ class Candidate:
     config: CandidateConfig
     adapter: InputAdapter
     runner: Runner
+    # The mirror offsets it is scored over (streams/registry.py): from start (a partition absent: 0)
+    # up to stop (None: no stop; a partition absent: 0). The TOML's candidates: every offset.
+    start: dict[int, int] = field(default_factory=dict)
+    stop: dict[int, int] | None = None
+
+    def scores(self, partition: int, offset: int) -> bool:
+        if offset < self.start.get(partition, 0):
+            return False
+        return self.stop is None or offset < self.stop.get(partition, 0)
 
     @classmethod
     def load(cls, config: CandidateConfig, providers: Sequence[str] | None) -> Candidate:
@@ -113,6 +122,11 @@ class ReplayCore:
         self.letter_log = LetterLog()
         self._groups: set[int] = set()  # ids of this micro-batch's groups (_per_group)
         self._shared: dict[tuple, object] = {}
+
+    def swap(self, candidates: dict[str, list[Candidate]]) -> None:
+        """Replace the candidate table as a whole (hot reload, streams/registry_reload.py): called on
+        the core's thread between micro-batches, so a batch is replayed with one table."""
+        self.candidates = candidates
 
     def replay(self, messages: Sequence[Inbound]) -> ReplayOutput:
         out = ReplayOutput()
@@ -154,10 +168,15 @@ class ReplayCore:
             out.requests += len(valid)
             model_batches = []
             for cand in self.candidates[model]:
-                batch, letters = self._replay_candidate(cand, groups, scored_ms)
-                batch.routed = len(valid) + len(unscorable)
-                batch.covers = _covers(items)  # every message of the model, dead letters included
-                _count_unscorable(batch, unscorable, sent)
+                c_groups, c_items, c_unscorable = groups, items, unscorable
+                if cand.start or cand.stop is not None:  # a registry candidate: only its offsets
+                    c_groups, c_items, c_unscorable = _in_range(cand, groups, items, unscorable)
+                    if not c_items:
+                        continue
+                batch, letters = self._replay_candidate(cand, c_groups, scored_ms)
+                batch.routed = sum(len(g) for g, _, _ in c_groups) + len(c_unscorable)
+                batch.covers = _covers(c_items)  # every message of the model, dead letters included
+                _count_unscorable(batch, c_unscorable, sent)
                 model_batches.append((cand, batch))
                 out.dead_letters.extend(letters)
             pair_reference_latency(model_batches)
@@ -333,6 +352,21 @@ class ReplayCore:
             [str(e) for e in diffs.error.tolist()], req["attributes"], getattr(kind, "top_k", 3),
             kind=kind.name, metrics=metrics,
         )  # fmt: skip
+
+
+def _in_range(cand: Candidate, groups, items, unscorable):
+    """The groups, messages and unscorable letters of a micro-batch within the candidate's offsets.
+    A filtered group is a new list, so ``_per_group`` computes its shared columns afresh."""
+    out = []
+    for group, stacked, keys in groups:
+        keep = [i for i, (_, msg) in enumerate(group) if cand.scores(msg.partition, msg.offset)]
+        if len(keep) == len(group):
+            out.append((group, stacked, keys))
+        elif keep:
+            out.append(([group[i] for i in keep], {k: v[keep] for k, v in stacked.items()}, keys[keep]))
+    kept_items = [(ev, msg) for ev, msg in items if cand.scores(msg.partition, msg.offset)]
+    kept_letters = [letter for letter in unscorable if cand.scores(letter.partition, letter.offset)]
+    return out, kept_items, kept_letters
 
 
 def _count_unscorable(batch: DiffBatch, letters: list[DeadLetter], sent: dict[tuple[int, int], int]) -> None:

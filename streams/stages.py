@@ -57,6 +57,7 @@ class ReplayStage:
         self.reachable_since = 0.0  # restarted after a failed or stalled send (see _send)
         self.metrics = None  # streams.metrics.WorkerMetrics, set by the topology
         self.last_message_wall = 0.0
+        self.reload = None  # streams.registry_reload.HotReload, set by the topology
 
     async def run(self) -> None:
         k = self.settings.kafka
@@ -85,6 +86,10 @@ class ReplayStage:
                 messages = [Inbound(m.value, tp.partition, m.offset, tp.topic, m.key)
                             for tp, msgs in fetched.items() for m in msgs]  # fmt: skip
                 if messages:
+                    if self.reload is not None:  # the registry's table for this batch (may wait for a load)
+                        table = await self.reload.prepare(messages)
+                        if table is not None:  # swapped between batches, on the core's thread
+                            await loop.run_in_executor(core_thread, self.core.swap, table)
                     started = time.perf_counter()
                     out = await loop.run_in_executor(core_thread, self.core.replay, messages)
                     self.last_message_wall = time.time()
@@ -101,6 +106,8 @@ class ReplayStage:
                     last_report = time.monotonic()
                     # A summary is due even when no message arrives; on the core's thread, as the log is the core's.
                     await loop.run_in_executor(core_thread, self.core.letter_log.flush)
+                    if self.reload is not None:  # loads start and finish while no message arrives too
+                        self.reload.idle()
         finally:
             try:
                 if sending is not None and not sending.done():
@@ -204,6 +211,7 @@ class JudgeStage:
         self.assigned: set[int] | None = None  # diffs partitions assigned, not yet restored
         self.committed: dict[TopicPartition, int] = {}  # diffs offsets this process committed
         self.revoked: set[int] = set()  # diffs partitions revoked while _gather waited
+        self.registry = None  # streams.registry_follow.JudgeRegistry, set by the topology
 
     async def run(self) -> None:
         k = self.settings.kafka
@@ -226,6 +234,8 @@ class JudgeStage:
                 if fetched:
                     await self._apply(consumer, fetched)
                 if time.monotonic() - last_close >= 1.0:
+                    if self.registry is not None:  # candidates, policy changes, retirements
+                        await until_done("clickhouse", self.health, self.registry.refresh)
                     await self._close_due()
                     await self._commit_past_markers(consumer)
                     last_close = time.monotonic()
@@ -273,6 +283,9 @@ class JudgeStage:
                 except Exception as exc:  # noqa: BLE001 - our own format; a foreign record is skipped, loudly
                     log.error("diffs topic %s@%d: unreadable record skipped (%s)", tp, m.offset, exc)
             offsets[tp] = OffsetAndMetadata(msgs[-1].offset + 1, "")
+        if self.registry is not None and any(f"{b.model}/{b.candidate}" not in self.core.configs for b in batches):
+            # A candidate a replay process loaded from the registry: its record was written before these rows.
+            await until_done(KAFKA_JUDGE, self.health, lambda: self.registry.refresh(sync=True))
         # Inline, not in a thread: a second Python thread would hold the GIL while a candidate's
         # session.run is being timed in the replay stage of the same process, inflating latencies.
         result = await until_done("clickhouse", self.health, _now(self.core.apply, batches))

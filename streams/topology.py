@@ -78,12 +78,24 @@ async def _run(settings: Settings, role: Role, tasks: list[asyncio.Task]) -> Non
     # lacks, a chDB path another process holds are one line and exit 2, not a traceback later.
     loaded = startup_checks(settings, role)
     partitions = await until_done("kafka", health, lambda: ensure_topics(settings))
+    # The candidate registry (streams/registry.py): the TOML seeds it on the first start; every
+    # process follows it from its beginning, in the background.
+    from streams.registry import seed
+    from streams.registry_follow import JudgeRegistry, RegistryFollower
+
+    await until_done("kafka", health, lambda: seed(settings))
+    follower = RegistryFollower(settings, health)
+    tasks.append(asyncio.create_task(_closing(follower), name="registry"))  # closed however the worker stops
+    await follower.start()
     sink = replay = judge = None
     if role in ("replay", "all"):
+        from streams.registry_reload import HotReload
         from streams.replay import ReplayCore
         from streams.stages import ReplayStage
 
         replay = ReplayStage(settings, ReplayCore(settings, loaded), health, partitions)
+        replay.reload = HotReload(settings, follower, health, replay.replica, loaded)
+        metrics.add_collector(replay.reload.collect)
         replay.metrics = metrics
         tasks.append(asyncio.create_task(replay.run(), name="replay"))
     api = refresher = None
@@ -99,6 +111,8 @@ async def _run(settings: Settings, role: Role, tasks: list[asyncio.Task]) -> Non
         # The last verdicts survive a restart, with their true age (a stale promote is a hold; a rollback stands).
         await until_done("clickhouse", health, lambda: asyncio.to_thread(core.board.load, sink))
         judge = JudgeStage(settings, core, health)
+        judge.registry = JudgeRegistry(follower, core, sink)
+        await until_done("clickhouse", health, judge.registry.refresh)
         metrics.add_collector(judge_collector(core.board, core, judge))
         tasks.append(asyncio.create_task(judge.run(), name="judge"))
         if sock is not None:
@@ -136,9 +150,19 @@ async def _run(settings: Settings, role: Role, tasks: list[asyncio.Task]) -> Non
         if api is not None:
             api.stop()
             write_api_sidecar(settings, remove=True)
+        if replay is not None:
+            await replay.reload.stop()
         if sink is not None:
             sink.close()
         log.info("worker stopped")
+
+
+async def _closing(follower) -> None:
+    """Holds the registry follower until cancelled, then closes it (also when stopped while starting)."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await follower.stop()
 
 
 def _startup_summary(settings: Settings, role: str, api: bool, metrics_port: int | None) -> None:
