@@ -39,6 +39,12 @@ class RegistryFollower:
         self.consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap, enable_auto_commit=False,
                                          request_timeout_ms=15000)  # fmt: skip
         await until_done(COMPONENT, self.health, self.consumer.start)
+        # The topic's end offset comes from a client of its own: on the following consumer's
+        # connection it would queue behind the fetch that long-polls the broker (fetch_max_wait_ms,
+        # 500 ms), and every micro-batch would wait that long for it.
+        self.offsets = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap, enable_auto_commit=False,
+                                        request_timeout_ms=15000)  # fmt: skip
+        await until_done(COMPONENT, self.health, self.offsets.start)
         self.consumer.assign([self.tp])
         await self.consumer.seek_to_beginning(self.tp)
         self._task = asyncio.create_task(self._follow(), name="registry")
@@ -48,8 +54,9 @@ class RegistryFollower:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if getattr(self, "consumer", None) is not None:
-            await self.consumer.stop()
+        for client in (getattr(self, "consumer", None), getattr(self, "offsets", None)):
+            if client is not None:
+                await client.stop()
 
     async def _follow(self) -> None:
         while True:
@@ -68,7 +75,7 @@ class RegistryFollower:
 
     async def sync(self) -> None:
         """Until every record written before this call has been read."""
-        ends = await until_done(COMPONENT, self.health, lambda: self.consumer.end_offsets([self.tp]))
+        ends = await until_done(COMPONENT, self.health, lambda: self.offsets.end_offsets([self.tp]))
         while self.position < ends[self.tp]:
             if self._task is not None and self._task.done():
                 raise RuntimeError("the registry follower stopped") from self._task.exception()
