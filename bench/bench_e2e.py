@@ -14,6 +14,7 @@ import argparse
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -22,8 +23,10 @@ from pathlib import Path
 import httpx
 
 from streams.demo import TrafficGenerator
-from streams.harness import WorkerProcess, free_port, produce, window_totals, write_worker_config
 from streams.models import build_digits_models
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness lives with the tests
+from harness import WorkerProcess, free_port, produce, window_totals, write_worker_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

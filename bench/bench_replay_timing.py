@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stages import CANDIDATES, MIRROR_PARTITIONS, bootstrap, drain_rate  # noqa: E402
 
 from streams.demo import TrafficGenerator  # noqa: E402
-from streams.harness import create_topic, free_port, produce, write_worker_config  # noqa: E402
+from harness import create_topic, free_port, produce, write_worker_config  # noqa: E402
 from streams.models import build_digits_models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

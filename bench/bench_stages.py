@@ -32,11 +32,13 @@ from pathlib import Path
 
 from streams.config import ReplayConfig
 from streams.demo import TrafficGenerator
-from streams.harness import (
+from streams.models import build_digits_models
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness lives with the tests
+from harness import (  # noqa: E402
     GroupProgress, WorkerProcess, create_topic, free_port, group_progress, produce, produce_batched,
     write_worker_config,
 )  # fmt: skip
-from streams.models import build_digits_models
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = ("digits-v2", "digits-v2-degraded")

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from schemas import Verdict
-from streams.harness import WorkerProcess, free_port, write_worker_config
+from harness import WorkerProcess, free_port, write_worker_config
 from streams.models import build_digits_models
 from streams.sink import ClickHouseSink
 

@@ -26,7 +26,7 @@ from streams.adapter import AdapterConfig
 from streams.blame import UNSCORABLE, CandidateRefused, conform_inputs
 from streams.config import CandidateConfig, load_settings
 from streams.demo import DEMO_POLICY, TrafficGenerator, demo_settings
-from streams.harness import (
+from harness import (
     WorkerProcess, consume_all, free_port, window_aligned_start, window_totals, write_worker_config,
 )  # fmt: skip
 from streams.models import PIXEL_SCALE, build_digits_models, build_export_variants, load_digits_split

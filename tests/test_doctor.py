@@ -27,7 +27,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from schemas import MirroredRequest
 from schemas.tensors import Tensor
 from streams.demo import TrafficGenerator
-from streams.harness import WorkerProcess, free_port, free_port_pair, group_progress, produce, write_worker_config
+from harness import WorkerProcess, free_port, free_port_pair, group_progress, produce, write_worker_config
 from streams.models import build_digits_models
 
 pytestmark = pytest.mark.kafka

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from streams.demo import TrafficGenerator
-from streams.harness import (
+from harness import (
     WorkerProcess, consume_all, free_port, produce, window_aligned_start, window_totals, write_worker_config,
 )  # fmt: skip
 from streams.models import build_digits_models

@@ -20,7 +20,7 @@ import uuid
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from streams.harness import WorkerProcess, consume_all, create_topic, free_port, produce, write_worker_config
+from harness import WorkerProcess, consume_all, create_topic, free_port, produce, write_worker_config
 from streams.models import build_digits_models
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

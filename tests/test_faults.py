@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from streams.demo import TrafficGenerator
-from streams.harness import (
+from harness import (
     OwnBroker, Workers, consume_all, create_topic, free_port, produce, window_aligned_start, window_totals,
     write_worker_config,
 )  # fmt: skip

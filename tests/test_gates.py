@@ -24,7 +24,7 @@ import pytest
 
 from schemas import Verdict
 from streams.demo import TrafficGenerator
-from streams.harness import WorkerProcess, consume_all, free_port, produce, write_worker_config
+from harness import WorkerProcess, consume_all, free_port, produce, write_worker_config
 from streams.models import build_digits_models
 from streams.sink import ClickHouseSink
 

@@ -203,7 +203,7 @@ LONG_QUERY = "SELECT count() FROM numbers(100000000) WHERE NOT ignore(arraySum(r
 def test_hostile_queries_on_a_live_worker_while_requests_stream(kafka_bootstrap, new_topic, tmp_path, secret_file,
                                                                 listener):  # fmt: skip
     from streams.demo import TrafficGenerator
-    from streams.harness import WorkerProcess, free_port, produce, window_aligned_start, write_worker_config
+    from harness import WorkerProcess, free_port, produce, window_aligned_start, write_worker_config
     from streams.models import build_digits_models
 
     port, accepted = listener

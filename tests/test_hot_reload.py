@@ -32,7 +32,7 @@ import pytest
 from scorers.judge import JudgePolicy
 from streams.config import load_settings
 from streams.demo import DEMO_POLICY, TrafficGenerator
-from streams.harness import Workers, create_topic, free_port, produce, window_aligned_start, write_worker_config
+from harness import Workers, create_topic, free_port, produce, window_aligned_start, write_worker_config
 from streams.history import policy_hash
 from streams.models import build_digits_models
 from streams.registry import mirror_end_offsets, sha256_file

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 
 from mirror import MirrorClient
-from streams.harness import WorkerProcess, free_port, window_totals, write_worker_config
+from harness import WorkerProcess, free_port, window_totals, write_worker_config
 from streams.models import build_digits_models, load_digits_split
 from streams.sink import ClickHouseSink
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from streams.harness import free_port_pair
+from harness import free_port_pair
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
 

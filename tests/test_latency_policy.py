@@ -225,7 +225,7 @@ def test_a_rollback_is_logged_once_at_warning_by_the_judge(tmp_path, caplog):
     rolls back at its first window; that is logged at WARNING once, not again at every window after,
     nor after the judge restores the pair's state (a restart)."""
     from streams.demo import TrafficGenerator, demo_settings
-    from streams.harness import window_aligned_start
+    from harness import window_aligned_start
     from streams.models import build_digits_models
     from streams.pipeline import Pipeline
     from streams.sink import ClickHouseSink

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from test_mirror_kafka import Server  # uvicorn in a thread on a free port (tests/ is on sys.path)
 
 from mirror import MirrorClient, MirrorMiddleware
-from streams.harness import WorkerProcess, free_port, window_totals, write_worker_config
+from harness import WorkerProcess, free_port, window_totals, write_worker_config
 from streams.models import build_digits_models, load_digits_split
 from streams.sink import ClickHouseSink
 

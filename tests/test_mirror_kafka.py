@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from mirror import AsyncMirrorClient, MirrorClient, MirrorMiddleware
 from mirror.cli import app as mirror_cli
 from schemas import MirroredRequest
-from streams.harness import free_port_pair
+from harness import free_port_pair
 
 pytestmark = pytest.mark.kafka
 

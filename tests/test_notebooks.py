@@ -206,7 +206,7 @@ def test_notebook_queries_through_the_worker_api_when_the_chdb_path_is_held(demo
     API (POST /v1/query, found in <path>.api.json). A process holds the path and serves the real API."""
     import subprocess
 
-    from streams.harness import free_port
+    from harness import free_port
 
     path = demo_dsn[len("chdb://"):]
     port = free_port()

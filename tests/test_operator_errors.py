@@ -21,7 +21,7 @@ import numpy as np
 
 import pytest
 
-from streams.harness import free_port, free_port_pair, write_worker_config
+from harness import free_port, free_port_pair, write_worker_config
 from streams.models import build_digits_models
 from streams.sink import ClickHouseSink
 
@@ -251,7 +251,7 @@ def test_processes_need_the_replay_role_and_free_metrics_ports(tmp_path):
 def test_query_through_the_worker_passes_format_through(kafka_bootstrap, tmp_path):
     """While the worker holds the chDB path the query goes through its API; a FORMAT clause comes
     back as ClickHouse's own text (the API's QueryResult.text)."""
-    from streams.harness import WorkerProcess
+    from harness import WorkerProcess
 
     models = build_digits_models(tmp_path / "models")
     token = "doctor-format-token-0123456789"

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from streams.config import load_settings
-from streams.harness import free_port, free_port_pair, produce, write_worker_config
+from harness import free_port, free_port_pair, produce, write_worker_config
 from streams.kafka_io import ensure_topics
 from streams.models import build_digits_models
 from streams.registry import read_all, seed

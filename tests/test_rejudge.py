@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from streams.demo import DEMO_POLICY, TrafficGenerator
-from streams.harness import WorkerProcess, free_port, produce, window_aligned_start, write_worker_config
+from harness import WorkerProcess, free_port, produce, window_aligned_start, write_worker_config
 from streams.models import build_digits_models
 
 pytestmark = pytest.mark.kafka

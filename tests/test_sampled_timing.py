@@ -14,7 +14,7 @@ import pytest
 
 from streams.config import ConfigError, ReplayConfig, load_settings
 from streams.demo import V1_TO_V2_ADAPTER, TrafficGenerator
-from streams.harness import window_aligned_start
+from harness import window_aligned_start
 from streams.models import build_digits_models
 from streams.recent_ids import id_hashes
 from streams.replay import Inbound, ReplayCore

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from streams.demo import TrafficGenerator
-from streams.harness import (
+from harness import (
     Workers, consume_all, create_topic, free_port, group_lag, produce, window_aligned_start, write_worker_config,
 )  # fmt: skip
 from streams.models import build_digits_models

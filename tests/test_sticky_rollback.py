@@ -24,7 +24,7 @@ import pytest
 
 from schemas import Verdict
 from streams.board import VerdictBoard
-from streams.harness import WorkerProcess, free_port, write_worker_config
+from harness import WorkerProcess, free_port, write_worker_config
 from streams.models import build_digits_models
 from streams.retire import retirement
 from streams.sink import ClickHouseSink

@@ -16,7 +16,7 @@ from streams.api import create_app
 from streams.config import ConfigError, load_settings
 from streams.demo import TrafficGenerator, demo_settings
 from streams.models import build_digits_models
-from streams.harness import window_aligned_start
+from harness import window_aligned_start
 from streams.judge import JudgeCore
 from streams.pipeline import Pipeline
 from streams.replay import Inbound

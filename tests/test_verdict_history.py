@@ -17,7 +17,7 @@ import pytest
 
 from scorers.judge import JudgePolicy
 from streams.demo import DEMO_POLICY, TrafficGenerator
-from streams.harness import WorkerProcess, free_port, produce, window_aligned_start, write_worker_config
+from harness import WorkerProcess, free_port, produce, window_aligned_start, write_worker_config
 from streams.history import VerdictChange, policy_hash
 from streams.models import build_digits_models
 from streams.sink import ClickHouseSink

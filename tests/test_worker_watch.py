@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from streams.demo import TrafficGenerator
-from streams.harness import WorkerProcess, free_port, produce, write_worker_config
+from harness import WorkerProcess, free_port, produce, write_worker_config
 from streams.models import build_digits_models
 
 ROOT = Path(__file__).resolve().parents[1]
