@@ -81,6 +81,13 @@ def demo_settings(data_dir: Path, models: dict[str, Path], window_s: float = 20.
     )
 
 
+def _baseline_session(path: Path) -> ort.InferenceSession:
+    """Production's model as the demo's traffic runs it: one thread, CPU, each request timed alone."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 @dataclass
 class TrafficGenerator:
     """Held-out digits with small pixel noise, answered and timed by the real baseline model."""
@@ -91,9 +98,7 @@ class TrafficGenerator:
 
     def __post_init__(self):
         self.data = load_digits_split()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.baseline_path), options, providers=["CPUExecutionProvider"])
+        self.session = _baseline_session(self.baseline_path)
 
     def messages(self, n: int, start: datetime | None = None) -> list[bytes]:
         rng = np.random.default_rng(self.seed)
@@ -128,9 +133,7 @@ class RegressionTraffic:
 
     def __post_init__(self):
         self.data = load_diabetes_split()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.baseline_path), options, providers=["CPUExecutionProvider"])
+        self.session = _baseline_session(self.baseline_path)
 
     def messages(self, n: int, start: datetime | None = None) -> list[bytes]:
         rng = np.random.default_rng(self.seed)
