@@ -55,6 +55,10 @@ def run_doctor(settings: Settings, sample: int = 200, role: str = "all") -> list
     from streams.doctor_traffic import kafka_checks
 
     checks += asyncio.run(kafka_checks(settings, candidates if role != "judge" else None, sample))
+    if role in ("replay", "all"):  # what the registry holds beside the config (issue #23)
+        from streams.doctor_registry import registry_checks
+
+        checks += asyncio.run(registry_checks(settings))
     return checks
 
 

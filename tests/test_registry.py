@@ -162,3 +162,30 @@ def test_registry_over_the_api_reads_with_a_token_and_writes_only_with_one(setup
         assert open_api.get("/v1/candidates").status_code == 200  # reads: as /v1/verdicts without tokens
         assert open_api.post("/v1/candidates/digits/api-three", json=body).status_code == 403  # writes: never
     assert show(config, "api-one")["state"] == "retired"
+
+
+def test_doctor_checks_every_registry_entry_as_a_replay_process_would_load_it(setup, models, tmp_path):
+    """A registered candidate whose file no longer has its pinned SHA-256, or is gone, is a failed
+    check naming it and the fix; the seeded one and a good one pass; a retired one is not loaded."""
+    settings, config, _ = setup
+    moved = tmp_path / "degraded-copy.onnx"
+    moved.write_bytes(models["degraded"].read_bytes())
+    for name, path in (("digits-good-2", models["good"]), ("digits-moved", moved), ("digits-retired", models["good"])):
+        done = cli("candidates", "add", "-c", str(config), "--model", "digits", "--candidate", name, "--path", str(path))
+        assert done.returncode == 0, done.stderr
+    done = cli("candidates", "add", "-c", str(config), "--model", "digits", "--candidate", "digits-pinned",
+               "--path", str(models["good"]), "--sha256", "0" * 64)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert cli("candidates", "retire", "-c", str(config), "--model", "digits", "--candidate", "digits-retired").returncode == 0
+    moved.unlink()
+    from streams.doctor import FAIL, OK, run_doctor
+
+    checks = {c.what: c for c in run_doctor(settings, sample=0, role="replay") if c.what.startswith("registry ")}
+    assert checks["registry digits/digits-v2 v1"].status == OK
+    assert checks["registry digits/digits-good-2 v1"].status == OK
+    assert checks["registry digits/digits-retired v1"].status == OK and "retired" in checks["registry digits/digits-retired v1"].detail
+    pinned, gone = checks["registry digits/digits-pinned v1"], checks["registry digits/digits-moved v1"]
+    assert pinned.status == FAIL and "the registry pins 000000000000" in pinned.detail
+    assert gone.status == FAIL and "degraded-copy.onnx" in gone.detail
+    for check in (pinned, gone):
+        assert "shadowlens candidates add --model digits" in check.fix
