@@ -41,12 +41,11 @@ from scorers.diffs import ClassificationDiffs
 from scorers.histograms import ConfidenceHistogram, LabelPairTable
 from scorers.metric_sums import MetricSums
 from scorers.sketch import LatencySketch
+from scorers.state_migration import clusters_from_first_seen
 
 TOP_EXAMPLES = 10
 MAX_ERROR_REASONS = 32
 MAX_CLASSES = 1024
-_EVIDENCE = (  # the first-seen counts of v3 state, read only to convert it:
-    "requests", "errors", "scored", "label_flips", "abs_confidence_delta")
 _SUMS = ("abs_confidence_delta", "confidence_delta", "sq_confidence_delta", "l1", "linf", "hellinger",
          "topk_overlap")
 
@@ -404,20 +403,8 @@ class PairAccumulator:
         a.metric_sums = MetricSums.from_dict(d.get("metric_sums"))
         if "clusters" in d:
             a.clusters = ClusterStats.from_dict(d["clusters"])
-        else:  # v2/v3 state: judged on its first-seen requests (v2: on all); they become single clusters
-            if "evidence" in d:
-                ev = dict(zip(_EVIDENCE, d["evidence"], strict=True))
-            else:
-                ev = {"requests": a.requests, "errors": a.errors, "scored": a.scored,
-                      "label_flips": a.label_flips, "abs_confidence_delta": a.sums["abs_confidence_delta"]}
-            c = a.clusters
-            c.errors.add_singletons(ev["requests"], ev["errors"])
-            c.flips.add_singletons(ev["scored"], ev["label_flips"])
-            c.abs_delta.add_singletons(ev["scored"], ev["abs_confidence_delta"])
-            for key, table in d["slices"].items():
-                for value, st in table.items():  # [requests, errors, scored, flips, |delta|, first-seen scored, flips]
-                    scored, flips = (st[5], st[6]) if len(st) == 7 else (st[2], st[3])
-                    c._slice(key, value).add_singletons(scored, flips)
+        else:  # state from before clusters (v2/v3)
+            a.clusters = clusters_from_first_seen(d)
         return a
 
     def __repr__(self) -> str:
