@@ -116,6 +116,28 @@ ORDER BY (model, candidate, updated_at)""",
         # made before them get them empty (such verdicts cannot be re-judged).
         f"ALTER TABLE {db}.verdicts ADD COLUMN IF NOT EXISTS policy_hash String DEFAULT ''",
         f"ALTER TABLE {db}.verdicts ADD COLUMN IF NOT EXISTS evidence String DEFAULT ''",
+        # The candidate registry's history for analysts (the compacted topic keeps only the last
+        # record per key): every record the judge saw, by source (record: an operator's or the
+        # seed's write; status: a replay process's; verdict: the judge's promoted / rolled_back).
+        # Replacing on the whole event, so a judge that re-reads the topic after a restart adds nothing.
+        f"""CREATE TABLE IF NOT EXISTS {db}.candidate_events (
+    at DateTime64(3, 'UTC'),
+    model LowCardinality(String),
+    candidate LowCardinality(String),
+    version UInt32,
+    pair LowCardinality(String),
+    source LowCardinality(String),
+    state LowCardinality(String),
+    sha256 String,
+    path String,
+    policy_version UInt32,
+    policy String,
+    by String,
+    reason String,
+    start_offsets String,
+    stop_offsets String
+) ENGINE = ReplacingMergeTree
+ORDER BY (model, candidate, version, at, source, state)""",
         verdict_changes_view(db),
     ]
 

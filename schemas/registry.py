@@ -11,6 +11,9 @@ Two kinds of record, told apart by their key:
   recorded: replay waits for them (the second write of the same command).
 - ``model/candidate#status``: a ``CandidateStatus``, written by replay processes (loading, shadowing,
   refused with a reason). Separate keys, so a process never overwrites an operator's write.
+- ``model/pair#verdict``: a ``CandidateVerdict``, written by the judge when a pair's verdict turns to
+  promote or rollback (or away from them): the ``promoted`` / ``rolled_back`` states. Keyed by the
+  pair id (``name@v<N>``), so a later version never shows an older version's verdict.
 
 Versioned (``schema_version``): a reader refuses a version it does not know instead of guessing.
 Depends on nothing of streams (layers: schemas <- scorers <- streams).
@@ -26,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 REGISTRY_SCHEMA_VERSION = 1
 RegistryState = Literal["registered", "loading", "shadowing", "promoted", "rolled_back", "retired", "refused"]
 STATUS_SUFFIX = "#status"
+VERDICT_SUFFIX = "#verdict"
 
 
 class CandidateRecord(BaseModel):
@@ -65,6 +69,11 @@ class CandidateRecord(BaseModel):
         """The candidate id its diff rows and verdicts carry: evidence of two versions never mixes."""
         return self.candidate if self.version == 1 else f"{self.candidate}@v{self.version}"
 
+    @property
+    def verdict_key(self) -> str:
+        """Where the judge's verdict state of this version is: by pair id, so versions never share it."""
+        return f"{self.model}/{self.pair}{VERDICT_SUFFIX}"
+
     def scores(self, partition: int, offset: int) -> bool:
         """Whether the candidate is replayed for the mirror message at (partition, offset)."""
         if offset < self.start_offsets.get(partition, 0):
@@ -89,4 +98,19 @@ class CandidateStatus(BaseModel):
     state: Literal["loading", "shadowing", "refused"]
     reason: str = ""
     replica: str = ""
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+class CandidateVerdict(BaseModel):
+    """What the judge's verdict makes of one version: a display state only (ClickHouse's verdicts
+    are the source); ``shadowing`` when a promote or rollback was followed by another verdict."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = REGISTRY_SCHEMA_VERSION
+    model: str
+    candidate: str
+    version: int
+    state: Literal["promoted", "rolled_back", "shadowing"]
+    verdict: str = ""
     at: datetime = Field(default_factory=lambda: datetime.now(UTC))

@@ -34,7 +34,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from schemas import describe_validation_error
-from schemas.registry import STATUS_SUFFIX, CandidateRecord, CandidateStatus
+from schemas.registry import STATUS_SUFFIX, VERDICT_SUFFIX, CandidateRecord, CandidateStatus, CandidateVerdict
 from streams.config import CandidateConfig, ConfigError, Settings
 
 log = logging.getLogger("shadowlens.registry")
@@ -119,6 +119,8 @@ def decode(key: bytes | None, value: bytes | None) -> tuple[str, CandidateRecord
     try:
         if text.endswith(STATUS_SUFFIX):
             return text, CandidateStatus.model_validate_json(value)
+        if text.endswith(VERDICT_SUFFIX):
+            return text, CandidateVerdict.model_validate_json(value)
         return text, CandidateRecord.model_validate_json(value)
     except ValidationError as exc:
         log.error("registry record %s skipped: %s (written by a newer shadowlens?)", text, describe_validation_error(exc))
@@ -157,7 +159,9 @@ def apply(specs: dict, statuses: dict, item) -> None:
     if item is None:
         return
     key, rec = item
-    if key.endswith(STATUS_SUFFIX):
+    if key.endswith(VERDICT_SUFFIX):  # kept whole: statuses[record.verdict_key] (never a spec)
+        statuses.pop(key, None) if rec is None else statuses.__setitem__(key, rec)
+    elif key.endswith(STATUS_SUFFIX):
         statuses.pop(key[: -len(STATUS_SUFFIX)], None) if rec is None else statuses.__setitem__(
             key[: -len(STATUS_SUFFIX)], rec)  # fmt: skip
     elif rec is None:
@@ -361,22 +365,28 @@ async def reset(settings: Settings, model: str, candidate: str, by: str) -> Cand
     return (await _recorded(settings, [(key, rec)], start=[key], stop=[]))[key]
 
 
-def effective_state(rec: CandidateRecord, status: CandidateStatus | None) -> str:
-    """The state to show: the operator's, refined by what the replay processes report for this version."""
+def effective_state(rec: CandidateRecord, status: CandidateStatus | None,
+                    verdict: CandidateVerdict | None = None) -> str:  # fmt: skip
+    """The state to show: the operator's, refined by what the replay processes report for this
+    version, then by the judge's verdict (promoted / rolled_back); retired and refused always win."""
+    state = rec.state
     if rec.state == "registered" and status is not None and status.version == rec.version:
-        return status.state
-    return rec.state
+        state = status.state
+    live = state in ("registered", "loading", "shadowing") and verdict is not None and verdict.version == rec.version
+    return verdict.state if live and verdict.state != "shadowing" else state
 
 
-def describe(rec: CandidateRecord, status: CandidateStatus | None) -> dict[str, Any]:
+def describe(rec: CandidateRecord, status: CandidateStatus | None, verdict: CandidateVerdict | None = None) -> dict:
     """A record as ``candidates show`` and the API print it."""
     out = json.loads(rec.model_dump_json())
     out["pair"] = rec.pair
-    out["state"] = effective_state(rec, status)
+    out["state"] = effective_state(rec, status, verdict)
     if status is not None and status.version == rec.version and status.state == "refused":
         out["reason"] = status.reason
     if status is not None:
         out["status"] = json.loads(status.model_dump_json())
+    if verdict is not None and verdict.version == rec.version:
+        out["verdict_state"] = json.loads(verdict.model_dump_json())
     return out
 
 

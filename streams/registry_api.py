@@ -59,7 +59,8 @@ def add_routes(v1: APIRouter, settings, token_required) -> None:
     def list_candidates() -> list[dict]:
         """Every candidate's current version, state (refused: with the reason) and offsets."""
         specs, statuses = call(read_all(settings))
-        return [describe(r, statuses.get(k)) for k, r in sorted(specs.items()) if "@v" not in k]
+        return [describe(r, statuses.get(k), statuses.get(r.verdict_key))
+                for k, r in sorted(specs.items()) if "@v" not in k]
 
     @v1.get("/candidates/{model}/{candidate}", tags=["candidates"])
     def show_candidate(model: str, candidate: str) -> dict:
@@ -67,7 +68,7 @@ def add_routes(v1: APIRouter, settings, token_required) -> None:
         key = f"{model}/{candidate}"
         if key not in specs:
             raise HTTPException(status_code=404, detail=f"{key} is not registered")
-        out = describe(specs[key], statuses.get(key))
+        out = describe(specs[key], statuses.get(key), statuses.get(specs[key].verdict_key))
         out["earlier_versions"] = [describe(r, None) for k, r in sorted(specs.items()) if k.startswith(f"{key}@v")]
         return out
 

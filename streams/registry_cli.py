@@ -82,7 +82,8 @@ def list_(config: Path = CONFIG, as_json: bool = typer.Option(False, "--json")) 
     from streams.registry import describe, read_all
 
     _, (specs, statuses) = _do(config, read_all)
-    rows = [describe(rec, statuses.get(key)) for key, rec in sorted(specs.items()) if "@v" not in key]
+    rows = [describe(rec, statuses.get(key), statuses.get(rec.verdict_key))
+            for key, rec in sorted(specs.items()) if "@v" not in key]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -102,7 +103,7 @@ def show(model: str = MODEL, candidate: str = CANDIDATE, config: Path = CONFIG) 
         from streams.cli import _fail
 
         _fail(f"{key} is not registered; `shadowlens candidates list` shows what is")
-    out = describe(specs[key], statuses.get(key))
+    out = describe(specs[key], statuses.get(key), statuses.get(specs[key].verdict_key))
     out["earlier_versions"] = [describe(r, None) for k, r in sorted(specs.items()) if k.startswith(f"{key}@v")]
     typer.echo(json.dumps(out, indent=2))
 

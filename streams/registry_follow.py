@@ -98,11 +98,16 @@ class RegistryFollower:
 
 class JudgeRegistry:
     """The judge's view of the registry: each pair's config (kind, policy, noise reference) from its
-    record; a retired pair's verdict made final once (streams/retire.py's retirement row)."""
+    record; a retired pair's verdict made final once (streams/retire.py's retirement row); the
+    promoted / rolled_back states and the registry's history in ClickHouse (streams/registry_events.py)."""
 
     def __init__(self, follower: RegistryFollower, core, sink):
+        from streams.registry_events import CandidateEvents, VerdictStates
+
         self.follower, self.core, self.sink = follower, core, sink
         self.seen: dict[str, tuple] = {}
+        self.verdict_states = VerdictStates(follower.settings, follower)
+        self.events = CandidateEvents(follower, sink)
 
     async def refresh(self, sync: bool = False) -> None:
         if sync:
@@ -120,6 +125,9 @@ class JudgeRegistry:
             log.info("registry: %s version %d, policy version %d, %s", key, rec.version, rec.policy_version, rec.state)
             if rec.state == "retired" and rec.stop_offsets is not None:
                 self._final(rec)
+        # The verdicts published since the last refresh (JudgeCore.close_due runs right after it).
+        self.verdict_states.update(self.core.board)
+        self.events.update()
 
     def _final(self, rec: CandidateRecord) -> None:
         from streams.retire import NothingToRetire, retire_pair

@@ -141,6 +141,10 @@ class ClickHouseSink:
             rows = [[*row, *extra] for row, extra in zip(rows, provenance, strict=True)]
             self._insert("verdicts", [*VERDICT_COLUMNS, "policy_hash", "evidence"], rows)
 
+    def insert_candidate_events(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Registry records as history rows (streams/registry_events.py makes them)."""
+        self._insert("candidate_events", list(rows[0]) if rows else [], [list(r.values()) for r in rows])
+
     def _insert(self, table: str, columns: list[str], rows: list[list]) -> None:
         if rows:
             with self._lock:

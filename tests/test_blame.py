@@ -249,8 +249,9 @@ def test_outputs_that_are_not_probability_vectors_are_refused_when_the_candidate
 
     regression = load(models["regression"], output="variable")
     assert regression is not None and regression.startswith(
-        "candidates.c.output: 'variable' is a [None, 1] float tensor, not a probability vector: shadowlens judges "
-        "classifiers today (set output to the classifier's probabilities, e.g. skl2onnx's output_probability")
+        "candidates.c.output: 'variable' is a [None, 1] float tensor, not a probability vector, and kind is "
+        "'classification' (set output to the classifier's probabilities, e.g. skl2onnx's output_probability")
+    assert 'kind = "regression"' in regression
     labels = load(models["good-zipmap"], output="output_label")
     assert labels is not None and "'output_label' is a [None] int64 tensor (class labels)" in labels
     assert "not an output" in load(models["good"], output="nope")

@@ -156,7 +156,8 @@ def test_candidates_added_refused_retired_and_repoliced_while_traffic_flows(kafk
 
         totals = workers.wait_for(complete, 300, f"windows adding up to {expected}")
         assert totals == expected
-        assert show(config, "bad")["state"] == "shadowing"
+        # Replayed again after its reset; the degraded model's verdict may have turned to rollback already.
+        assert show(config, "bad")["state"] in ("shadowing", "rolled_back")
         assert all(p.alive for p in workers.processes)
         assert all("candidate digits/late loaded" in p.log_path.read_text() for p in workers.replays)
     finally:

@@ -139,7 +139,7 @@ def test_ddl_is_idempotent_on_chdb(tmp_path):
         for statement in ddl_statements("shadowlens_test"):
             client.command(statement)
     tables = {r[0] for r in client.query("SHOW TABLES FROM shadowlens_test").result_rows}
-    assert tables == {"request_diffs", "window_stats", "verdicts", "verdict_changes"}  # the last: a view
+    assert tables == {"request_diffs", "window_stats", "verdicts", "verdict_changes", "candidate_events"}  # 4th: a view
     with pytest.raises(ValueError, match="database"):
         ddl_statements("bad-name; DROP")
 
