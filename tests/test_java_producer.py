@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 
 from mirror import MirrorClient
-from harness import WorkerProcess, free_port, window_totals, write_worker_config
+from harness import WorkerProcess, create_topic, free_port, window_totals, write_worker_config
 from streams.models import build_digits_models, load_digits_split
 from streams.sink import ClickHouseSink
 
@@ -52,26 +52,30 @@ def test_java_producer_is_scored_like_the_python_sdk(kafka_bootstrap, tmp_path):
     topic = f"java-{uuid.uuid4().hex[:8]}"
     api_port = free_port()
     config = write_worker_config(tmp_path, kafka_bootstrap, {"digits-v2": models["good"]}, topic, api_port)
+    create_topic(kafka_bootstrap, topic, 3)  # the config's partitions
+    # Both producers write before the worker starts: with windows closed 4 s after the last request
+    # (idle_close_s), a JVM that starts slowly on a busy box would otherwise make its requests late.
+    # The same requests twice: ids py-i through the SDK, java-i through the Java program.
+    with MirrorClient(bootstrap_servers=kafka_bootstrap, topic=topic, close_timeout_s=15) as mirror:
+        for i in range(REQUESTS):
+            assert mirror.publish(f"py-{i}", "digits", "v1", {"pixels": pixels[i : i + 1]},
+                                  {"probabilities": probs[i : i + 1]}, latency_ms=1.25 + i / 1000,
+                                  attributes={"country": countries[i % 3]}, sent_at=(start_ms + 10 * i) / 1000)
+    spec = tmp_path / "requests.txt"
+    with spec.open("w") as out:
+        for i in range(REQUESTS):
+            values = " ".join(repr(float(v)) for v in [*pixels[i], *probs[i]])
+            out.write(f"java-{i} {start_ms + 10 * i} {1.25 + i / 1000!r} {countries[i % 3]} {values}\n")
+    java = subprocess.run(["java", "-cp", f"{classpath}:{tmp_path}", "MirrorProducer", kafka_bootstrap, topic,
+                           str(spec)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert java.returncode == 0 and f"sent {REQUESTS}" in java.stdout, java.stderr[-3000:]
+
     worker = WorkerProcess(config, tmp_path / "worker.log")
     api = f"http://127.0.0.1:{api_port}"
     try:
         import httpx
 
         worker.wait_for(lambda: httpx.get(f"{api}/healthz", timeout=2).status_code == 200, 60, "the worker API")
-        # The same requests twice: ids py-i through the SDK, java-i through the Java program.
-        with MirrorClient(bootstrap_servers=kafka_bootstrap, topic=topic, close_timeout_s=15) as mirror:
-            for i in range(REQUESTS):
-                assert mirror.publish(f"py-{i}", "digits", "v1", {"pixels": pixels[i : i + 1]},
-                                      {"probabilities": probs[i : i + 1]}, latency_ms=1.25 + i / 1000,
-                                      attributes={"country": countries[i % 3]}, sent_at=(start_ms + 10 * i) / 1000)
-        spec = tmp_path / "requests.txt"
-        with spec.open("w") as out:
-            for i in range(REQUESTS):
-                values = " ".join(repr(float(v)) for v in [*pixels[i], *probs[i]])
-                out.write(f"java-{i} {start_ms + 10 * i} {1.25 + i / 1000!r} {countries[i % 3]} {values}\n")
-        java = subprocess.run(["java", "-cp", f"{classpath}:{tmp_path}", "MirrorProducer", kafka_bootstrap, topic,
-                               str(spec)], capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert java.returncode == 0 and f"sent {REQUESTS}" in java.stdout, java.stderr[-3000:]
 
         def all_counted():
             totals = window_totals(api, "digits", ["digits-v2"])
