@@ -86,8 +86,8 @@ class CandidateRecord(BaseModel):
                 self.cast, self.output, self.baseline_output, self.from_logits, self.noise_reference)  # fmt: skip
 
 
-class CandidateStatus(BaseModel):
-    """What a replay process made of one version of a candidate."""
+class _VersionState(BaseModel):
+    """A state reported for one version of a candidate, under a key of its own beside the operator's record."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -95,22 +95,20 @@ class CandidateStatus(BaseModel):
     model: str
     candidate: str
     version: int
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+class CandidateStatus(_VersionState):
+    """What a replay process made of one version of a candidate."""
+
     state: Literal["loading", "shadowing", "refused"]
     reason: str = ""
     replica: str = ""
-    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
-class CandidateVerdict(BaseModel):
+class CandidateVerdict(_VersionState):
     """What the judge's verdict makes of one version: a display state only (ClickHouse's verdicts
     are the source); ``shadowing`` when a promote or rollback was followed by another verdict."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    schema_version: Literal[1] = REGISTRY_SCHEMA_VERSION
-    model: str
-    candidate: str
-    version: int
     state: Literal["promoted", "rolled_back", "shadowing"]
     verdict: str = ""
-    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
