@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streams.runner import timed_rows  # noqa: E402
+from streams.replay.runner import timed_rows  # noqa: E402
 
 
 def rate(fn, rows: int, min_s: float, repeats: int) -> float:
@@ -50,7 +50,7 @@ def rate(fn, rows: int, min_s: float, repeats: int) -> float:
 def raw_onnx(path: Path, device: str):
     import onnxruntime as ort
 
-    from streams.runner import choose_providers
+    from streams.replay.runner import choose_providers
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -87,8 +87,8 @@ def main() -> None:
     from streams.config import load_settings
     from streams.demo import V1_TO_V2_ADAPTER, TrafficGenerator
     from streams.models import build_digits_models
-    from streams.replay import Inbound, ReplayCore
-    from streams.runner import OnnxRunner, load_runner
+    from streams.replay.core import Inbound, ReplayCore
+    from streams.replay.runner import OnnxRunner, load_runner
 
     try:
         import torch  # noqa: F401

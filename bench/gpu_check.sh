@@ -50,7 +50,7 @@ if [ "$mode" = cuda ]; then
 import sys
 import numpy as np
 import onnxruntime as ort
-from streams.runner import choose_providers
+from streams.replay.runner import choose_providers
 problems = []
 if "CUDAExecutionProvider" not in ort.get_available_providers():
     problems.append(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider ({ort.get_available_providers()}): "
@@ -58,7 +58,7 @@ if "CUDAExecutionProvider" not in ort.get_available_providers():
 else:
     import tempfile, pathlib
     from streams.models import build_digits_models
-    from streams.runner import OnnxRunner
+    from streams.replay.runner import OnnxRunner
     with tempfile.TemporaryDirectory() as tmp:
         runner = OnnxRunner(str(build_digits_models(pathlib.Path(tmp))["good"]))
         if runner.providers[0] != "CUDAExecutionProvider":

@@ -70,7 +70,7 @@ TTL toDateTime(sent_at) + INTERVAL {days} DAY""",
         # A table made by an earlier run keeps its partitioning; its retention follows the config.
         f"ALTER TABLE {db}.request_diffs MODIFY TTL toDateTime(sent_at) + INTERVAL {days} DAY",
         f"ALTER TABLE {db}.request_diffs ADD COLUMN IF NOT EXISTS kind LowCardinality(String) DEFAULT 'classification'",
-        # What the judge keys clusters by and pairs latency with: `shadowlens rejudge` (streams/rejudge.py)
+        # What the judge keys clusters by and pairs latency with: `shadowlens rejudge` (streams/judge/rejudge.py)
         # replays stored rows through the judge, and needs them to reproduce its verdicts exactly.
         *(f"ALTER TABLE {db}.request_diffs ADD COLUMN IF NOT EXISTS {c}" for c in REJUDGE_DIFF_COLUMNS),
         f"""CREATE TABLE IF NOT EXISTS {db}.window_stats (
@@ -112,7 +112,7 @@ ORDER BY (model, candidate, window_start)""",
     evidence String DEFAULT ''
 ) ENGINE = MergeTree
 ORDER BY (model, candidate, updated_at)""",
-        # The policy a verdict was judged under, and what it rested on (streams/history.py): tables
+        # The policy a verdict was judged under, and what it rested on (streams/judge/history.py): tables
         # made before them get them empty (such verdicts cannot be re-judged).
         f"ALTER TABLE {db}.verdicts ADD COLUMN IF NOT EXISTS policy_hash String DEFAULT ''",
         f"ALTER TABLE {db}.verdicts ADD COLUMN IF NOT EXISTS evidence String DEFAULT ''",

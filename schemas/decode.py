@@ -21,7 +21,7 @@ and each one bounds the cost of the next:
    ``invalid_tensor``; NaN/infinity in an input tensor -> ``non_finite_input``. Non-finite
    *baseline outputs* pass decoding: only the output a candidate compares with matters, and the
    replay stage makes a request whose configured baseline output is NaN, infinite or no
-   probability vector a ``baseline_invalid`` dead letter for that candidate (streams/blame.py).
+   probability vector a ``baseline_invalid`` dead letter for that candidate (streams/replay/blame.py).
 
 Anything else (a bug, MemoryError) -> ``other``, naming the exception.
 """

@@ -1,5 +1,5 @@
 """Calibration on realistic traffic, through the real path: cluster keys (``scorers.clusters.request_keys``)
--> ``ClusterTracker`` -> ``PairAccumulator`` -> ``judge()``, the calls ``streams.judge.JudgeCore`` makes.
+-> ``ClusterTracker`` -> ``PairAccumulator`` -> ``judge()``, the calls ``streams.judge.core.JudgeCore`` makes.
 
 Each run streams ``requests`` simulated requests (one per second of event time) in windows of
 ``window``; after every window the window is folded into the cumulative accumulator exactly as the

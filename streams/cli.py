@@ -16,7 +16,7 @@ try:  # the producer SDK's commands (backfill); mirror depends only on schemas
     app.add_typer(mirror_app, name="mirror", help="Producer-side tools: backfill files into the mirror topic.")
 except ImportError:  # pragma: no cover - mirror is part of the same distribution
     pass
-from streams.registry_cli import app as candidates_app  # noqa: E402 - beside the mirror's commands
+from streams.registry.cli import app as candidates_app  # noqa: E402 - beside the mirror's commands
 
 app.add_typer(candidates_app, name="candidates")
 
@@ -103,14 +103,14 @@ def worker(
     if processes > 1 and role != "replay":
         _fail("--processes: only the replay stage runs as several processes on one box; add --role replay (judges "
               "scale with kafka.diffs_partitions and an http:// ClickHouse, one process each)")
-    from streams.api import AddressUnavailable
+    from streams.api.app import AddressUnavailable
     from streams.metrics import MetricsAddressUnavailable
     from streams.sink import SinkUnavailable
 
     settings = _settings(config)
     try:
         if processes > 1:
-            from streams.replicas import run_replicas
+            from streams.replay.replicas import run_replicas
 
             code = run_replicas(config, settings, processes, loglevel, debug=_DEBUG["on"])
         else:
@@ -135,7 +135,7 @@ def doctor(
 ) -> None:
     """Check a config before traffic counts: models and outputs, real records through the adapter and
     models, topics, ports, the database. Exit 0: all fine; 1: a ✗ row (each names its fix)."""
-    from streams.doctor import FAIL, render, run_doctor
+    from streams.doctor.checks import FAIL, render, run_doctor
 
     if role not in ("all", "replay", "judge"):
         _fail(f"--role: {role!r} is not a role; use replay, judge or all")
@@ -157,9 +157,9 @@ def api(config: Path = typer.Option(..., "--config", "-c", help="TOML config fil
 
     import uvicorn
 
-    from streams.api import AddressUnavailable, bind, create_app
-    from streams.board import BoardRefresher, VerdictBoard
-    from streams.retire import retire_pair
+    from streams.api.app import AddressUnavailable, bind, create_app
+    from streams.api.board import BoardRefresher, VerdictBoard
+    from streams.judge.retire import retire_pair
     from streams.sink import ClickHouseSink, SinkUnavailable, chdb_path
     from streams.topology import write_api_sidecar
 
@@ -202,7 +202,7 @@ def query(
 
     With chDB while a worker holds the data path, the query goes to that worker's API
     (read-only, at most 10,000 rows and 10 s), found through ``<path>.api.json``."""
-    from streams.query_output import FORMAT_CLAUSE, QueryFailed, print_rows, through_worker
+    from streams.api.query_output import FORMAT_CLAUSE, QueryFailed, print_rows, through_worker
     from streams.sink import ClickHouseSink, DataPathInUse, SinkUnavailable
 
     if fmt not in ("tsv", "table", "json", "vertical"):
@@ -252,7 +252,7 @@ def verdicts_retire(
     last_decision) that gates read instead. If the candidate stays configured and its traffic
     flows, the judge's next verdict replaces it. With chDB held by a running worker (or a
     standalone api) it goes through that process's API, found through <path>.api.json."""
-    from streams.retire import RetireFailed, retire, who
+    from streams.judge.retire import RetireFailed, retire, who
 
     settings = _settings(config)
     try:
@@ -275,7 +275,7 @@ def rejudge(
     """Replay a pair's stored diff rows through the judge under another policy (no model calls) and print
     its verdict timeline beside the recorded one. Exit 1 when the recorded policy does not reproduce the
     recorded verdicts. With chDB, stop the worker first (it holds the data path) or use an http:// DSN."""
-    from streams.rejudge import RejudgeFailed, run
+    from streams.judge.rejudge import RejudgeFailed, run
 
     settings = _settings(config)
     try:
@@ -307,7 +307,7 @@ def init(
     except (FileExistsError, FileNotFoundError, ConfigError) as exc:
         _fail(exc)
     except Exception as exc:  # noqa: BLE001 - a file onnxruntime cannot load (a .npy) is said in one line
-        from streams.doctor import onnx_load_problem
+        from streams.doctor.checks import onnx_load_problem
 
         if (problem := onnx_load_problem(exc)) is None:
             raise

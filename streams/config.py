@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from schemas import describe_validation_error
-from streams.adapter import AdapterConfig
+from streams.replay.adapter import AdapterConfig
 
 
 class ConfigError(ValueError):
@@ -234,7 +234,7 @@ class CandidateConfig(_Section):
         description="inputs whose dtype the model does not take, after the adapter: numpy's casting rule for "
         "casting them to the model's dtype ('no': never; 'safe': value-preserving only; 'same_kind': also "
         "float64 -> float32, int64 -> int32, int -> float). Other dtypes are input_dtype dead letters "
-        "(streams/blame.py)",
+        "(streams/replay/blame.py)",
     )
     policy: dict[str, Any] = Field(default_factory=dict, description="scorers.judge.JudgePolicy fields")
     noise_reference: bool = Field(

@@ -24,7 +24,7 @@ log = logging.getLogger("shadowlens.kafka")
 T = TypeVar("T")
 
 # The judge's state values may reach a few hundred KB (windows, slices); its budget is 1 MiB
-# (streams/judge.py) and the changelog topic accepts 8 MiB, set explicitly at creation.
+# (streams/judge/core.py) and the changelog topic accepts 8 MiB, set explicitly at creation.
 CHANGELOG_MAX_MESSAGE_BYTES = 8 << 20
 PRODUCER_MAX_REQUEST_BYTES = CHANGELOG_MAX_MESSAGE_BYTES
 TYPE_DIFFS, TYPE_PROGRESS = b"diffs", b"progress"
@@ -232,7 +232,7 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
             NewTopic(k.diffs_topic, k.diffs_partitions, 1, topic_configs={"max.message.bytes": str(PRODUCER_MAX_REQUEST_BYTES)}),
             NewTopic(k.changelog_topic, k.diffs_partitions, 1, topic_configs={
                 "cleanup.policy": "compact", "max.message.bytes": str(CHANGELOG_MAX_MESSAGE_BYTES)}),
-            # The candidate registry (streams/registry.py): one partition, so one order for every reader.
+            # The candidate registry (streams/registry/store.py): one partition, so one order for every reader.
             NewTopic(k.candidates_topic, 1, 1, topic_configs={"cleanup.policy": "compact"}),
         ]  # fmt: skip
         missing = [t for t in wanted if t.name not in existing]

@@ -2,7 +2,7 @@
 
 Every worker process (replay, judge or both) serves ``/metrics`` on ``[metrics] host:port``
 (prometheus_client's own HTTP server, in a thread: a scrape never touches the event loop); the
-replay processes of ``worker --role replay --processes N`` on ``port + i`` (streams/replicas.py).
+replay processes of ``worker --role replay --processes N`` on ``port + i`` (streams/replay/replicas.py).
 deploy/grafana/shadowlens.json is a dashboard of these series.
 
 Replay stage: ``shadowlens_replayed_requests_total``, ``shadowlens_dead_letters_total{reason}``,
@@ -89,7 +89,7 @@ def judge_collector(board, core, stage) -> Callable[[], Iterator]:
         closed = CounterMetricFamily("shadowlens_windows_closed", "windows closed and written")
         closed.add_metric([], float(core.windows_closed))
         lookups = CounterMetricFamily("shadowlens_dedup_lookups", "request ids looked up in ClickHouse as possible "
-                                      "producer retries (fresh traffic needs none; see streams/recent_ids.py)")  # fmt: skip
+                                      "producer retries (fresh traffic needs none; see streams/judge/recent_ids.py)")  # fmt: skip
         lookups.add_metric([], float(core.lookups))
         yield rows
         yield closed

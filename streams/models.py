@@ -9,7 +9,7 @@ Used by the demo and the tests. The migration story they tell:
 - ``broken`` (v2): the good model with its class weight rows permuted, i.e. a wiring bug.
 
 ``build_export_variants`` exports the ways a model can reach shadowlens that the blame rules
-(streams/blame.py) are about: the good model with skl2onnx's default ZipMap output (``output_probability``,
+(streams/replay/blame.py) are about: the good model with skl2onnx's default ZipMap output (``output_probability``,
 a sequence of maps class -> probability, besides the ``output_label`` tensor), and a regression
 model on the same input (``variable``, a ``[None, 1]`` float tensor: not a classifier).
 """
@@ -169,7 +169,7 @@ def build_torch_twins(out_dir: str | Path, seed: int = 0, hidden: tuple[int, ...
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
-    from streams.runner_torch import save_exported, save_torchscript
+    from streams.replay.runner_torch import save_exported, save_torchscript
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

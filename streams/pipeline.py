@@ -2,7 +2,7 @@
 
 ``Pipeline.process(messages)`` runs the replay core on a micro-batch and hands its diff batches
 straight to the judge core, exactly what the two Kafka stages do with the diffs topic between
-them (streams/stages.py). The in-process source is one partition whose offsets count the messages
+them (streams/replay/stage.py, streams/judge/stage.py). The in-process source is one partition whose offsets count the messages
 given so far (or the positions the caller passes), and it is always read to its end.
 """
 
@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 from schemas import DeadLetter, Verdict
 from streams.config import Settings
-from streams.judge import JudgeCore
+from streams.judge.core import JudgeCore
 from streams.records import PartitionProgress, Progress
-from streams.replay import Inbound, ReplayCore
+from streams.replay.core import Inbound, ReplayCore
 from streams.sink import ClickHouseSink
-from streams.windows import PairWindows, SourceView, pair_key
+from streams.judge.windows import PairWindows, SourceView, pair_key
 
 
 # How many requests an embedded source (the demo, a file) hands ``Pipeline.process`` at once.
@@ -87,7 +87,7 @@ class Pipeline:
 
     @property
     def board(self):
-        """The latest verdicts as the API serves them (streams/board.py)."""
+        """The latest verdicts as the API serves them (streams/api/board.py)."""
         return self.judge.board
 
     def pair(self, model: str, candidate: str) -> PairWindows:

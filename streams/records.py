@@ -23,7 +23,7 @@ columns a decoder does not know are skipped.
 The candidate's output kind (scorers/kinds) travels as the header's ``kind`` (absent: an older
 writer, ``"classification"``), and the kind's own per-request metrics as ``metrics``: a list of
 ``[name, "<f8"]`` whose buffers follow the numeric columns, in order (absent: no metrics). The
-gated columns keep their names whatever the kind (streams/replay_columns.py says what each holds).
+gated columns keep their names whatever the kind (streams/replay/columns.py says what each holds).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ NUMERIC = {
     # sample_hash: 64-bit hash of the record's explicit sample_key (never the Kafka message key);
     # 0 when the request came without one.
     "sample_hash": "<u8",
-    # id_hash: streams.recent_ids.id_hashes of request_id, made once per request by the replay
+    # id_hash: streams.judge.recent_ids.id_hashes of request_id, made once per request by the replay
     # stage (which scales out) rather than per candidate by the judge; 0: not sent (the judge makes it).
     "id_hash": "<u8",
 }
@@ -98,7 +98,7 @@ class DiffBatch:
     routed: int = 0
     covers: dict[int, int] = field(default_factory=dict)
     # Requests routed to the candidate that could not be compared, by dead-letter error type
-    # (streams.blame.UNSCORABLE: "baseline_mismatch", "baseline_invalid", "input_dtype", "adapter",
+    # (streams.replay.blame.UNSCORABLE: "baseline_mismatch", "baseline_invalid", "input_dtype", "adapter",
     # "non_finite_input", "invalid_tensor"): the payload's or the config's fault, not the candidate's.
     unscorable: dict[str, int] = field(default_factory=dict)
     unscorable_ms: list[int] = field(default_factory=list)  # their sent_at: their windows open and close

@@ -40,7 +40,7 @@ DIFF_INSERT_TYPES = [
     "Map(String, Float64)", "Int32", "Int64", "String",
 ]  # fmt: skip
 # Also written by the columnar insert (not by ``insert_diffs``): the cluster keys and the replayed
-# baseline's latency, which ``shadowlens rejudge`` (streams/rejudge.py) replays through the judge.
+# baseline's latency, which ``shadowlens rejudge`` (streams/judge/rejudge.py) replays through the judge.
 REJUDGE_COLUMNS = {"input_hash": "UInt64", "sample_hash": "UInt64", "reference_latency_ms": "Float64"}
 WINDOW_COLUMNS = list(WindowStats.model_fields)
 VERDICT_COLUMNS = ["model", "candidate", "verdict", "samples", "window_start", "window_end", "updated_at", "body"]
@@ -137,12 +137,12 @@ class ClickHouseSink:
         rows = [[*(getattr(v, c) for c in VERDICT_COLUMNS[:-1]), v.model_dump_json()] for v in verdicts]
         if provenance is None:  # a retirement, a seeded verdict: no policy, nothing to re-judge
             self._insert("verdicts", VERDICT_COLUMNS, rows)
-        else:  # the judge's: (policy_hash, evidence JSON) per verdict (streams/history.py)
+        else:  # the judge's: (policy_hash, evidence JSON) per verdict (streams/judge/history.py)
             rows = [[*row, *extra] for row, extra in zip(rows, provenance, strict=True)]
             self._insert("verdicts", [*VERDICT_COLUMNS, "policy_hash", "evidence"], rows)
 
     def insert_candidate_events(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Registry records as history rows (streams/registry_events.py makes them)."""
+        """Registry records as history rows (streams/registry/events.py makes them)."""
         self._insert("candidate_events", list(rows[0]) if rows else [], [list(r.values()) for r in rows])
 
     def _insert(self, table: str, columns: list[str], rows: list[list]) -> None:
@@ -157,12 +157,12 @@ class ClickHouseSink:
 
     def readonly_query(self, sql: str) -> dict[str, Any]:
         """An analyst's query (``POST /v1/query``): checked by the engine's analysis and run on a
-        read-only session of its own, never on the writer's (streams/analyst_sql.py says why).
+        read-only session of its own, never on the writer's (streams/api/analyst_sql.py says why).
         Returns {"columns": [...], "rows": [[...]]}; raises ``QueryRefused`` (one line) for a 400."""
         return self._analyst_session().run(sql)
 
     def _analyst_session(self):
-        from streams.analyst_sql import AnalystSession
+        from streams.api.analyst_sql import AnalystSession
 
         with self._analyst_lock:
             if self._analyst is None:
@@ -219,7 +219,7 @@ class ClickHouseSink:
         return out
 
     def stored_id_hashes(self, model: str, candidate: str, since_ms: int) -> tuple[np.ndarray, np.ndarray]:
-        """Hashes (``streams.recent_ids.id_hashes``) of the pair's stored request ids with
+        """Hashes (``streams.judge.recent_ids.id_hashes``) of the pair's stored request ids with
         ``sent_at >= since_ms``, and their sent times (ms): what the judge's ``RecentIds`` starts
         from. Numbers only (millions of ids load in a second), from the partitions from ``since_ms`` on."""
         with self._lock:

@@ -25,7 +25,7 @@ import time
 from typing import Literal
 
 from streams.config import Settings
-from streams.doctor import startup_checks
+from streams.doctor.checks import startup_checks
 from streams.heap import tune_collector
 from streams.kafka_io import Health, ensure_topics, until_done
 from streams.metrics import WorkerMetrics, health_collector, judge_collector
@@ -63,7 +63,7 @@ async def _run(settings: Settings, role: Role, tasks: list[asyncio.Task]) -> Non
         asyncio.get_running_loop().add_signal_handler(sig, on_signal)
     sock = None
     if role in ("judge", "all") and settings.api.enabled:
-        from streams.api import bind
+        from streams.api.app import bind
         from streams.config import ConfigError
 
         if (problem := settings.api.exposure_problem()) is not None:  # before listening: verdicts to anyone
@@ -78,10 +78,10 @@ async def _run(settings: Settings, role: Role, tasks: list[asyncio.Task]) -> Non
     # lacks, a chDB path another process holds are one line and exit 2, not a traceback later.
     loaded = startup_checks(settings, role)
     partitions = await until_done("kafka", health, lambda: ensure_topics(settings))
-    # The candidate registry (streams/registry.py): the TOML seeds it on the first start; every
+    # The candidate registry (streams/registry/store.py): the TOML seeds it on the first start; every
     # process follows it from its beginning, in the background.
-    from streams.registry import seed
-    from streams.registry_follow import JudgeRegistry, RegistryFollower
+    from streams.registry.store import seed
+    from streams.registry.follow import JudgeRegistry, RegistryFollower
 
     await until_done("kafka", health, lambda: seed(settings))
     follower = RegistryFollower(settings, health)
@@ -89,9 +89,9 @@ async def _run(settings: Settings, role: Role, tasks: list[asyncio.Task]) -> Non
     await follower.start()
     sink = replay = judge = None
     if role in ("replay", "all"):
-        from streams.registry_reload import HotReload
-        from streams.replay import ReplayCore
-        from streams.stages import ReplayStage
+        from streams.registry.reload import HotReload
+        from streams.replay.core import ReplayCore
+        from streams.replay.stage import ReplayStage
 
         replay = ReplayStage(settings, ReplayCore(settings, loaded), health, partitions)
         replay.reload = HotReload(settings, follower, health, replay.replica, loaded)
@@ -100,9 +100,9 @@ async def _run(settings: Settings, role: Role, tasks: list[asyncio.Task]) -> Non
         tasks.append(asyncio.create_task(replay.run(), name="replay"))
     api = refresher = None
     if role in ("judge", "all"):
-        from streams.judge import JudgeCore
+        from streams.judge.core import JudgeCore
         from streams.sink import ClickHouseSink, DataPathInUse
-        from streams.stages import JudgeStage
+        from streams.judge.stage import JudgeStage
 
         ch = settings.clickhouse
         sink = await until_done("clickhouse", health, lambda: asyncio.to_thread(
@@ -116,7 +116,7 @@ async def _run(settings: Settings, role: Role, tasks: list[asyncio.Task]) -> Non
         metrics.add_collector(judge_collector(core.board, core, judge))
         tasks.append(asyncio.create_task(judge.run(), name="judge"))
         if sock is not None:
-            from streams.api_process import ApiProcess
+            from streams.api.process import ApiProcess
 
             api = ApiProcess(settings, core.board, sink, sock)
             api.start()
@@ -125,7 +125,7 @@ async def _run(settings: Settings, role: Role, tasks: list[asyncio.Task]) -> Non
             if not sink.dsn.startswith("chdb:"):
                 # A shared ClickHouse: serve what others write too (an operator's retirement, other
                 # judges' pairs), read off the event loop; with chDB nobody else can write.
-                from streams.board import BoardRefresher
+                from streams.api.board import BoardRefresher
 
                 refresher = BoardRefresher(core.board, sink, settings.api.refresh_s, recent_only=True)
                 refresher.start()

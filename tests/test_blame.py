@@ -1,4 +1,4 @@
-"""Blame is exact (streams/blame.py): a candidate's error is only what the candidate raises or answers
+"""Blame is exact (streams/replay/blame.py): a candidate's error is only what the candidate raises or answers
 wrong on valid input. What the producer sent wrong is a dead letter counted in ``unscorable``; what
 the operator configured wrong is refused at start-up in one line. All on real parts: ONNX models
 trained and exported here (sklearn + skl2onnx), chDB, and for the SDK path the mirror SDK, a real
@@ -22,8 +22,8 @@ import pytest
 
 from mirror import MirrorClient
 from schemas import MirroredRequest, Tensor
-from streams.adapter import AdapterConfig
-from streams.blame import UNSCORABLE, CandidateRefused, conform_inputs
+from streams.replay.adapter import AdapterConfig
+from streams.replay.blame import UNSCORABLE, CandidateRefused, conform_inputs
 from streams.config import CandidateConfig, load_settings
 from streams.demo import DEMO_POLICY, TrafficGenerator, demo_settings
 from harness import (
@@ -32,8 +32,8 @@ from harness import (
 from streams.models import PIXEL_SCALE, build_digits_models, build_export_variants, load_digits_split
 from streams.pipeline import Pipeline
 from streams.records import DiffBatch
-from streams.replay import Candidate, Inbound, ReplayCore
-from streams.runner import OnnxRunner
+from streams.replay.core import Candidate, Inbound, ReplayCore
+from streams.replay.runner import OnnxRunner
 from streams.sink import ClickHouseSink
 
 # v1 traffic (raw pixels 0..16) to v2 models (``image`` 0..1), with no explicit cast: the cast
@@ -146,7 +146,7 @@ def test_float64_inputs_are_cast_as_the_policy_allows_and_never_blamed_on_the_ca
 
 
 def test_the_cast_policies_are_numpys_rules_and_a_value_is_never_wrapped_or_overflowed():
-    """What each policy allows (README / streams/blame.py rule 3), on arrays, and values the allowed
+    """What each policy allows (README / streams/replay/blame.py rule 3), on arrays, and values the allowed
     cast cannot hold: letters for those requests only."""
     def cfg(policy: str) -> CandidateConfig:
         return CandidateConfig.model_construct(name="c", cast=policy, adapter=AdapterConfig())

@@ -27,8 +27,8 @@ import yaml
 from fastapi.testclient import TestClient
 
 from schemas import Verdict
-from streams.api import create_app
-from streams.board import VerdictBoard
+from streams.api.app import create_app
+from streams.api.board import VerdictBoard
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 TOKEN = "gate-token-0123456789abcdef"

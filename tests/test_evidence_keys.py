@@ -16,8 +16,8 @@ from schemas import MirroredRequest, Tensor
 from streams.demo import demo_settings
 from streams.models import build_digits_models
 from streams.records import LEGACY_LAYOUT, MAGIC, NUMERIC, DiffBatch
-from streams.evidence_keys import evidence_keys, input_hashes, sample_hash
-from streams.replay import Inbound, ReplayCore
+from streams.replay.evidence_keys import evidence_keys, input_hashes, sample_hash
+from streams.replay.core import Inbound, ReplayCore
 
 CANDIDATES = ("digits-v2", "digits-v2-degraded", "digits-v1-replay")
 START = datetime(2026, 1, 1, tzinfo=UTC)

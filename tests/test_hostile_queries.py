@@ -4,7 +4,7 @@ The first tests run each hostile query against a real chDB data path through
 ``ClickHouseSink.readonly_query`` (what the API calls); the last one fires them at a live worker's
 ``POST /v1/query`` while mirrored requests stream through real Kafka, and checks that every one is
 a clear 400, that nothing outside the data was read or written, and that ingestion went on with
-exact counts. What is allowed and why: streams/analyst_sql.py.
+exact counts. What is allowed and why: streams/api/analyst_sql.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from schemas import Verdict
-from streams.analyst_sql import MAX_ROWS, QueryRefused, check
+from streams.api.analyst_sql import MAX_ROWS, QueryRefused, check
 from streams.sink import ClickHouseSink
 
 SECRET = "shadowlens-hostile-query-secret-line"

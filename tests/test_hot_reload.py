@@ -33,9 +33,9 @@ from scorers.judge import JudgePolicy
 from streams.config import load_settings
 from streams.demo import DEMO_POLICY, TrafficGenerator
 from harness import Workers, create_topic, free_port, produce, window_aligned_start, write_worker_config
-from streams.history import policy_hash
+from streams.judge.history import policy_hash
 from streams.models import build_digits_models
-from streams.registry import mirror_end_offsets, sha256_file
+from streams.registry.store import mirror_end_offsets, sha256_file
 from streams.sink import ClickHouseSink
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

@@ -1,4 +1,4 @@
-"""Clusters through the judge core (streams/judge.py): keys from the diff rows' sample_hash (the
+"""Clusters through the judge core (streams/judge/core.py): keys from the diff rows' sample_hash (the
 record's explicit sample_key) or input_hash, open clusters in the pair's changelog state across a
 restart, closed at the watermark or when the traffic stops. No Kafka, no database (a stub sink)."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from streams.config import load_settings
-from streams.judge import JudgeCore
+from streams.judge.core import JudgeCore
 from streams.records import DiffBatch, empty_columns
 
 

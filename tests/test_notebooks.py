@@ -214,8 +214,8 @@ def test_notebook_queries_through_the_worker_api_when_the_chdb_path_is_held(demo
     monkeypatch.setenv("SHADOWLENS_API_TOKEN", token)
     code = (
         "import json, uvicorn\n"
-        "from streams.api import bind, create_app\n"
-        "from streams.board import VerdictBoard\n"
+        "from streams.api.app import bind, create_app\n"
+        "from streams.api.board import VerdictBoard\n"
         "from streams.sink import ClickHouseSink\n"
         f"sink = ClickHouseSink({demo_dsn!r}, create=False)\n"
         f"sock = bind('127.0.0.1', {port})\n"

@@ -19,12 +19,12 @@ import pytest
 from schemas import MirroredRequest, Tensor
 from streams.config import ConfigError, load_settings
 from streams.demo import DEMO_POLICY, RegressionTraffic
-from streams.doctor import FAIL, OK, kind_fix, load_candidates
-from streams.doctor_traffic import sample_checks
+from streams.doctor.checks import FAIL, OK, kind_fix, load_candidates
+from streams.doctor.traffic import sample_checks
 from harness import WorkerProcess, free_port, produce, window_aligned_start, window_totals
 from streams.models_regression import build_diabetes_models
 from streams.records import DiffBatch, empty_columns
-from streams.replay import Inbound, ReplayCore
+from streams.replay.core import Inbound, ReplayCore
 from streams.sink import ClickHouseSink
 
 REQUESTS = 600

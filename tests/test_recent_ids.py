@@ -1,4 +1,4 @@
-"""RecentIds: the judge's in-memory prefilter of producer retries (streams/recent_ids.py).
+"""RecentIds: the judge's in-memory prefilter of producer retries (streams/judge/recent_ids.py).
 
 It may say "maybe seen" wrongly (the database then decides), never "not seen" wrongly for a row
 it covers: these tests check both halves, eviction by time and by size included."""
@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.recent_ids import RecentIds, id_hashes
+from streams.judge.recent_ids import RecentIds, id_hashes
 
 HOUR = 3_600_000
 

@@ -15,7 +15,7 @@ from streams.config import load_settings
 from harness import free_port, free_port_pair, produce, write_worker_config
 from streams.kafka_io import ensure_topics
 from streams.models import build_digits_models
-from streams.registry import read_all, seed
+from streams.registry.store import read_all, seed
 
 pytestmark = [pytest.mark.kafka]
 CLI = [sys.executable, "-m", "streams.cli"]
@@ -138,8 +138,8 @@ def test_registry_without_a_broker_fails_in_one_line(tmp_path, models):
 def test_registry_over_the_api_reads_with_a_token_and_writes_only_with_one(setup, models):
     from fastapi.testclient import TestClient
 
-    from streams.api import create_app
-    from streams.board import VerdictBoard
+    from streams.api.app import create_app
+    from streams.api.board import VerdictBoard
 
     settings, config, _ = setup
     token = "registry-token-0123456789"
@@ -178,7 +178,7 @@ def test_doctor_checks_every_registry_entry_as_a_replay_process_would_load_it(se
     assert done.returncode == 0, done.stderr
     assert cli("candidates", "retire", "-c", str(config), "--model", "digits", "--candidate", "digits-retired").returncode == 0
     moved.unlink()
-    from streams.doctor import FAIL, OK, run_doctor
+    from streams.doctor.checks import FAIL, OK, run_doctor
 
     checks = {c.what: c for c in run_doctor(settings, sample=0, role="replay") if c.what.startswith("registry ")}
     assert checks["registry digits/digits-v2 v1"].status == OK

@@ -1,4 +1,4 @@
-"""The torch runner (streams/runner_torch.py): TorchScript and torch.export candidates replayed
+"""The torch runner (streams/replay/runner_torch.py): TorchScript and torch.export candidates replayed
 through the real replay path agree with their ONNX twins; pickled modules are never loaded; CUDA
 where a device is (skipped elsewhere). bench/gpu_check.sh: its CPU dry run runs, and without a
 device it fails at once. The torch tests need the ``torch`` extra and skip without it."""
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streams.blame import CandidateRefused
+from streams.replay.blame import CandidateRefused
 from streams.config import CandidateConfig, load_settings
 from streams.demo import V1_TO_V2_ADAPTER, TrafficGenerator
 from streams.models import build_digits_models
-from streams.replay import Candidate, Inbound, ReplayCore
+from streams.replay.core import Candidate, Inbound, ReplayCore
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("candidate_label", "label_flip", "confidence_delta", "l1", "linf", "hellinger", "topk_overlap",
@@ -95,13 +95,13 @@ def test_a_torch_candidate_and_its_onnx_twin_give_the_same_diffs(twins, traffic,
 
 
 def test_torch_runner_interface(twins):
-    from streams.runner import InputShapeError, load_runner
+    from streams.replay.runner import InputShapeError, load_runner
 
     for name in ("good-script", "good-export"):
         runner = load_runner(twins[name])
         assert runner.output_names == ["probabilities"] and runner.input_dtypes == {"image": np.dtype("float32")}
         assert runner.inputs["image"].type == "tensor(float)" and runner.inputs["image"].shape == [None, 64]
-        assert [i.name for i in runner.session.get_inputs()] == ["image"]  # what streams/doctor.py reads
+        assert [i.name for i in runner.session.get_inputs()] == ["image"]  # what streams/doctor/checks.py reads
         x = np.random.default_rng(1).random((24, 64), dtype=np.float32)
         x.flags.writeable = False  # stacked requests are read-only views of the messages' bytes
         batched, lat = runner.run_stacked({"image": x}, 24, "probabilities", "batched")
@@ -115,7 +115,7 @@ def test_torch_runner_interface(twins):
 
 
 def test_the_doctor_describes_a_torch_candidate(twins):
-    from streams.doctor import OK, load_candidates
+    from streams.doctor.checks import OK, load_candidates
 
     settings = twin_settings(twins["good"], twins["good-export"])
     loaded, checks = load_candidates(settings)
@@ -163,7 +163,7 @@ def test_a_pickled_module_is_refused_and_never_unpickled(torch, twins, tmp_path)
 def test_declarations_a_torch_candidate_needs_are_refused_in_one_line(torch, twins, tmp_path):
     bare = tmp_path / "bare.pt"
     shutil.copy(twins["good-script"], tmp_path / "src.pt")
-    from streams.runner_torch import TorchRunner
+    from streams.replay.runner_torch import TorchRunner
 
     import warnings
 
@@ -187,7 +187,7 @@ def test_a_torch_candidate_without_torch_is_refused(twins, monkeypatch):
 def test_cuda_torch_runner_agrees_with_cpu(twins, traffic):
     """On a GPU machine torch candidates run on CUDA (pinned inputs, asynchronous copies); their
     answers differ from CPU's only by numeric noise, through the replay path too."""
-    from streams.runner_torch import TorchRunner
+    from streams.replay.runner_torch import TorchRunner
 
     x = np.random.default_rng(2).random((256, 64), dtype=np.float32)
     for name in ("mlp-trace", "mlp-export"):
@@ -207,7 +207,7 @@ def test_cuda_onnx_binding_agrees_with_session_run(twins):
     """onnxruntime on CUDA: the batched call goes through IOBinding and answers as session.run does."""
     import onnxruntime as ort
 
-    from streams.runner import OnnxRunner
+    from streams.replay.runner import OnnxRunner
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is not installed")
@@ -223,7 +223,7 @@ def test_cuda_onnx_binding_agrees_with_session_run(twins):
 def test_onnx_io_binding_path_answers_as_session_run(models):
     """The IOBinding path (used on CUDA) forced on CPU, where binding works too: the same answers;
     a binding that fails once is logged and replaced by session.run, never a candidate error."""
-    from streams.runner import OnnxRunner
+    from streams.replay.runner import OnnxRunner
 
     runner = OnnxRunner(str(models["good"]))
     assert not runner._binding  # CPU: nothing to bind

@@ -27,9 +27,9 @@ from schemas.fast_path import PlainRequest, parse_plain
 from schemas.wire import SCHEMA_PATH
 from scorers.clusters import request_keys
 from streams.demo import demo_settings
-from streams.evidence_keys import sample_hash
+from streams.replay.evidence_keys import sample_hash
 from streams.models import build_digits_models
-from streams.replay import Inbound, ReplayCore
+from streams.replay.core import Inbound, ReplayCore
 
 with warnings.catch_warnings():  # starlette 1.x nudges towards httpx2; the TestClient works the same
     warnings.simplefilter("ignore")

@@ -16,9 +16,9 @@ from streams.config import ConfigError, ReplayConfig, load_settings
 from streams.demo import V1_TO_V2_ADAPTER, TrafficGenerator
 from harness import window_aligned_start
 from streams.models import build_digits_models
-from streams.recent_ids import id_hashes
-from streams.replay import Inbound, ReplayCore
-from streams.runner import OnnxRunner, sampled_by_hash, timed_rows
+from streams.judge.recent_ids import id_hashes
+from streams.replay.core import Inbound, ReplayCore
+from streams.replay.runner import OnnxRunner, sampled_by_hash, timed_rows
 
 COLUMNS = ("baseline_label", "candidate_label", "label_flip", "confidence_delta", "l1", "linf", "hellinger",
            "topk_overlap", "candidate_confidence")  # fmt: skip

@@ -1,5 +1,5 @@
 """The judge on realistic traffic, through the real path (cluster keys -> ClusterTracker ->
-PairAccumulator -> judge(), the calls streams.judge.JudgeCore makes).
+PairAccumulator -> judge(), the calls streams.judge.core.JudgeCore makes).
 
 A quick version of ``bench/calibration.py`` (fixed seeds, few runs; the full table, 500 runs per
 scenario, is in the README). Each run: 10,000 requests judged every 250 (slices: 14,000). Tolerances:

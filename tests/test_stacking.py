@@ -1,4 +1,4 @@
-"""streams/stacking.py: plain requests' tensors joined as bytes read exactly as the per-request
+"""streams/replay/stacking.py: plain requests' tensors joined as bytes read exactly as the per-request
 arrays pydantic's requests give, whatever mix of forms and shapes a micro-batch holds."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from schemas import Tensor
 from schemas.decode import decode_for_replay
 from schemas.fast_path import PlainRequest
 from streams.config import CandidateConfig
-from streams.stacking import baseline_rows, groups_by_signature, stack
+from streams.replay.stacking import baseline_rows, groups_by_signature, stack
 
 
 def _raw(i: int, pixels: np.ndarray, probs: np.ndarray, as_list: bool = False) -> bytes:

@@ -23,10 +23,10 @@ import httpx
 import pytest
 
 from schemas import Verdict
-from streams.board import VerdictBoard
+from streams.api.board import VerdictBoard
 from harness import WorkerProcess, free_port, write_worker_config
 from streams.models import build_digits_models
-from streams.retire import retirement
+from streams.judge.retire import retirement
 from streams.sink import ClickHouseSink
 
 TOKEN = "sticky-token-0123456789abcdef"

@@ -11,16 +11,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from schemas import MirroredRequest, Tensor
-from streams.adapter import AdapterConfig, AdapterError, InputAdapter
-from streams.api import create_app
+from streams.replay.adapter import AdapterConfig, AdapterError, InputAdapter
+from streams.api.app import create_app
 from streams.config import ConfigError, load_settings
 from streams.demo import TrafficGenerator, demo_settings
 from streams.models import build_digits_models
 from harness import window_aligned_start
-from streams.judge import JudgeCore
+from streams.judge.core import JudgeCore
 from streams.pipeline import Pipeline
-from streams.replay import Inbound
-from streams.runner import OnnxRunner, choose_providers
+from streams.replay.core import Inbound
+from streams.replay.runner import OnnxRunner, choose_providers
 from streams.sink import ClickHouseSink
 
 
@@ -310,7 +310,7 @@ class _CrashesOnAllZeros(OnnxRunner):
 
 
 def test_a_candidate_exception_is_a_candidate_error_not_a_dead_letter(pipeline, traffic):
-    from streams.replay import Candidate
+    from streams.replay.core import Candidate
 
     for cands in pipeline.replay.candidates.values():
         for cand in cands:
@@ -332,7 +332,7 @@ def test_after_a_broker_outage_idle_closing_waits_for_the_producers_to_flush():
     until partition_idle_s after that, the source is not 'drained' and a quiet partition still
     holds the watermark (the mirror SDK flushes what it buffered only after the broker returns)."""
     from streams.records import PartitionProgress, Progress
-    from streams.windows import SourceView
+    from streams.judge.windows import SourceView
 
     now = 1_000_000.0
     view = SourceView()
@@ -364,7 +364,7 @@ def test_late_requests_refresh_the_verdict_without_live_traffic(pipeline, traffi
 
 
 def test_producer_retry_lookups_only_for_ids_the_judge_cannot_clear(pipeline, traffic):
-    """Fresh traffic costs no ClickHouse lookup (streams/recent_ids.py); a producer retry is still
+    """Fresh traffic costs no ClickHouse lookup (streams/judge/recent_ids.py); a producer retry is still
     found, in the same process and after a restart that lost the in-memory ids."""
     first = pipeline.process(at(traffic[:400]))
     assert first.diff_rows == 3 * 400 and pipeline.judge.lookups == 0

@@ -18,7 +18,7 @@ import pytest
 from scorers.judge import JudgePolicy
 from streams.demo import DEMO_POLICY, TrafficGenerator
 from harness import WorkerProcess, free_port, produce, window_aligned_start, write_worker_config
-from streams.history import VerdictChange, policy_hash
+from streams.judge.history import VerdictChange, policy_hash
 from streams.models import build_digits_models
 from streams.sink import ClickHouseSink
 

@@ -1,5 +1,5 @@
 -- A read-only ClickHouse user for analysts, Grafana and notebooks on a real server (an http:// DSN).
--- shadowlens' own checks (streams/analyst_sql.py) refuse what reaches outside its tables; this user
+-- shadowlens' own checks (streams/api/analyst_sql.py) refuse what reaches outside its tables; this user
 -- is the server's guarantee for every client that does not go through shadowlens: it reads the
 -- shadowlens database only, cannot change a setting that lifts its caps (readonly = 1), and its
 -- queries are bounded. Run it once as an admin:

@@ -18,7 +18,7 @@ What a gate reads (``VerdictBoard.verdict``), by state (``schemas.VerdictState``
   expire, and a gate that saw it turn into hold would let the candidate through (Flagger's rollback
   hook 200 -> 412, Argo's ``failureCondition`` never firing). It stands across idle periods and
   restarts (``load``) until the judge writes a newer verdict for the pair, or an operator retires
-  it (``shadowlens verdicts retire``, streams/retire.py).
+  it (``shadowlens verdicts retire``, streams/judge/retire.py).
 - ``retired``: an operator retired the pair: the stored row (a hold naming who and why, the
   decision it replaced in ``last_decision``) is served as it is, at any age.
 
@@ -62,7 +62,7 @@ class VerdictBoard:
     def subscribe(self, send: Callable[[tuple], None]) -> None:
         """``send(("publish", [verdict JSON, ...]))`` and ``send(("scoring", [new pairs]))``: the
         board's content now, then every change: how the worker's API process
-        (streams/api_process.py) keeps its board current."""
+        (streams/api/process.py) keeps its board current."""
         with self._lock:
             raws, scoring = list(self._json.values()), sorted(self._scoring)
             self._subscribers.append(send)

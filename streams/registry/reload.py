@@ -33,9 +33,9 @@ from schemas.registry import STATUS_SUFFIX, CandidateRecord, CandidateStatus
 from streams import kafka_io
 from streams.config import Settings
 from streams.kafka_io import Health
-from streams.registry import config_from_record, local_path, record_from_config, sha256_file
-from streams.registry_follow import COMPONENT, RegistryFollower
-from streams.replay import Candidate, Inbound
+from streams.registry.store import config_from_record, local_path, record_from_config, sha256_file
+from streams.registry.follow import COMPONENT, RegistryFollower
+from streams.replay.core import Candidate, Inbound
 
 log = logging.getLogger("shadowlens.registry")
 

@@ -1,7 +1,7 @@
 """``shadowlens candidates add|list|show|retire|reset``: the candidate registry from a shell.
 
 The commands talk to Kafka only (the registry topic and the mirror topic's end offsets), so they
-run anywhere the broker is reachable; streams/registry.py says what each one writes.
+run anywhere the broker is reachable; streams/registry/store.py says what each one writes.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _do(config: Path, make):
     """Run one registry command; its errors as one line, exit 2."""
     from streams.cli import _fail, _settings
     from streams.config import ConfigError
-    from streams.registry import RegistryError, run
+    from streams.registry.store import RegistryError, run
 
     settings = _settings(config)
     try:
@@ -65,8 +65,8 @@ def add(
 ) -> None:
     """Register a candidate (scored from the mirror's end offsets now), or change one: options left out
     keep the registered values; a new artifact or I/O spec is a new version, a new policy a new policy version."""
-    from streams.registry import add as add_
-    from streams.retire import who
+    from streams.registry.store import add as add_
+    from streams.judge.retire import who
 
     fields = dict(path=path, sha256=sha256, runtime=runtime, kind=kind, kind_params=_json("--kind-params", kind_params),
                   adapter=_json("--adapter", adapter), cast=cast, output=output, baseline_output=baseline_output,
@@ -79,7 +79,7 @@ def add(
 @app.command("list")
 def list_(config: Path = CONFIG, as_json: bool = typer.Option(False, "--json")) -> None:
     """Every candidate's current version and state."""
-    from streams.registry import describe, read_all
+    from streams.registry.store import describe, read_all
 
     _, (specs, statuses) = _do(config, read_all)
     rows = [describe(rec, statuses.get(key), statuses.get(rec.verdict_key))
@@ -95,7 +95,7 @@ def list_(config: Path = CONFIG, as_json: bool = typer.Option(False, "--json")) 
 @app.command("show")
 def show(model: str = MODEL, candidate: str = CANDIDATE, config: Path = CONFIG) -> None:
     """One candidate's record as JSON: state (refused: with the reason), offsets, versions."""
-    from streams.registry import describe, read_all
+    from streams.registry.store import describe, read_all
 
     _, (specs, statuses) = _do(config, read_all)
     key = f"{model}/{candidate}"
@@ -112,8 +112,8 @@ def show(model: str = MODEL, candidate: str = CANDIDATE, config: Path = CONFIG) 
 def retire(model: str = MODEL, candidate: str = CANDIDATE, config: Path = CONFIG,
            reason: str = typer.Option("retired by an operator", help="why")) -> None:  # fmt: skip
     """Stop replaying it from the mirror's end offsets now; its verdict becomes final, its data stays."""
-    from streams.registry import retire as retire_
-    from streams.retire import who
+    from streams.registry.store import retire as retire_
+    from streams.judge.retire import who
 
     _, rec = _do(config, lambda s: retire_(s, model, candidate, reason, who()))
     typer.echo(f"{rec.key}: retired; not scored from mirror offsets {_offsets(rec.stop_offsets or {})}")
@@ -122,8 +122,8 @@ def retire(model: str = MODEL, candidate: str = CANDIDATE, config: Path = CONFIG
 @app.command("reset")
 def reset(model: str = MODEL, candidate: str = CANDIDATE, config: Path = CONFIG) -> None:
     """Back to registered from now on: refused (same version), retired (a new version), or pending offsets."""
-    from streams.registry import reset as reset_
-    from streams.retire import who
+    from streams.registry.store import reset as reset_
+    from streams.judge.retire import who
 
     _, rec = _do(config, lambda s: reset_(s, model, candidate, who()))
     typer.echo(f"{rec.key}: version {rec.version} (pair {rec.pair}) {rec.state}, scored from mirror offsets "

@@ -1,6 +1,6 @@
 """Judge core: columnar diff batches in; diff rows, windows, verdicts and pair state out.
 
-No Kafka here (streams/stages.py wraps it with a consumer and the changelog; the embedded
+No Kafka here (streams/judge/stage.py wraps it with a consumer and the changelog; the embedded
 pipeline calls it directly). Every step is *write first, then change state*, and a failed write
 leaves the state untouched, so the caller can retry the same call until the database answers:
 
@@ -8,7 +8,7 @@ leaves the state untouched, so the caller can retry the same call until the data
    producer retries (a request id already scored from another message, looked up in ClickHouse
    within the dedup horizon only), insert the fresh rows in one columnar insert, then add them to
    the pair's open window and cumulative evidence and advance the applied offsets.
-2. ``close_due(...)``: windows that are final (streams/windows.py), or beyond the state bounds, are
+2. ``close_due(...)``: windows that are final (streams/judge/windows.py), or beyond the state bounds, are
    written with their distribution statistics (from the accumulator's counts, no raw rows read
    back), the pair is judged on its cumulative evidence and the verdict written; then the windows
    leave the state. Before it is judged, the pair's clusters whose session is over (scorers.clusters:
@@ -33,14 +33,14 @@ from schemas import Verdict, WindowStats
 from scorers.accumulate import PairAccumulator
 from scorers.clusters import request_keys, tracker_for
 from scorers.judge import JudgeMemory, judge
-from streams.board import VerdictBoard
+from streams.api.board import VerdictBoard
 from streams.config import CandidateConfig, Settings
-from streams.history import provenance
-from streams.judge_kinds import accumulator_inputs, explain, window_divergence
-from streams.recent_ids import RecentIds, id_hashes
+from streams.judge.history import provenance
+from streams.judge.kinds import accumulator_inputs, explain, window_divergence
+from streams.judge.recent_ids import RecentIds, id_hashes
 from streams.records import DiffBatch
 from streams.sink import ClickHouseSink
-from streams.windows import PairWindows, SourceView, ms_to_datetime, pair_key
+from streams.judge.windows import PairWindows, SourceView, ms_to_datetime, pair_key
 
 log = logging.getLogger("shadowlens.judge")
 
@@ -49,7 +49,7 @@ WINDOW_SUMMARY_FIELDS = (
     "baseline_latency_p50_ms", "baseline_latency_p95_ms", "baseline_latency_p99_ms",
     "candidate_latency_p50_ms", "candidate_latency_p95_ms", "candidate_latency_p99_ms",
 )  # fmt: skip
-# A pair's state is kept well below the changelog topic's max.message.bytes (streams/stages.py
+# A pair's state is kept well below the changelog topic's max.message.bytes (streams/judge/stage.py
 # sets 8 MiB): past this budget the oldest open windows close early.
 STATE_BUDGET_BYTES = 1 << 20
 RECENT_MARGIN_MS = 10 * 60_000  # how far before a pair's first batch the loaded ids reach, beyond the horizon
@@ -73,7 +73,7 @@ class JudgeCore:
         self._sizes: dict[str, int] = {}  # bytes of each pair's state when last serialised
         # What counts as independent is a *cluster* (scorers.clusters): each pair's open clusters are
         # in its state (PairWindows.clusters, on the changelog), the closed ones in its cumulative.
-        # Which request ids each pair has stored lately (streams/recent_ids.py): the producer-retry
+        # Which request ids each pair has stored lately (streams/judge/recent_ids.py): the producer-retry
         # lookup asks ClickHouse only about the ids these cannot clear. Rebuilt from ClickHouse when
         # a pair is (re)acquired or its state restored.
         self._recent: dict[str, RecentIds] = {}
@@ -137,7 +137,7 @@ class JudgeCore:
         for pw, batch in unscorable:  # counted per batch (a batch partly redelivered counts again: rare)
             for kind, n in batch.unscorable.items():
                 pw.unscorable[kind] = pw.unscorable.get(kind, 0) + n
-            for what, n in batch.cast.items():  # inputs cast by the candidate's cast policy (streams/blame.py)
+            for what, n in batch.cast.items():  # inputs cast by the candidate's cast policy (streams/replay/blame.py)
                 pw.cast[what] = pw.cast.get(what, 0) + n
             for sent_ms in batch.unscorable_ms:  # their windows exist, so the pair is judged when they close
                 pw.window_for(sent_ms - sent_ms % self.size_ms)
@@ -148,7 +148,7 @@ class JudgeCore:
     def _drop_producer_retries(self, kept):
         """Rows whose request id was already scored from a *different* message are duplicates
         (a producer retry, a replayed backfill). ClickHouse is asked, in one lookup within the
-        horizon, only about the ids the pair's ``RecentIds`` cannot clear (streams/recent_ids.py)."""
+        horizon, only about the ids the pair's ``RecentIds`` cannot clear (streams/judge/recent_ids.py)."""
         asked: list[str] = []
         hashes = []  # per kept batch: its ids' hashes (0 in the column: an older replay sent none)
         for pw, rows, _ in kept:
@@ -306,7 +306,7 @@ class JudgeCore:
         judged = [j for j in judged if pair_key(j[0].model, j[0].candidate) not in self.final]  # windows still written
         verdicts = [v for _, v, _, _ in judged]
         self.sink.insert_windows(windows)
-        # With each verdict, its policy's hash and what it rested on besides the rows (streams/history.py):
+        # With each verdict, its policy's hash and what it rested on besides the rows (streams/judge/history.py):
         # the verdict history names the policy, and `shadowlens rejudge` replays this very look.
         self.sink.insert_verdicts(verdicts, [provenance(self, pw, clocks.get(pair_key(pw.model, pw.candidate), -1),
                                                         now_wall) for pw, _, _, _ in judged])

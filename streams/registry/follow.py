@@ -3,9 +3,9 @@ registry topic from its beginning, in the background, and keeps the last record 
 
 ``RegistryFollower.sync()`` returns once everything written to the topic before the call has been
 read: the replay stage calls it before each micro-batch (one ListOffsets round trip when nothing
-changed), which is what makes the start and stop offsets of streams/registry.py exact on every
+changed), which is what makes the start and stop offsets of streams/registry/store.py exact on every
 process. The judge's side is ``JudgeRegistry``: candidates and policy changes into ``JudgeCore``'s
-configs, a retired candidate's verdict made final. The replay side is streams/registry_reload.py.
+configs, a retired candidate's verdict made final. The replay side is streams/registry/reload.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from schemas.registry import CandidateRecord
 from streams.config import ConfigError, Settings
 from streams.kafka_io import Health, until_done
-from streams.registry import apply, config_from_record, decode
+from streams.registry.store import apply, config_from_record, decode
 
 log = logging.getLogger("shadowlens.registry")
 COMPONENT = "candidate registry"
@@ -98,11 +98,11 @@ class RegistryFollower:
 
 class JudgeRegistry:
     """The judge's view of the registry: each pair's config (kind, policy, noise reference) from its
-    record; a retired pair's verdict made final once (streams/retire.py's retirement row); the
-    promoted / rolled_back states and the registry's history in ClickHouse (streams/registry_events.py)."""
+    record; a retired pair's verdict made final once (streams/judge/retire.py's retirement row); the
+    promoted / rolled_back states and the registry's history in ClickHouse (streams/registry/events.py)."""
 
     def __init__(self, follower: RegistryFollower, core, sink):
-        from streams.registry_events import CandidateEvents, VerdictStates
+        from streams.registry.events import CandidateEvents, VerdictStates
 
         self.follower, self.core, self.sink = follower, core, sink
         self.seen: dict[str, tuple] = {}
@@ -130,7 +130,7 @@ class JudgeRegistry:
         self.events.update()
 
     def _final(self, rec: CandidateRecord) -> None:
-        from streams.retire import NothingToRetire, retire_pair
+        from streams.judge.retire import NothingToRetire, retire_pair
 
         key = f"{rec.model}/{rec.pair}"
         if key in self.core.final:

@@ -7,7 +7,7 @@ taken. The doctor checks each of them and prints one row per check (✓, ✗ wit
 topic, a consumer or a database is created, so a mistake there is one line and exit code 2.
 
 Here: the models (loaded by the worker's own ``Candidate.load``, which refuses an output that is
-no probability vector), the API and metrics ports, the database. streams/doctor_traffic.py: the
+no probability vector), the API and metrics ports, the database. streams/doctor/traffic.py: the
 topics, and a sample of the mirror topic's records through the real replay core, read without
 consuming them.
 """
@@ -52,11 +52,11 @@ def run_doctor(settings: Settings, sample: int = 200, role: str = "all") -> list
     checks += port_checks(settings, role)
     if role in ("judge", "all"):
         checks.append(database_check(settings))
-    from streams.doctor_traffic import kafka_checks
+    from streams.doctor.traffic import kafka_checks
 
     checks += asyncio.run(kafka_checks(settings, candidates if role != "judge" else None, sample))
     if role in ("replay", "all"):  # what the registry holds beside the config (issue #23)
-        from streams.doctor_registry import registry_checks
+        from streams.doctor.registry import registry_checks
 
         checks += asyncio.run(registry_checks(settings))
     return checks
@@ -90,7 +90,7 @@ def startup_checks(settings: Settings, role: str) -> dict[str, list] | None:
 # -- models ------------------------------------------------------------------------------------
 def load_candidates(settings: Settings) -> tuple[dict[str, list], list[Check]]:
     """Each candidate through ``Candidate.load`` (the worker's own loader and output check)."""
-    from streams.replay import Candidate
+    from streams.replay.core import Candidate
 
     loaded: dict[str, list] = defaultdict(list)
     checks = []
@@ -117,7 +117,7 @@ def model_failure(cfg, exc: BaseException) -> tuple[str, str]:
     if _from_onnxruntime(exc):  # onnxruntime's own exception, not turned into a refusal by Candidate.load
         cause, fix = file_problem(cfg.path, exc)
         return f"candidates.{cfg.name}.path: {cause}", fix
-    # Candidate.load's own refusal (streams.blame.CandidateRefused): one line, its fix included
+    # Candidate.load's own refusal (streams.replay.blame.CandidateRefused): one line, its fix included
     text = _first_line(exc) or type(exc).__name__
     return text, (f"set candidates.{cfg.name}.output to one of them" if "is not an output of" in text else "")
 

@@ -2,7 +2,7 @@
 
 Records and keys: schemas/registry.py. This module reads and writes the topic and implements the
 operators' commands (``shadowlens candidates add|list|show|retire|reset``, the same over the API);
-streams/registry_follow.py follows it inside the worker and hot-reloads the replay processes.
+streams/registry/follow.py follows it inside the worker and hot-reloads the replay processes.
 
 Start and stop positions are recorded in two writes, so that every replay process decides the same
 way for every mirror message (no request lost, none scored twice):
@@ -322,7 +322,7 @@ async def _new_version(settings: Settings, old: CandidateRecord, new: CandidateR
 
 async def retire(settings: Settings, model: str, candidate: str, reason: str, by: str) -> CandidateRecord:
     """Stop replaying the candidate from the mirror's end offsets now on; its data stays, and the
-    judge that owns the pair makes its verdict final (streams/retire.py's retirement)."""
+    judge that owns the pair makes its verdict final (streams/judge/retire.py's retirement)."""
     key = f"{model}/{candidate}"
     specs, _ = await read_all(settings)
     old = specs.get(key)

@@ -9,7 +9,7 @@
 - ``CandidateEvents``: the registry's history in ClickHouse (``candidate_events``) for analysts:
   the compacted topic keeps only the last record per key, the table every record the judge saw.
 
-Both run from ``JudgeRegistry.refresh`` (streams/registry_follow.py), about once a second.
+Both run from ``JudgeRegistry.refresh`` (streams/registry/follow.py), about once a second.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class VerdictStates:
             self._task = asyncio.create_task(self._write(due), name="registry verdict states")
 
     async def _write(self, records: list[tuple[str, CandidateVerdict]]) -> None:
-        from streams.registry import write
+        from streams.registry.store import write
 
         try:
             await write(self.settings, records)

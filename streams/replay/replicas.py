@@ -1,6 +1,6 @@
 """``shadowlens worker --role replay --processes N``: several replay processes on one box.
 
-A replay process works on one core (one onnxruntime thread per session, streams/runner.py, and
+A replay process works on one core (one onnxruntime thread per session, streams/replay/runner.py, and
 one Python thread), so a box with more cores runs more of them. Each is an ordinary member of
 the replay consumer group, started with the same config: the mirror partitions are spread over
 all replay processes of all boxes, and a process beyond the partition count idles.
@@ -44,7 +44,7 @@ def replica_ports(settings: Settings, n: int) -> list[int | None]:
 
 
 def check_ports(settings: Settings, ports: list[int | None]) -> None:
-    from streams.doctor import port_free
+    from streams.doctor.checks import port_free
     from streams.metrics import MetricsAddressUnavailable
 
     host, n = settings.metrics.host, len(ports)
@@ -63,7 +63,7 @@ def check_ports(settings: Settings, ports: list[int | None]) -> None:
 def run_replicas(config: Path, settings: Settings, n: int, loglevel: str = "info", debug: bool = False) -> int:
     """Start, supervise and stop ``n`` replay processes; returns the exit code. Raises the
     start-up checks' one-line errors (ConfigError, MetricsAddressUnavailable) before starting any."""
-    from streams.doctor import startup_checks
+    from streams.doctor.checks import startup_checks
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s [replay supervisor] %(name)s: "
                                                        "%(message)s")  # fmt: skip

@@ -55,7 +55,7 @@
    is judged:
 
    - an ``output`` the model does not have (a file onnxruntime cannot load is refused by the
-     worker's start-up checks, streams/doctor.py);
+     worker's start-up checks, streams/doctor/checks.py);
    - an ``output`` that is not a probability vector for a classification candidate (the default kind). A
      float tensor of several values per row (probabilities, or logits with
      ``from_logits = true``) or a ZipMap output (skl2onnx's default ``output_probability``, read
@@ -84,7 +84,7 @@ import numpy as np
 from schemas import SUPPORTED_DTYPES
 from scorers.diffs import PROB_NEGATIVE_TOLERANCE, PROB_SUM_TOLERANCE
 from streams.config import CandidateConfig, ConfigError
-from streams.runner import ONNX_DTYPES, OnnxRunner, is_zipmap
+from streams.replay.runner import ONNX_DTYPES, OnnxRunner, is_zipmap
 
 # Dead letters that are the producer's (or the operator's) fault for a known pair: counted per pair
 # in ``unscorable`` (data sufficiency), never as candidate errors.

@@ -16,8 +16,8 @@ Authentication (``[api] tokens``): every /v1 path needs a bearer token when toke
 set. /healthz and /readyz stay open for kubelet probes; /openapi.json stays open, as it is the
 contract (paths and schemas) and holds no data.
 
-Verdict endpoints answer from memory (streams/board.py): no database call, nothing shared with the
-worker's writes. A worker serves this app from a process of its own (streams/api_process.py);
+Verdict endpoints answer from memory (streams/api/board.py): no database call, nothing shared with the
+worker's writes. A worker serves this app from a process of its own (streams/api/process.py);
 ``/v1/windows`` is a database read, in the thread pool, never on an event loop.
 """
 
@@ -36,8 +36,8 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
 
 from schemas import MAX_NAME_CHARS, Verdict, WindowSummary
-from streams.board import VerdictBoard
-from streams.history import VerdictChange, read_history
+from streams.api.board import VerdictBoard
+from streams.judge.history import VerdictChange, read_history
 
 MAX_WINDOWS = 1000
 Name = Annotated[str, PathParam(min_length=1, max_length=MAX_NAME_CHARS)]
@@ -59,8 +59,8 @@ def create_app(
     those answer 503); ``health``: the worker's ``streams.kafka_io.Health`` when served from a
     worker; ``tokens``: accepted bearer tokens (empty: no authentication, except for SQL and
     writes, which are then off); ``retire(model, candidate, reason, by)``: writes a retirement
-    (streams/retire.py; None: 503); ``registry``: the Settings whose candidate registry /v1/candidates
-    serves (streams/registry_api.py; None: no such routes)."""
+    (streams/judge/retire.py; None: 503); ``registry``: the Settings whose candidate registry /v1/candidates
+    serves (streams/api/candidates.py; None: no such routes)."""
     app = FastAPI(
         title="shadowlens verdicts API",
         version="1.2",
@@ -202,7 +202,7 @@ def create_app(
     ) -> list[VerdictChange]:
         """Every change of the pair's verdict, newest first (its first verdict last, from null): from, to,
         when, samples, the metric that decided and the policy hash (the ``verdict_changes`` view,
-        streams/history.py). A data read like /v1/windows: behind a token when the API has tokens."""
+        streams/judge/history.py). A data read like /v1/windows: behind a token when the API has tokens."""
         if board.verdict(model, candidate) is None:
             raise HTTPException(status_code=404, detail=f"unknown pair {model}/{candidate}: not configured in "
                                 "[[candidates]] and never scored")  # fmt: skip
@@ -252,7 +252,7 @@ def create_app(
             raise HTTPException(status_code=400, detail=line[:500]) from None
 
     if registry is not None:
-        from streams.registry_api import add_routes
+        from streams.api.candidates import add_routes
 
         add_routes(v1, registry, token_required)
     app.include_router(v1)

@@ -1,15 +1,6 @@
-"""The two Kafka stages around the replay and judge cores.
+"""The judge stage: the Kafka loop around JudgeCore (streams/judge/core.py).
 
-ReplayStage (any number of processes, one consumer group on the mirror topic):
-    getmany -> ReplayCore.replay -> diff batches to the diffs topic (key = pair) and dead letters
-    to the dead-letter topic, all acknowledged -> commit the mirror offsets -> every
-    ``progress_interval_s``, a Progress record to every diffs partition.
-    Two micro-batches overlap: batch k+1 is replayed (on the core's own thread) while batch k's
-    transaction is sent and committed (on the event loop). Transactions still begin and end in
-    order, one at a time, and a progress report waits for the transaction before it, so what a
-    reader sees and what a crash leaves are as without the overlap.
-
-JudgeStage (one consumer group on the diffs topic; a pair lives on one partition, so on one judge):
+One consumer group on the diffs topic; a pair lives on one partition, so on one judge:
     on assignment, restore the pairs' state from the changelog partitions of the same numbers ->
     getmany -> JudgeCore.apply (rows into ClickHouse, then state) -> state to the changelog,
     acknowledged -> commit the diffs offsets; each second, close due windows the same way.
@@ -21,11 +12,8 @@ and the uncommitted offsets guarantee that a crash meanwhile loses nothing.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 from aiokafka import TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -34,172 +22,15 @@ from aiokafka.structs import OffsetAndMetadata
 
 from streams import kafka_io
 from streams.config import Settings
-from streams.judge import JudgeCore
-from streams.kafka_io import TYPE_DIFFS, TYPE_PROGRESS, Health, until_done
+from streams.judge.core import JudgeCore
+from streams.judge.windows import SourceView
+from streams.kafka_io import Health, until_done
 from streams.records import TYPE_HEADER, DiffBatch, PartitionProgress, Progress
-from streams.replay import Inbound, ReplayCore, ReplayOutput
-from streams.windows import SourceView
 
 log = logging.getLogger("shadowlens.stages")
-KAFKA, KAFKA_JUDGE = "kafka (replay stage)", "kafka (judge stage)"  # health components
+KAFKA_JUDGE = "kafka (judge stage)"  # health component
 _APPLY_RECORDS = 64  # diff records (micro-batches of both candidates) per judge apply, at most
 _MOVED = (CommitFailedError, IllegalStateError)  # the partition went to another process: it redoes the batch
-
-
-class ReplayStage:
-    def __init__(self, settings: Settings, core: ReplayCore, health: Health, partitions: dict[str, int]):
-        self.settings, self.core, self.health = settings, core, health
-        self.partitions = partitions  # topic -> partition count (streams.kafka_io.ensure_topics)
-        self.replica = f"replay-{uuid.uuid4().hex[:8]}"
-        self.progress: dict[int, PartitionProgress] = {}
-        self.replayed = 0
-        self.dead_letters = 0
-        self.reachable_since = 0.0  # restarted after a failed or stalled send (see _send)
-        self.metrics = None  # streams.metrics.WorkerMetrics, set by the topology
-        self.last_message_wall = 0.0
-        self.reload = None  # streams.registry_reload.HotReload, set by the topology
-
-    async def run(self) -> None:
-        k = self.settings.kafka
-        consumer = kafka_io.consumer(self.settings, k.topic, k.group_id, self.settings.replay.batch_size,
-                                     listener=_ForgetProgress(self.progress))  # fmt: skip
-        # Exactly once: one transaction per batch carries its diffs, its dead letters and its mirror
-        # offsets, so a process killed mid-batch leaves nothing a read_committed reader sees.
-        txn_id = f"{k.group_id}-{self.replica}" if k.exactly_once else None
-        producer = kafka_io.Producer(self.settings, self.health, KAFKA, transactional_id=txn_id)
-        diffs_partitions = list(range(self.partitions[k.diffs_topic]))
-        mirror_partitions = self.partitions[k.topic]
-        last_report = 0.0
-        # The core runs on one thread of its own, so it is only ever used by one thread at a time;
-        # the event loop meanwhile sends the previous batch's transaction (candidates' calls and
-        # numpy release the GIL; the loop's I/O needs little of it).
-        core_thread = ThreadPoolExecutor(1, thread_name_prefix="replay-core")
-        loop = asyncio.get_running_loop()
-        sending: asyncio.Task | None = None  # the previous batch's transaction
-        try:
-            # Inside the try: a worker stopped while the consumer starts still closes it.
-            await until_done(KAFKA, self.health, consumer.start)
-            while True:
-                fetched = await consumer.getmany(
-                    timeout_ms=int(self.settings.replay.batch_within_s * 1000), max_records=self.settings.replay.batch_size
-                )  # fmt: skip
-                messages = [Inbound(m.value, tp.partition, m.offset, tp.topic, m.key)
-                            for tp, msgs in fetched.items() for m in msgs]  # fmt: skip
-                if messages:
-                    if self.reload is not None:  # the registry's table for this batch (may wait for a load)
-                        table = await self.reload.prepare(messages)
-                        if table is not None:  # swapped between batches, on the core's thread
-                            await loop.run_in_executor(core_thread, self.core.swap, table)
-                    started = time.perf_counter()
-                    out = await loop.run_in_executor(core_thread, self.core.replay, messages)
-                    self.last_message_wall = time.time()
-                    if self.metrics is not None:
-                        self.metrics.batch_seconds.observe(time.perf_counter() - started)
-                    if sending is not None:  # one transaction at a time, in order
-                        await sending
-                    sending = asyncio.create_task(self._hand_over(consumer, producer, messages, out))
-                if time.monotonic() - last_report >= k.progress_interval_s:
-                    if sending is not None:  # a report covers only what was acknowledged before it
-                        await sending
-                        sending = None
-                    await self._report(consumer, producer, diffs_partitions, mirror_partitions)
-                    last_report = time.monotonic()
-                    # A summary is due even when no message arrives; on the core's thread, as the log is the core's.
-                    await loop.run_in_executor(core_thread, self.core.letter_log.flush)
-                    if self.reload is not None:  # loads start and finish while no message arrives too
-                        self.reload.idle()
-        finally:
-            try:
-                if sending is not None and not sending.done():
-                    sending.cancel()  # stopped mid-transaction: unacknowledged, uncommitted, redelivered
-                    await asyncio.gather(sending, return_exceptions=True)
-                await consumer.stop()  # leaves the group; commits nothing (auto-commit is off)
-            finally:
-                core_thread.shutdown(wait=False, cancel_futures=True)
-                await producer.stop()
-
-    async def _hand_over(self, consumer, producer, messages: list[Inbound], out: ReplayOutput) -> None:
-        """One replayed micro-batch's transaction: its diffs, dead letters and mirror offsets."""
-        k = self.settings.kafka
-        records = [dict(topic=k.diffs_topic, key=b.key, value=b.encode(), headers=[(TYPE_HEADER, TYPE_DIFFS)])
-                   for b in out.batches]  # fmt: skip
-        for letter in out.dead_letters:
-            key = f"{letter.topic}/{letter.partition}/{letter.offset}".encode()
-            records.append(dict(topic=k.dead_letter_topic, key=key, value=letter.model_dump_json().encode()))
-        commit = _next_offsets(messages)
-        # Exactly once: the offsets go in the records' transaction (for the group, not by the consumer).
-        await self._send(producer, records, offsets=commit if k.exactly_once else None, group_id=k.group_id)
-        # Dead letters are logged by the replay core, summarised per (candidate, reason) a minute
-        # (streams.replay.LetterLog): one line per message flooded the log (1,200 lines for 1,200).
-        now = time.time()
-        assigned = consumer.assignment()
-        for tp, nxt in commit.items():
-            if tp not in assigned:  # moved during the batch: its new owner reports it
-                continue
-            old = self.progress.get(tp.partition)
-            sent = max(out.max_sent_ms.get(tp.partition, 0), old.max_sent_ms if old else 0)
-            highwater = consumer.highwater(tp)
-            self.progress[tp.partition] = PartitionProgress(nxt.offset, -1 if highwater is None else highwater, sent, now)
-            if self.metrics is not None and highwater is not None:
-                self.metrics.lag.labels(str(tp.partition)).set(max(highwater - nxt.offset, 0))
-        if not k.exactly_once:
-            try:
-                await until_done(KAFKA, self.health, lambda: consumer.commit(commit), give_up=_MOVED)
-            except _MOVED as exc:
-                log.warning("mirror partitions moved before commit (%s): their new owner replays them", exc)
-        self.replayed += out.requests
-        self.dead_letters += len(out.dead_letters)
-        if self.metrics is not None:
-            self.metrics.replayed.inc(out.requests)
-            for letter in out.dead_letters:
-                self.metrics.dead_letters.labels(letter.error_type).inc()
-
-    async def _report(self, consumer, producer, diffs_partitions: list[int], mirror_partitions: int) -> None:
-        now = time.time()
-        report = Progress(self.replica, mirror_partitions, now)
-        for tp in consumer.assignment():
-            old = self.progress.get(tp.partition)
-            try:
-                position = old.position if old else await consumer.position(tp)
-                highwater = consumer.highwater(tp)
-            except (AssertionError, IllegalStateError):  # revoked meanwhile: its new owner reports it
-                continue
-            report.partitions[tp.partition] = PartitionProgress(
-                position, -1 if highwater is None else highwater, old.max_sent_ms if old else 0,
-                old.advanced_wall if old else now,
-            )  # fmt: skip
-            if old is None:
-                self.progress[tp.partition] = report.partitions[tp.partition]
-        if not report.partitions:
-            return
-
-        def records() -> list[dict]:
-            # Made at each attempt: a report that waited out an outage says so when it lands.
-            report.wall = time.time()
-            report.reachable_since = report.wall if KAFKA in self.health.waiting else self.reachable_since
-            value = report.encode()
-            return [dict(topic=self.settings.kafka.diffs_topic, value=value, partition=p,
-                         headers=[(TYPE_HEADER, TYPE_PROGRESS)]) for p in diffs_partitions]  # fmt: skip
-
-        await self._send(producer, records)
-
-    async def _send(self, producer, records, offsets: dict | None = None, group_id: str | None = None) -> None:
-        """Send and wait for the acks; a send that failed or stalled (the broker was away: aiokafka
-        may just wait for it) restarts the 'reachable since' clock the progress reports carry."""
-        started = time.time()
-        await producer.send_all(records, offsets=offsets, group_id=group_id)
-        stalled = time.time() - started > self.settings.windows.progress_fresh_s
-        if stalled or self.health.recovered_at.get(KAFKA, 0.0) >= started:
-            self.reachable_since = time.time()
-
-
-def _next_offsets(messages: list[Inbound]) -> dict[TopicPartition, OffsetAndMetadata]:
-    """The offsets to commit once these messages are written: one past the last of each partition."""
-    last: dict[TopicPartition, int] = {}
-    for m in messages:
-        tp = TopicPartition(m.topic, m.partition)
-        last[tp] = max(last.get(tp, -1), m.offset)
-    return {tp: OffsetAndMetadata(off + 1, "") for tp, off in last.items()}
 
 
 class JudgeStage:
@@ -211,7 +42,7 @@ class JudgeStage:
         self.assigned: set[int] | None = None  # diffs partitions assigned, not yet restored
         self.committed: dict[TopicPartition, int] = {}  # diffs offsets this process committed
         self.revoked: set[int] = set()  # diffs partitions revoked while _gather waited
-        self.registry = None  # streams.registry_follow.JudgeRegistry, set by the topology
+        self.registry = None  # streams.registry.follow.JudgeRegistry, set by the topology
 
     async def run(self) -> None:
         k = self.settings.kafka
@@ -379,6 +210,7 @@ class JudgeStage:
             await reader.stop()
 
 
+
 def _now(fn, *args):
     """A synchronous call as the awaitable factory ``until_done`` retries."""
 
@@ -386,20 +218,6 @@ def _now(fn, *args):
         return fn(*args)
 
     return call
-
-
-class _ForgetProgress(ConsumerRebalanceListener):
-    """A mirror partition that moves away is reported by its new owner, from its committed offset."""
-
-    def __init__(self, progress: dict[int, PartitionProgress]):
-        self.progress = progress
-
-    async def on_partitions_revoked(self, revoked) -> None:
-        for tp in revoked:
-            self.progress.pop(tp.partition, None)
-
-    async def on_partitions_assigned(self, assigned) -> None:
-        pass
 
 
 class _Recovery(ConsumerRebalanceListener):

@@ -5,12 +5,12 @@ one line naming it and the fix, before a replay process refuses it at run time."
 from __future__ import annotations
 
 from streams.config import ConfigError, Settings
-from streams.doctor import FAIL, INFO, OK, Check, model_failure
+from streams.doctor.checks import FAIL, INFO, OK, Check, model_failure
 
 
 async def registry_checks(settings: Settings) -> list[Check]:
-    from streams import registry
-    from streams.replay import Candidate
+    from streams.registry import store as registry
+    from streams.replay.core import Candidate
 
     try:
         specs, _ = await registry.read_all(settings)

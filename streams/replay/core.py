@@ -1,11 +1,11 @@
 """Replay core: a micro-batch of mirrored messages in, one columnar diff batch per pair out.
 
-No Kafka, no database, no per-pair state: the replay stage (streams/stages.py) wraps this with a
+No Kafka, no database, no per-pair state: the replay stage (streams/replay/stage.py) wraps this with a
 consumer and a producer, the embedded pipeline (streams/pipeline.py) calls it directly, and it can
 run on a GPU machine that reaches nothing but Kafka.
 
 Poison is isolated per message. Decoding never raises (``schemas.decode_request``). Who is to blame
-decides where a request ends up, by the rules of streams/blame.py: what the producer sent wrong for
+decides where a request ends up, by the rules of streams/replay/blame.py: what the producer sent wrong for
 a candidate (its adapter, input shapes or dtypes, the baseline output) is a dead letter *for that
 candidate*, counted in the pair's ``unscorable``, while the other candidates still score it; an
 exception in a candidate's batched run is retried message by message, and the message that still
@@ -14,14 +14,14 @@ carries can stop the batch. Dead letters reach the log as a summary a minute (``
 
 Columnar hot path: requests whose inputs share names, dtypes and shapes are stacked once, adapted
 once (rename / cast / scale / shift are element-wise), checked once and replayed in one batched
-call per candidate. Timing (``[replay] timing``, streams/runner.py): ``"sampled"`` (the default)
+call per candidate. Timing (``[replay] timing``, streams/replay/runner.py): ``"sampled"`` (the default)
 also runs a sample of the requests alone and times them (``timed_rows``: by request id hash, at
 least ``timing_min_per_window`` per window of each group), the others' latency NaN;
 ``"per_request"`` runs every row alone (latency for all, one call per row); ``"batched"`` gives
 each row the batch time divided by its rows. Variable shapes are never padded: requests of
-another per-row shape are another group (streams/stacking.py), so another batched call.
+another per-row shape are another group (streams/replay/stacking.py), so another batched call.
 
-Candidates run on onnxruntime (``OnnxRunner``) or torch (``streams.runner_torch.TorchRunner``),
+Candidates run on onnxruntime (``OnnxRunner``) or torch (``streams.replay.runner_torch.TorchRunner``),
 ``candidates.<name>.runtime``, from the file's suffix by default (``load_runner``).
 """
 
@@ -38,22 +38,22 @@ import numpy as np
 from schemas import DeadLetter, MirroredRequest
 from schemas.decode import Rejection, decode_for_replay
 from schemas.fast_path import PlainRequest
-from streams.adapter import InputAdapter
-from streams.blame import (
+from streams.replay.adapter import InputAdapter
+from streams.replay.blame import (
     UNSCORABLE, CandidateRefused, baseline_check_key, baseline_invalid_reason, baseline_problems, conform_inputs,
     refusal,
 )  # fmt: skip
 from streams.config import CandidateConfig, Settings
-from streams.evidence_keys import evidence_keys
-from streams.letter_log import LetterLog
+from streams.replay.evidence_keys import evidence_keys
+from streams.replay.letter_log import LetterLog
 from streams.records import DiffBatch, empty_columns
-from streams.replay_columns import fill_kind_columns, pair_reference_latency, request_columns
-from streams.runner import Runner, load_runner, timed_rows
-from streams.runner_torch import TorchModelError
-from streams.stacking import baseline_rows, groups_by_signature, stack
+from streams.replay.columns import fill_kind_columns, pair_reference_latency, request_columns
+from streams.replay.runner import Runner, load_runner, timed_rows
+from streams.replay.runner_torch import TorchModelError
+from streams.replay.stacking import baseline_rows, groups_by_signature, stack
 
 log = logging.getLogger("shadowlens.replay")
-# UNSCORABLE (streams/blame.py, which states the blame rules): dead letters that are the payload's
+# UNSCORABLE (streams/replay/blame.py, which states the blame rules): dead letters that are the payload's
 # or the config's fault, counted per pair so the verdict can say why it cannot decide, never as
 # candidate errors.
 __all__ = ["UNSCORABLE", "Candidate", "Inbound", "LetterLog", "ReplayCore", "ReplayOutput"]
@@ -75,7 +75,7 @@ class Candidate:
     config: CandidateConfig
     adapter: InputAdapter
     runner: Runner
-    # The mirror offsets it is scored over (streams/registry.py): from start (a partition absent: 0)
+    # The mirror offsets it is scored over (streams/registry/store.py): from start (a partition absent: 0)
     # up to stop (None: no stop; a partition absent: 0). The TOML's candidates: every offset.
     start: dict[int, int] = field(default_factory=dict)
     stop: dict[int, int] | None = None
@@ -88,8 +88,8 @@ class Candidate:
     @classmethod
     def load(cls, config: CandidateConfig, providers: Sequence[str] | None) -> Candidate:
         """The candidate, ready to replay; ``CandidateRefused`` (a ``ConfigError``, one line naming the
-        field and the fix) when it cannot be judged as configured (streams/blame.py, rule 4). A file
-        onnxruntime cannot load raises onnxruntime's own exception (streams/doctor.py words it); a
+        field and the fix) when it cannot be judged as configured (streams/replay/blame.py, rule 4). A file
+        onnxruntime cannot load raises onnxruntime's own exception (streams/doctor/checks.py words it); a
         torch candidate without torch installed, or a file torch does not load, is refused."""
         try:
             runner = load_runner(config.path, config.runtime, providers or None)
@@ -124,7 +124,7 @@ class ReplayCore:
         self._shared: dict[tuple, object] = {}
 
     def swap(self, candidates: dict[str, list[Candidate]]) -> None:
-        """Replace the candidate table as a whole (hot reload, streams/registry_reload.py): called on
+        """Replace the candidate table as a whole (hot reload, streams/registry/reload.py): called on
         the core's thread between micro-batches, so a batch is replayed with one table."""
         self.candidates = candidates
 
@@ -198,7 +198,7 @@ class ReplayCore:
 
     # -- one candidate --------------------------------------------------------------------------
     def _replay_candidate(self, cand: Candidate, groups, scored_ms: int) -> tuple[DiffBatch, list[DeadLetter]]:
-        """Who is to blame decides where a request ends up (streams/blame.py): a request the producer
+        """Who is to blame decides where a request ends up (streams/replay/blame.py): a request the producer
         sent wrong for this candidate (adapter, input dtype, baseline output) is a dead letter and
         counts as *unscorable*; an exception in the candidate's own run, or an answer that is no
         probability vector, is a diff row with the error (a *candidate error*, judged by error_rate)."""
@@ -336,7 +336,7 @@ class ReplayCore:
     def _columns(self, cand: Candidate, group, keys, scored_ms, base_rows, cand_rows, latencies, failure: str = ""):
         cfg = cand.config
         req = self._per_group(group, ("requests",), lambda: request_columns(group))
-        kind = cfg.output_kind()  # the candidate's output kind computes the diffs (streams/replay_columns.py)
+        kind = cfg.output_kind()  # the candidate's output kind computes the diffs (streams/replay/columns.py)
         diffs = kind.diffs(base_rows, cand_rows)
         cols = empty_columns(len(group))
         for name in ("sent_ms", "baseline_latency_ms", "label", "source_partition", "source_offset", "id_hash"):

@@ -1,7 +1,7 @@
 """Candidate runners behind one small interface, with onnxruntime's here (``OnnxRunner``) and
-torch's in streams/runner_torch.py (``TorchRunner``: TorchScript and ``torch.export`` programs).
+torch's in streams/replay/runner_torch.py (``TorchRunner``: TorchScript and ``torch.export`` programs).
 
-What the replay core (streams/replay.py) and the blame rules (streams/blame.py) use of a runner,
+What the replay core (streams/replay/core.py) and the blame rules (streams/replay/blame.py) use of a runner,
 and all a new runtime has to give (``Runner``):
 
 - ``inputs`` / ``outputs``: name -> declared ``IOMeta`` (``.name``, ``.type`` as onnxruntime spells
@@ -15,7 +15,7 @@ and all a new runtime has to give (``Runner``):
 Devices are chosen at run time: CUDA when the runtime reports it available (the ``gpu`` extra
 installs onnxruntime-gpu; torch's default wheel has CUDA), else CPU.
 
-**Timing** (``[replay] timing``, streams/replay.py decides which rows are timed):
+**Timing** (``[replay] timing``, streams/replay/core.py decides which rows are timed):
 
 - ``batched``: one call per micro-batch; each row is attributed the batch time divided by n
   (throughput, not the latency one request would see);
@@ -227,7 +227,7 @@ class OnnxRunner(Runner):
 def load_runner(path, runtime: str | None = None, providers: Sequence[str] | None = None) -> Runner:
     """The runner for a model file: ``runtime`` ``"onnx"`` or ``"torch"``, None: from the suffix
     (``streams.config.infer_runtime``). ImportError (one line, the fix) when torch is not installed;
-    ``streams.runner_torch.TorchModelError`` (a ValueError) for a file torch does not load."""
+    ``streams.replay.runner_torch.TorchModelError`` (a ValueError) for a file torch does not load."""
     from streams.config import infer_runtime
 
     runtime = runtime or infer_runtime(path)
@@ -237,7 +237,7 @@ def load_runner(path, runtime: str | None = None, providers: Sequence[str] | Non
         except ImportError as exc:
             raise ImportError(f"{path} runs on torch (runtime = \"torch\"), which is not installed: "
                               "pip install 'shadowlens[torch]'") from exc  # fmt: skip
-        from streams.runner_torch import TorchRunner
+        from streams.replay.runner_torch import TorchRunner
 
         return TorchRunner(path, providers=providers)
     if runtime != "onnx":
@@ -247,7 +247,7 @@ def load_runner(path, runtime: str | None = None, providers: Sequence[str] | Non
 
 def sampled_by_hash(id_hash: np.ndarray, fraction: float) -> np.ndarray:
     """Per row: whether sampled timing times it alone by its request id's hash (``id_hash``, the
-    64-bit hash of ``streams.recent_ids.id_hashes``): its top 53 bits below ``fraction`` of their
+    64-bit hash of ``streams.judge.recent_ids.id_hashes``): its top 53 bits below ``fraction`` of their
     range. Deterministic, so every candidate of a model, its noise reference and a redelivery time
     the same requests; a function of the id only, so the judge can tell which rows were meant to be
     timed."""

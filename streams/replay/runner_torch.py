@@ -1,5 +1,5 @@
 """Candidate runner on torch: TorchScript archives (``torch.jit.save``) and ``torch.export``
-programs (``torch.export.save``, ``.pt2``), with the interface of streams/runner.py's ``Runner``.
+programs (``torch.export.save``, ``.pt2``), with the interface of streams/replay/runner.py's ``Runner``.
 
 Never a pickled module: a file is looked at as a zip archive before torch reads it, and only a
 TorchScript archive (its ``code/`` and ``constants.pkl``, read by TorchScript's own restricted
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streams.runner import ONNX_DTYPES, IOMeta, Runner
+from streams.replay.runner import ONNX_DTYPES, IOMeta, Runner
 
 METADATA = "shadowlens.json"
 _ONNX_TYPE = {dtype: name for name, dtype in ONNX_DTYPES.items()}
@@ -66,7 +66,7 @@ def torch_available() -> bool:
 def archive_kind(path: str | Path) -> str:
     """``"export"`` (a PT2 archive), ``"script"`` (TorchScript); TorchModelError for anything else,
     decided from the zip's file names alone (nothing is unpickled to find out)."""
-    fix = ("export it with torch.jit.script(model) + streams.runner_torch.save_torchscript, or torch.export.export + "
+    fix = ("export it with torch.jit.script(model) + streams.replay.runner_torch.save_torchscript, or torch.export.export + "
            "torch.export.save (.pt2)")
     try:
         with zipfile.ZipFile(path) as archive:
@@ -125,7 +125,7 @@ def _weights_only():
 
 class _Declared:
     """The declared inputs and outputs with onnxruntime's session methods (``get_inputs`` /
-    ``get_outputs``), for code that reads a session's metadata (streams/doctor.py)."""
+    ``get_outputs``), for code that reads a session's metadata (streams/doctor/checks.py)."""
 
     def __init__(self, inputs: dict[str, IOMeta], outputs: dict[str, IOMeta]):
         self._inputs, self._outputs = list(inputs.values()), list(outputs.values())
@@ -168,7 +168,7 @@ class TorchRunner(Runner):
                 if not extra[METADATA]:
                     raise TorchModelError(
                         f"{self.path}: a TorchScript archive without {METADATA} (its inputs' dtypes and shapes, its "
-                        "outputs' names); save it with streams.runner_torch.save_torchscript(module, path, inputs, "
+                        "outputs' names); save it with streams.replay.runner_torch.save_torchscript(module, path, inputs, "
                         "outputs)")
                 meta = json.loads(extra[METADATA])
                 self.inputs, outputs, self._out_kind = _script_io(self.module, meta, self.path)

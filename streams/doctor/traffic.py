@@ -4,7 +4,7 @@ The sample is the last records of each mirror partition, read by a consumer that
 group (``group_id=None``): it has no committed offsets to move, so the worker started afterwards
 still replays every record. The records go through the real ``ReplayCore.replay`` (decoding,
 adapter, input checks and casts, the candidate's session, the baseline comparison); its dead
-letters (streams/blame.py says whose fault each kind is) and candidate errors are reported per
+letters (streams/replay/blame.py says whose fault each kind is) and candidate errors are reported per
 candidate and reason, with the reason's own text and the fix.
 
 Output kinds (scorers/kinds): a classification candidate whose sampled baseline outputs are no
@@ -20,7 +20,7 @@ import math
 from collections import Counter, defaultdict
 
 from streams.config import Settings
-from streams.doctor import FAIL, INFO, OK, Check, _clip, _first_line
+from streams.doctor.checks import FAIL, INFO, OK, Check, _clip, _first_line
 
 SAMPLE_WAIT_S = 10.0  # a few hundred records take well under a second from a reachable broker
 
@@ -40,7 +40,7 @@ FIXES = {
     "replay_failed": "the model raised on these inputs: check the reason, the model's export and the adapter",
     "candidate_error": "the candidate fails on valid input (its verdict counts it in error_rate): check its export",
 }  # fmt: skip
-# Reasons (streams/blame.py, scorers/diffs.py) that say an answer is numbers but no probabilities.
+# Reasons (streams/replay/blame.py, scorers/diffs.py) that say an answer is numbers but no probabilities.
 NOT_PROBABILITIES = ("negative values", "not a probability", "probabilities are negative", "probabilities sum to")
 KIND_HINT = ("baseline outputs are not probabilities: set candidates.{name}.kind = \"regression\" if the model "
              "predicts numbers (or multilabel, ranking, embedding: README, Output kinds)")
@@ -102,7 +102,7 @@ async def _read_sample(settings: Settings, partitions: int, n: int) -> list:
     group: nothing is committed, the worker's group still starts where it would have."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from streams.replay import Inbound
+    from streams.replay.core import Inbound
 
     k = settings.kafka
     consumer = AIOKafkaConsumer(bootstrap_servers=k.bootstrap, group_id=None, enable_auto_commit=False,
@@ -132,7 +132,7 @@ async def _read_sample(settings: Settings, partitions: int, n: int) -> list:
 def sample_checks(settings: Settings, candidates: dict, messages: list, partitions: int) -> list[Check]:
     """The sample through the real ReplayCore: dead letters per candidate and reason, candidate errors."""
     from schemas.decode import Rejection, decode_for_replay
-    from streams.replay import ReplayCore
+    from streams.replay.core import ReplayCore
 
     topic, total = settings.kafka.topic, len(messages)
     if not messages:
@@ -186,7 +186,7 @@ def sample_checks(settings: Settings, candidates: dict, messages: list, partitio
                 checks.append(Check(what, FAIL, f"{len(found)} of {seen} records dead-lettered as {kind}: "
                                     f"{_clip(found[0].reason, 400)}", fix))  # fmt: skip
         raised = errors.get((cfg.model, cfg.name), [])
-        if raised:  # candidate errors: what the model does wrong on valid input (streams/blame.py, rule 1)
+        if raised:  # candidate errors: what the model does wrong on valid input (streams/replay/blame.py, rule 1)
             failed += len(raised)
             checks.append(Check(what, FAIL, f"the model failed on {len(raised)} of {seen} records: "
                                 f"{_clip(raised[0], 240)}", kind_hint(cfg, raised[0]) or FIXES["candidate_error"]))

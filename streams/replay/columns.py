@@ -13,7 +13,7 @@ keep their wire names and every kind fills them:
   judge, the clusters or the noise-floor subtraction.
 * ``baseline_confidence`` / ``candidate_confidence`` <- the kind's summaries (classification: the
   top-class probability; regression: the first output; ...). Only summaries in [0, 1] feed the
-  window's confidence histograms (streams/judge.py, ``SUMMARIES_IN_UNIT``).
+  window's confidence histograms (streams/judge/core.py, ``SUMMARIES_IN_UNIT``).
 * ``baseline_label`` / ``candidate_label`` <- the kind's labels (-1: none).
 * ``l1`` / ``linf`` / ``hellinger`` / ``topk_overlap``: a kind metric of that name when the kind has
   one (classification), else NaN (no meaning for that kind).
@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from scorers.kinds.base import KindDiffs
-from streams.recent_ids import id_hashes
+from streams.judge.recent_ids import id_hashes
 
 # Columns a kind metric of the same name fills (classification's probability-vector distances).
 METRIC_COLUMNS = ("confidence_delta", "l1", "linf", "hellinger", "topk_overlap")

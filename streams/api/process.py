@@ -3,7 +3,7 @@
 Why a process and not a thread: the API thread of the worker shared its GIL, and the worker holds
 the GIL in long C calls (decoding a micro-batch, serialising pair state), so a poll could wait tens
 of milliseconds (bench/bench_api.py: p99 54 ms at 1,000 polls/s on 2 cores; a separate process:
-under 10 ms). The child serves the same app (streams/api.py) from a board of its own:
+under 10 ms). The child serves the same app (streams/api/app.py) from a board of its own:
 
 - the judge's board forwards every verdict and newly scored pair over a pipe (``BoardFeed``);
 - the worker sends its health every second; ``/readyz`` answers 503 with the worker's reasons, or
@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from schemas import Verdict
-from streams.api import Unavailable
+from streams.api.app import Unavailable
 
 log = logging.getLogger("shadowlens.api")
 STALE_HEALTH_S = 5.0
@@ -93,7 +93,7 @@ class ApiProcess:
                 return
 
     def _answer(self, request_id: int, kind: str, args: tuple) -> None:
-        from streams.retire import NothingToRetire, retire_pair
+        from streams.judge.retire import NothingToRetire, retire_pair
 
         try:
             if kind == "windows":
@@ -198,8 +198,8 @@ class _Answer:
 def _child(settings_json: dict, sock: socket.socket, updates, queries) -> None:
     import uvicorn
 
-    from streams.api import create_app
-    from streams.board import VerdictBoard
+    from streams.api.app import create_app
+    from streams.api.board import VerdictBoard
     from streams.config import Settings
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

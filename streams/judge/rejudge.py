@@ -1,13 +1,13 @@
 """Re-judge stored traffic: ``shadowlens rejudge`` (README, "Verdict history and re-judging").
 
 Reads a pair's stored diff rows from ClickHouse (no model is called), replays them through the
-judge's own code (``streams.judge.JudgeCore``: ``apply``, ``close_due``, the policy's ``judge``)
+judge's own code (``streams.judge.core.JudgeCore``: ``apply``, ``close_due``, the policy's ``judge``)
 under the recorded policy or another one, at the very looks where the worker judged, and prints
 the two verdict timelines side by side.
 
 Why it lands on the recorded verdicts under the recorded policy: a verdict depends on the rows
 counted before it (the mirror offset per partition the judge had applied: recorded with every
-verdict, streams/history.py), on when its clusters ended (the close's event-time clock: recorded),
+verdict, streams/judge/history.py), on when its clusters ended (the close's event-time clock: recorded),
 on counts that are no rows (requests routed, unscorable, cast: recorded), on the judge's memory of
 its earlier looks (replayed in order) and, for a candidate with a noise reference, on that pair's
 evidence at the same look (replayed beside it, up to its recorded offsets). The rows carry what the
@@ -39,10 +39,10 @@ import numpy as np
 
 from schemas import Verdict
 from scorers.judge import JudgePolicy
-from streams.history import policy_hash
-from streams.judge import JudgeCore
+from streams.judge.history import policy_hash
+from streams.judge.core import JudgeCore
 from streams.records import DiffBatch, PartitionProgress, empty_columns
-from streams.windows import SourceView, datetime_to_ms, pair_key
+from streams.judge.windows import SourceView, datetime_to_ms, pair_key
 
 CLASSIFICATION_MAP = ("linf", "hellinger", "topk_overlap")  # classification's distances, kept in the metrics map
 NOT_COMPARED = {"updated_at", "age_s"}  # when it was written, not what it says
@@ -243,7 +243,7 @@ class _Feed:
 
 
 def _view(clock: int | None, now: float) -> SourceView | None:
-    """A progress view on which the judge's own rules (streams/windows.py) find the recorded clock:
+    """A progress view on which the judge's own rules (streams/judge/windows.py) find the recorded clock:
     ``None`` (every cluster ended: the traffic had stopped) is a source read to its end, an event
     time is a watermark, -1 (no watermark yet) is no view."""
     if clock == -1:

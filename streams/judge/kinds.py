@@ -1,6 +1,6 @@
 """What the judge stage does per output kind (scorers/kinds): the accumulator's inputs from a diff
 batch, and the words of a verdict. The judge, the clusters and the estimand are the same for every
-kind (streams/replay_columns.py says how each kind fills the gated columns).
+kind (streams/replay/columns.py says how each kind fills the gated columns).
 
 * Confidence histograms (the window's psi, kl, js, ks, wasserstein ...) bin values in [0, 1]: they
   are fed the kind's summaries only where those are in [0, 1] by definition (``SUMMARIES_IN_UNIT``:
@@ -49,7 +49,7 @@ def accumulator_inputs(rows: DiffBatch) -> tuple[ClassificationDiffs, dict]:
         topk_overlap=zero_if_other(c["topk_overlap"]), error=np.array(rows.error, dtype=object), top_k=rows.top_k,
     )  # fmt: skip
     lat = c["candidate_latency_ms"]
-    # Sampled timing (streams/replay.py): a scored row the replay did not time alone carries NaN by
+    # Sampled timing (streams/replay/core.py): a scored row the replay did not time alone carries NaN by
     # design: not measured, not missing. A candidate error's NaN still counts as missing.
     untimed = np.isnan(lat) & diffs.ok
     unit = rows.kind in SUMMARIES_IN_UNIT

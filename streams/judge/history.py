@@ -7,7 +7,7 @@ Two things are written with every verdict the judge stores (``verdicts.policy_ha
   canonical JSON (sorted keys, no spaces). Two verdicts with the same hash were judged under the
   same margins and levels; a change of hash in the history is a policy change.
 - ``evidence``: what the verdict rested on besides the diff rows, so that ``shadowlens rejudge``
-  (streams/rejudge.py) can replay the stored rows through the judge look by look and land on the
+  (streams/judge/rejudge.py) can replay the stored rows through the judge look by look and land on the
   same verdicts: the mirror offset per partition up to which the pair's rows were counted (and the
   noise reference's, when its diffs were the noise floor), the requests routed to the candidate,
   the unscorable ones by reason, the inputs cast, which close of the judge it came from (``look``,
@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from streams.windows import pair_key
+from streams.judge.windows import pair_key
 
 EVIDENCE_VERSION = 1
 HISTORY_COLUMNS = ("model", "candidate", "from_verdict", "to_verdict", "changed_at", "samples", "decided_by",
@@ -44,7 +44,7 @@ def policy_hash(policy) -> str:
 
 
 def provenance(core, pw, clock: int | None, look: float) -> tuple[str, str]:
-    """(policy_hash, evidence JSON) of the verdict ``core`` (a ``streams.judge.JudgeCore``) has just
+    """(policy_hash, evidence JSON) of the verdict ``core`` (a ``streams.judge.core.JudgeCore``) has just
     judged for pair ``pw`` in the close made at wall time ``look``, its clusters ended at ``clock``."""
     cfg = core.configs[pair_key(pw.model, pw.candidate)]
     noise = None
@@ -86,14 +86,14 @@ class VerdictChange(BaseModel):
 
 def history_sql(model: str, candidate: str, limit: int) -> str:
     """The pair's changes, newest first. Plain table name: an analyst session resolves it in the
-    project's database (streams/analyst_sql.py), both embedded and on a server."""
+    project's database (streams/api/analyst_sql.py), both embedded and on a server."""
     return (f"SELECT {', '.join(HISTORY_COLUMNS)} FROM verdict_changes WHERE model = {_literal(model)} "
             f"AND candidate = {_literal(candidate)} ORDER BY changed_at DESC, look DESC LIMIT {int(limit)}")
 
 
 def read_history(sink: Any, model: str, candidate: str, limit: int = 100) -> list[VerdictChange]:
     """Through ``sink.readonly_query``: the API's read-only session, which a worker's API process
-    forwards to the worker (streams/api_process.py), so the history needs no pipe of its own."""
+    forwards to the worker (streams/api/process.py), so the history needs no pipe of its own."""
     answer = sink.readonly_query(history_sql(model, candidate, limit))
     return [VerdictChange.model_validate(dict(zip(answer["columns"], row, strict=True))) for row in answer["rows"]]
 

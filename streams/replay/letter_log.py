@@ -1,4 +1,4 @@
-"""Dead letters in the replay log, summarised (``LetterLog``): the replay core (streams/replay.py)
+"""Dead letters in the replay log, summarised (``LetterLog``): the replay core (streams/replay/core.py)
 adds every dead letter, and a line is written per (model, candidate, error type) a minute at most."""
 
 from __future__ import annotations

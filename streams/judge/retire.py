@@ -1,6 +1,6 @@
 """Retiring a pair's verdict: how an operator clears a rollback (``shadowlens verdicts retire``).
 
-A rollback never expires (streams/board.py), so something explicit must end it once the candidate
+A rollback never expires (streams/api/board.py), so something explicit must end it once the candidate
 is gone or fixed. Retiring writes one more row to ClickHouse's ``verdicts`` table: a hold with
 state ``retired``, the decision it replaces in ``last_decision`` and the evidence it rested on, its
 first reason naming who retired it and why. It is newer than the rollback, so every reader
