@@ -37,7 +37,7 @@ from streams.api.board import VerdictBoard
 from streams.config import CandidateConfig, Settings
 from streams.judge.history import provenance
 from streams.judge.kinds import accumulator_inputs, explain, window_divergence
-from streams.judge.recent_ids import RecentIds, id_hashes
+from streams.judge.dedup import RetryFilter
 from streams.records import DiffBatch
 from streams.sink import ClickHouseSink
 from streams.judge.windows import PairWindows, SourceView, ms_to_datetime, pair_key
@@ -52,7 +52,6 @@ WINDOW_SUMMARY_FIELDS = (
 # A pair's state is kept well below the changelog topic's max.message.bytes (streams/judge/stage.py
 # sets 8 MiB): past this budget the oldest open windows close early.
 STATE_BUDGET_BYTES = 1 << 20
-RECENT_MARGIN_MS = 10 * 60_000  # how far before a pair's first batch the loaded ids reach, beyond the horizon
 
 
 @dataclass
@@ -73,17 +72,15 @@ class JudgeCore:
         self._sizes: dict[str, int] = {}  # bytes of each pair's state when last serialised
         # What counts as independent is a *cluster* (scorers.clusters): each pair's open clusters are
         # in its state (PairWindows.clusters, on the changelog), the closed ones in its cumulative.
-        # Which request ids each pair has stored lately (streams/judge/recent_ids.py): the producer-retry
-        # lookup asks ClickHouse only about the ids these cannot clear. Rebuilt from ClickHouse when
-        # a pair is (re)acquired or its state restored.
-        self._recent: dict[str, RecentIds] = {}
-        self.lookups = 0  # request ids looked up in ClickHouse (metrics, tests)
+        # Producer retries (streams/judge/dedup.py): the ids each pair stored lately, so that
+        # ClickHouse is asked only about the few ids that may be retries.
         self.windows_closed = 0  # window rows written (metrics)
         # What the API serves: current as soon as a verdict is written, no database read.
         self.board = VerdictBoard.from_settings(settings)
         w = settings.windows
         self.size_ms, self.grace_ms = int(w.size_s * 1000), int(w.grace_s * 1000)
         self.horizon_ms = int(w.dedup_horizon_s * 1000)
+        self.retries = RetryFilter(sink, self.horizon_ms)
 
     # -- rows ---------------------------------------------------------------------------------
     def apply(self, batches: Sequence[DiffBatch]) -> ApplyResult:
@@ -111,7 +108,7 @@ class JudgeCore:
                 applied[p] = max(off, applied.get(p, -1))
             kept.append((pw, batch if not skipped else batch.take(np.flatnonzero(keep)), batch.routed - skipped))
             unscorable.append((pw, batch))
-        fresh = self._drop_producer_retries(kept)
+        fresh = self.retries.drop(kept)
         self.sink.insert_diff_batches([rows for _, rows, _, _, _ in fresh if len(rows)])
         # Written: now (and only now) count them, once per pair for all of this call's batches
         # (an accumulator update and two merges have a cost per call, not only per row).
@@ -120,7 +117,7 @@ class JudgeCore:
         for pw, rows, routed, dups, hashes in fresh:
             key = pair_key(pw.model, pw.candidate)
             if len(rows):
-                self._recent[key].add(hashes, rows.columns["sent_ms"])
+                self.retries.remember(key, hashes, rows.columns["sent_ms"])
             _, parts, pair_dups = to_count.setdefault(key, (pw, [], []))
             parts.extend([rows] if len(rows) else [])
             pair_dups.extend(dups)
@@ -144,69 +141,6 @@ class JudgeCore:
             if batch.unscorable_ms:
                 pw.last_event_wall = now
         return result
-
-    def _drop_producer_retries(self, kept):
-        """Rows whose request id was already scored from a *different* message are duplicates
-        (a producer retry, a replayed backfill). ClickHouse is asked, in one lookup within the
-        horizon, only about the ids the pair's ``RecentIds`` cannot clear (streams/judge/recent_ids.py)."""
-        asked: list[str] = []
-        hashes = []  # per kept batch: its ids' hashes (0 in the column: an older replay sent none)
-        for pw, rows, _ in kept:
-            h = rows.columns["id_hash"]
-            hashes.append(h if h.all() else id_hashes(rows.request_id))
-            if not len(rows):
-                continue
-            key, sent = pair_key(pw.model, pw.candidate), rows.columns["sent_ms"]
-            recent = self._recent.get(key)
-            if recent is None:
-                # A margin back: rows that arrive later but were sent a little before this batch
-                # (partitions read at different paces) are covered too; older ones are looked up.
-                since = int(sent.min()) - self.horizon_ms - RECENT_MARGIN_MS
-                recent = self._recent[key] = self._load_recent(pw, since)
-            ask = ~recent.covers(sent) | recent.maybe_seen(hashes[-1])
-            asked.extend(rows.request_id[i] for i in np.flatnonzero(ask).tolist())
-        prior: dict = {}
-        if asked:
-            sent = np.concatenate([rows.columns["sent_ms"] for _, rows, _ in kept if len(rows)])
-            pairs = sorted({(pw.model, pw.candidate) for pw, _, _ in kept})
-            prior = self.sink.scored_positions(pairs, asked, since_ms=int(sent.min()) - self.horizon_ms,
-                                               until_ms=int(sent.max()) + self.horizon_ms)  # fmt: skip
-        self.lookups += len(asked)
-        # A pair whose ids in this call have distinct hashes repeats no id within the call, and
-        # with nothing found in ClickHouse all its rows are fresh: no per-row check needed.
-        by_pair: dict[str, list[np.ndarray]] = {}
-        for (pw, _, _), h in zip(kept, hashes, strict=True):
-            by_pair.setdefault(pair_key(pw.model, pw.candidate), []).append(h)
-        distinct = {key: np.unique(np.concatenate(hs)).size == sum(map(len, hs)) for key, hs in by_pair.items()}
-        seen: dict[str, set[str]] = {}
-        out = []
-        for (pw, rows, routed), h in zip(kept, hashes, strict=True):
-            key = pair_key(pw.model, pw.candidate)
-            if not prior and distinct[key]:
-                out.append((pw, rows, routed, [], h))
-                continue
-            pair_seen = seen.setdefault(key, set())
-            keep, dups = [], []
-            parts, offs = rows.columns["source_partition"].tolist(), rows.columns["source_offset"].tolist()
-            for i, rid in enumerate(rows.request_id):
-                earlier = prior.get((pw.model, pw.candidate, rid))
-                if rid in pair_seen or (earlier is not None and earlier != (parts[i], offs[i])):
-                    dups.append(int(rows.columns["sent_ms"][i]))
-                    continue
-                pair_seen.add(rid)
-                keep.append(i)
-            if len(keep) == len(rows):
-                out.append((pw, rows, routed, dups, h))
-            else:
-                out.append((pw, rows.take(keep), routed, dups, h[keep]))
-        return out
-
-    def _load_recent(self, pw: PairWindows, since_ms: int) -> RecentIds:
-        """The pair's stored ids from ``since_ms`` on: one query when this judge first writes the pair."""
-        recent = RecentIds(since_ms, self.horizon_ms)
-        hashes, sent = self.sink.stored_id_hashes(pw.model, pw.candidate, since_ms)
-        recent.add(hashes, sent)
-        return recent
 
     def _count(self, pw: PairWindows, rows: DiffBatch | None, dups: list[int]) -> None:
         for sent_ms in dups:
@@ -399,7 +333,7 @@ class JudgeCore:
 
     def restore(self, key: str, raw: bytes | None) -> None:
         """Replace a pair's state with a stored one (changelog recovery); None forgets it."""
-        self._recent.pop(key, None)  # rows written since the stored state: ask ClickHouse again
+        self.retries.forget(key)  # rows written since the stored state: ask ClickHouse again
         if raw is None:
             self._pairs.pop(key, None)
         else:
@@ -410,7 +344,11 @@ class JudgeCore:
         for key in keys:
             self._pairs.pop(key, None)
             self._sizes.pop(key, None)
-            self._recent.pop(key, None)
+            self.retries.forget(key)
+
+    @property
+    def lookups(self) -> int:
+        return self.retries.lookups
 
     def pairs(self) -> dict[str, PairWindows]:
         return dict(self._pairs)

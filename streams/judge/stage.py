@@ -24,8 +24,8 @@ from streams import kafka_io
 from streams.config import Settings
 from streams.judge.core import JudgeCore
 from streams.judge.windows import SourceView
-from streams.kafka_io import Health, until_done
-from streams.records import TYPE_HEADER, DiffBatch, PartitionProgress, Progress
+from streams.kafka_io import TYPE_PROGRESS, Health, until_done
+from streams.records import TYPE_HEADER, DiffBatch, Progress
 
 log = logging.getLogger("shadowlens.stages")
 KAFKA_JUDGE = "kafka (judge stage)"  # health component

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiokafka import TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import OffsetAndMetadata
 
 from streams import kafka_io
@@ -34,6 +35,7 @@ from streams.replay.core import Inbound, ReplayCore, ReplayOutput
 
 log = logging.getLogger("shadowlens.stages")
 KAFKA = "kafka (replay stage)"  # health component
+_MOVED = (CommitFailedError, IllegalStateError)  # the partition went to another process: it redoes the batch
 
 
 class ReplayStage:
