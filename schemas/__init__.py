@@ -9,20 +9,22 @@ from schemas.decode import (
     decode_request,
     json_nesting_depth,
 )
-from schemas.events import (
+from schemas.dead_letter import (
     DEAD_LETTER_ERROR_TYPES,
     DEFAULT_DEAD_LETTER_PAYLOAD_BYTES,
+    MAX_DEAD_LETTER_KEY_BYTES,
+    MAX_REASON_CHARS,
+    DeadLetter,
+)
+from schemas.events import (
     MAX_ATTRIBUTE_KEY_CHARS,
     MAX_ATTRIBUTE_VALUE_CHARS,
     MAX_ATTRIBUTES,
-    MAX_DEAD_LETTER_KEY_BYTES,
     MAX_NAME_CHARS,
-    MAX_REASON_CHARS,
     MAX_REQUEST_ID_CHARS,
     MAX_TENSOR_NAME_CHARS,
     MAX_TENSORS,
     SCHEMA_VERSION,
-    DeadLetter,
     MetricJudgement,
     MirroredRequest,
     RequestDiff,

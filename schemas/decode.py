@@ -37,7 +37,8 @@ import numpy as np
 from pydantic import ValidationError
 
 from schemas.fast_path import PlainRequest, parse_plain_request
-from schemas.events import MAX_REASON_CHARS, MirroredRequest, describe_validation_error
+from schemas.dead_letter import MAX_REASON_CHARS
+from schemas.events import MirroredRequest, describe_validation_error
 from schemas.tensors import clip
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # 8 MiB: far above a real request (the SDK's default max is 1 MiB)

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from schemas.events import DEAD_LETTER_ERROR_TYPES
+from schemas.dead_letter import DEAD_LETTER_ERROR_TYPES
 
 log = logging.getLogger("shadowlens.worker")
 
