@@ -29,12 +29,13 @@ requests and independent clusters it rests on. With ``min_span_s`` (one traffic 
 the pass, and a non-critical rollback the failure, at every look over the last ``min_span_s``: the
 running average equals the cycle's mean only at whole cycles (``JudgeMemory``).
 
-Latency is judged against the baseline *replayed on the candidate's hardware* (a ``noise_reference``
-candidate, ``paired_latency``): then it gates like any metric. Without one, the only baseline latency
+Latency (two metrics, ``scorers.latency_metrics``: the tail quantile's ratio and the median's) is
+judged against the baseline *replayed on the candidate's hardware* (a ``noise_reference`` candidate,
+``paired_latency``): then it gates like any metric. Without one, the only baseline latency
 is what production recorded, on another machine and another path (a loaded replay box against an
-idle production host is a "regression" of 10x): the metric is still computed and reported, marked
-informational, but it neither rolls back nor holds a promote (nor holds on missing latencies) unless
-``latency_gates_without_reference``. Its share of the rollback level stays reserved either way.
+idle production host is a "regression" of 10x): the metrics are still computed and reported, marked
+informational, but they neither roll back nor hold a promote (nor hold on missing latencies) unless
+``latency_gates_without_reference``. Their shares of the rollback level stay reserved either way.
 
 Verdict rules, in order: any critical metric fails -> rollback (always); data-quality problem
 (sample-ratio mismatch, missing latencies, not comparable) -> hold; less than ``min_span_s`` of
@@ -54,11 +55,14 @@ from typing import Literal
 from schemas.events import MetricJudgement, SliceJudgement, Verdict
 from scorers.accumulate import PairAccumulator
 from scorers.latency import PairedLatency
+from scorers.latency_metrics import latency_judgements, missing_latency_reason
 from scorers.metric_bounds import (  # noqa: F401 - the metric names are imported from here too
-    ABS_DELTA, ACCURACY, ERROR, FLIP, RateSpec, accuracy_metric, describe_clusters, latency_metric, mean_metric,
-    rate_metric, rate_metrics,
+    ABS_DELTA, ACCURACY, ERROR, FLIP, RateSpec, accuracy_metric, describe_clusters, mean_metric, rate_metric,
+    rate_metrics,
 )  # fmt: skip
-from scorers.policy import JudgePolicy, policy_defaults, policy_defaults_table, toml_value  # noqa: F401
+from scorers.policy import (  # noqa: F401 - the policy is imported from here too
+    LATENCY_MEDIAN, JudgePolicy, policy_defaults, policy_defaults_table, toml_value,
+)  # fmt: skip
 from scorers.slices import judge_slices
 
 
@@ -144,14 +148,6 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
     acc, cl = cumulative, cumulative.clusters
     a_r, a_p = policy.rollback_alpha(), policy.promote_alpha()
     margins, gating, critical = policy.margins(), set(policy.gating_metrics()), set(policy.critical)
-    lat = policy.latency_metric
-    # Informational latency: no replayed baseline on the candidate's hardware. Its level stays in the
-    # Bonferroni split of rollback_alpha (fixed by configuration, never by what a run happens to have).
-    informational = set()
-    if lat in margins and paired_latency is None and not policy.latency_gates_without_reference:
-        informational.add(lat)
-        gating.discard(lat)
-        critical.discard(lat)
     noise_ok = noise is not None and noise.clusters.flips.requests > 0
     ncl = noise.clusters if noise_ok else None
     metrics: list[MetricJudgement] = []
@@ -171,20 +167,19 @@ def judge(cumulative: PairAccumulator, policy: JudgePolicy | None = None, noise:
     for m, need in rate_metrics(specs, a_r, a_p):
         needed[m.name] = need
         metrics.append(m)
-    if lat in margins:
-        m, needed[lat] = latency_metric(acc, policy, a_r, a_p, lat in critical, noise, paired_latency)
-        if lat in informational:
-            m.detail = (f"informational, not gating: compared with production's recorded latency (other hardware "
-                        f"and path); replay the baseline as a noise_reference candidate to judge it on the same "
-                        f"hardware, or set latency_gates_without_reference = true; {m.detail}")
-        metrics.append(m)
+    # Latency (scorers.latency_metrics): the tail quantile's ratio and the median's; informational
+    # (out of gating and critical) without a replayed baseline on the candidate's hardware.
+    lat_metrics, lat_needed, informational = latency_judgements(acc, policy, a_r, a_p, gating, critical, noise,
+                                                                paired_latency)
+    metrics.extend(lat_metrics)
+    needed.update(lat_needed)
     if ACCURACY in margins:
         metrics.append(accuracy_metric(acc, margins[ACCURACY], a_r, a_p, ACCURACY in critical))
         if acc.labelled < policy.min_labelled:
             gating.discard(ACCURACY)  # labels too few (or absent): reported, not gating yet
 
     reasons = [_metric_reason(m, gating, informational) for m in metrics]
-    lat_decides = lat in gating or lat in critical
+    lat_decides = any(m.name in gating or m.name in critical for m in lat_metrics)
     checks, quality_reasons = _data_checks(acc, policy, margins, expected_requests, unscorable, reasons,
                                            lat_decides, noise if paired_latency is not None else None)
     if noise is not None and not noise_ok:
@@ -306,9 +301,8 @@ def _metric_reason(m: MetricJudgement, gating, informational=frozenset()) -> str
 def _data_checks(acc, policy, margins, expected_requests, unscorable, reasons, lat_decides=True, reference=None):
     """Data sufficiency and quality: (checks, quality reasons); appends sufficiency notes to reasons.
 
-    Missing latencies hold the verdict only while latency can decide it (``lat_decides``), and only the
-    latencies it is judged on: the candidate's and the replayed baseline's (``reference``) when there
-    is one, else the candidate's and production's."""
+    Missing latencies hold the verdict only while a latency metric can decide it (``lat_decides``), and
+    only the latencies they are judged on (``scorers.latency_metrics.missing_latency_reason``)."""
     judged = int(acc.clusters.flips.requests)
     checks = {"min_samples": judged >= policy.min_samples, "sample_ratio": True,
               "latency_present": True, "comparable": True}
@@ -331,16 +325,10 @@ def _data_checks(acc, policy, margins, expected_requests, unscorable, reasons, l
             checks["sample_ratio"] = False
             quality_reasons.append(f"Sample-ratio mismatch: {acc.requests} requests replayed of {expected_requests} "
                                    f"expected ({ratio:.1%}; tolerance ±{policy.max_missing_fraction:.0%}).")
-    if policy.latency_metric in margins and acc.requests and lat_decides:
-        missing = acc.candidate_latency.missing / acc.requests
-        if reference is not None:
-            missing = max(missing, reference.candidate_latency.missing / max(reference.requests, 1))
-        else:
-            missing = max(missing, acc.baseline_latency.missing / acc.requests)
-        if missing > policy.max_missing_fraction:
-            checks["latency_present"] = False
-            quality_reasons.append(f"Missing data: {missing:.1%} of requests lack a latency "
-                                   f"(tolerance {policy.max_missing_fraction:.0%}).")
+    missing_latency = missing_latency_reason(acc, policy, reference) if lat_decides else None
+    if missing_latency:
+        checks["latency_present"] = False
+        quality_reasons.append(missing_latency)
     if acc.error_rate is not None and acc.error_rate > policy.max_error_rate:
         reasons.append(f"Candidate error rate {acc.error_rate:.2%} exceeds {policy.max_error_rate:.2%} "
                        f"({acc.errors} of {acc.requests}; top reason: "

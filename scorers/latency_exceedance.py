@@ -48,9 +48,11 @@ bound): each term can only shrink, so the e-value is a lower bound of the exact 
 the request's own spikes (shared by both runs) the sign-test direction is in the mixture, so it keeps
 most of that power too. In the per-execution model of ``scorers.calibration`` the least favourable
 threshold (~1.22 x the baseline's p99) leaves ~5.5e-4 nats per request to *any* test, and at the
-judge's rollback level 0.005 no test of rho <= 1.5, sequential or not, rolls a 2x candidate back by
-10,000 requests in more than ~78 % of runs (``bench/latency_power_bound.py``: Neyman-Pearson against
-the closest null). This one needs ~25,000 requests for 90 % there (``scorers.latency_simulate``).
+judge's former per-metric rollback level 0.005 no test of rho <= 1.5, sequential or not, rolls a 2x
+candidate back by 10,000 requests in more than ~78 % of runs (``bench/latency_power_bound.py``:
+Neyman-Pearson against the closest null). This one needs ~25,000 requests for 90 % there
+(``scorers.latency_simulate``). A candidate slower over its whole distribution is caught by the
+median's ratio instead (``scorers.latency_metrics``), where the density is high.
 """
 
 from __future__ import annotations

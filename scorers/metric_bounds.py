@@ -17,9 +17,7 @@ from schemas.events import MetricJudgement
 from scorers import ratio_cs as rc
 from scorers.accumulate import PairAccumulator
 from scorers.clusters import ClusterStats
-from scorers.latency import latency_ratio_metric
 from scorers.sequential import lower_bound, requests_to_cross, upper_bound
-from scorers.sketch import LatencySketch
 
 FLIP = "label_flip_rate"
 ABS_DELTA = "abs_confidence_delta"
@@ -158,24 +156,6 @@ def mean_metric(name, n, s, margin, a_r, a_p, noise_n=0, noise_s=0.0, critical=F
         needed = requests_to_cross(n, s / n, target, a / (2 if noise_n else 1), side=side)
     return MetricJudgement(name=name, estimate=est, lower=float(lo), upper=float(hi), margin=margin,
                            decision=dec, samples=int(n), critical=critical, detail="; ".join(details)), needed
-
-
-def latency_metric(acc: PairAccumulator, policy, a_r, a_p, critical, noise, paired):
-    """Candidate / baseline latency quantile ratio (scorers.latency). With a replayed baseline (noise
-    run) and the paired state of the same requests, the comparison is on the same hardware and
-    paired; production's reported latency is then informational (in the detail)."""
-    kw = dict(name=policy.latency_metric, margin=policy.latency_p99_ratio_margin, q=policy.latency_quantile,
-              alpha_rollback=a_r, alpha_promote=a_p, critical=critical)
-    if paired is not None:  # fixed for the whole run by configuration, never switched by the data
-        reference = noise.candidate_latency if noise is not None else LatencySketch()
-        m, needed = latency_ratio_metric(acc.candidate_latency, reference,
-                                         baseline_label="replayed baseline", paired_log_ratios=paired, **kw)
-        b, c, q = acc.baseline_latency, acc.candidate_latency, policy.latency_quantile
-        if b.count and c.count and b.quantile(q):
-            m.detail += (f"; production p{q * 100:g} {b.quantile(q):.4g} ms, candidate / production "
-                         f"{c.quantile(q) / b.quantile(q):.3g} (informational: other hardware and path)")
-        return m, needed
-    return latency_ratio_metric(acc.candidate_latency, acc.baseline_latency, baseline_label="production", **kw)
 
 
 def accuracy_metric(acc: PairAccumulator, margin, a_r, a_p, critical):

@@ -9,6 +9,16 @@ from typing import Literal
 
 from scorers.metric_bounds import ABS_DELTA, ACCURACY, ERROR, FLIP
 
+MEDIAN_Q = 0.5
+
+
+def latency_metric_name(q: float) -> str:
+    """``latency_p99_ratio`` for q = 0.99, ``latency_p999_ratio`` for 0.999."""
+    return f"latency_p{q * 100:g}_ratio".replace(".", "")
+
+
+LATENCY_MEDIAN = latency_metric_name(MEDIAN_Q)  # "latency_p50_ratio"
+
 
 def _doc(meaning: str, example: str | None = None) -> dict:
     """Field metadata: what the field means (the README table and ``shadowlens init`` print it) and,
@@ -31,6 +41,10 @@ class JudgePolicy:
     latency_p99_ratio_margin: float | None = field(default=1.5, metadata=_doc(
         "candidate / baseline latency at `latency_quantile` (the metric is named `latency_p<q>_ratio`)"))
     latency_quantile: float = field(default=0.99, metadata=_doc("the latency quantile compared"))
+    latency_p50_ratio_margin: float | None = field(default=1.5, metadata=_doc(
+        "candidate / baseline median latency (`latency_p50_ratio`), judged like the tail quantile's ratio: "
+        "a candidate slower over its whole distribution is caught here even when per-execution spikes "
+        "(GC pauses, queueing) keep the tail's ratio undecided"))
     latency_gates_without_reference: bool = field(default=False, metadata=_doc(
         "without a replayed baseline (a `noise_reference` candidate of the same model, judged by the same "
         "process) latency is compared with production's recorded latency, measured on other hardware and "
@@ -79,6 +93,9 @@ class JudgePolicy:
             raise ValueError(f"cluster_cap must be within 1..1024, not {self.cluster_cap}")
         if self.cluster_gap_s < 0 or self.cluster_max_open < 1:
             raise ValueError("cluster_gap_s must be >= 0 and cluster_max_open >= 1")
+        if self.latency_quantile == MEDIAN_Q and self.latency_p50_ratio_margin is not None:
+            raise ValueError("latency_quantile = 0.5 is the median, already judged as latency_p50_ratio "
+                             "(latency_p50_ratio_margin): set latency_quantile to a tail quantile such as 0.99")
 
     @classmethod
     def from_dict(cls, d: dict) -> JudgePolicy:
@@ -97,11 +114,18 @@ class JudgePolicy:
 
     @property
     def latency_metric(self) -> str:
-        return f"latency_p{self.latency_quantile * 100:g}_ratio".replace(".", "")
+        """The tail quantile's ratio (``latency_quantile``); the median's is ``LATENCY_MEDIAN``."""
+        return latency_metric_name(self.latency_quantile)
+
+    def latency_metrics(self) -> dict[str, tuple[float, float]]:
+        """Configured latency metrics, tail first: name -> (quantile, margin)."""
+        m = [(self.latency_metric, (self.latency_quantile, self.latency_p99_ratio_margin)),
+             (LATENCY_MEDIAN, (MEDIAN_Q, self.latency_p50_ratio_margin))]
+        return {k: v for k, v in m if v[1] is not None}
 
     def margins(self) -> dict[str, float]:
         m = {ERROR: self.max_error_rate, FLIP: self.label_flip_rate_margin, ABS_DELTA: self.abs_confidence_delta_margin,
-             self.latency_metric: self.latency_p99_ratio_margin, ACCURACY: self.accuracy_drop_margin}
+             **{k: v[1] for k, v in self.latency_metrics().items()}, ACCURACY: self.accuracy_drop_margin}
         return {k: v for k, v in m.items() if v is not None}
 
     def gating_metrics(self) -> tuple[str, ...]:

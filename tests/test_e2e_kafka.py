@@ -66,7 +66,7 @@ def test_mirrored_traffic_through_kafka_worker_chdb_and_api(kafka_bootstrap, tmp
     # flip/accuracy verdicts; latency on the same hardware, against a replayed baseline, is
     # checked in tests/test_scorers_realistic.py.
     config = write_worker_config(tmp_path, kafka_bootstrap, candidates, topic, api_port,
-                                 policy={"latency_p99_ratio_margin": 2.5})  # fmt: skip
+                                 policy={"latency_p99_ratio_margin": 2.5, "latency_p50_ratio_margin": 2.5})  # fmt: skip
 
     # 50 requests/s from a 20 s window boundary: requests 1000..1399 share the window [20 s, 40 s).
     start = window_aligned_start(REQUESTS, rate_per_s=50, window_s=20)

@@ -41,7 +41,7 @@ from streams.sink import ClickHouseSink
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 MOST, CHUNK, RATE, PARTITIONS = 30000, 300, 150, 4  # produced: until told to stop
-POLICY = {"latency_p99_ratio_margin": 1000.0}
+POLICY = {"latency_p99_ratio_margin": 1000.0, "latency_p50_ratio_margin": 1000.0}
 ADAPTER = {"rename": {"pixels": "image"}, "cast": {"image": "float32"}, "scale": {"image": 0.0625}}
 CLI = [sys.executable, "-m", "streams.cli", "candidates"]
 

@@ -31,16 +31,17 @@ import pytest
 from scorers import latency as latency_module
 from scorers.accumulate import PairAccumulator
 from scorers.calibration import _aa, _diffs
-from scorers.judge import JudgeMemory, JudgePolicy, judge, policy_defaults, policy_defaults_table
+from scorers.judge import LATENCY_MEDIAN, JudgeMemory, JudgePolicy, judge, policy_defaults, policy_defaults_table
 from scorers.latency import PairedLatency
 from scorers.latency_simulate import simulate_latencies, simulate_latency
 
 POLICY = JudgePolicy()
 LAT = POLICY.latency_metric
+MEDIAN = LATENCY_MEDIAN  # "latency_p50_ratio": the median's ratio, judged beside the tail's
 HEAVY: dict = {}
 LOADED = dict(scale_ms=0.15, sigma=0.3, spike_p=0.0, jitter_p=0.005, jitter_ms=0.3)
 LIGHT = dict(sigma=0.3, spike_p=0.0)  # a light tail: the unpaired bounds decide within a few thousand
-A_R, A_P = 0.005, 0.025  # the judge's default levels for the latency metric (5 rollback-capable metrics)
+A_R, A_P = 0.05 / 2 / 6, 0.025  # the judge's default levels of a latency metric (6 rollback-capable metrics)
 
 
 def latencies(rng, n, k, model, production_speedup=10.0):
@@ -85,12 +86,13 @@ def test_latency_against_production_is_reported_but_does_not_gate():
         lat = latencies(np.random.default_rng(seed), 4000, 1.0, LOADED)
         run = shadow_run(lat, replayed=False, seed=seed)
         assert first(run, "rollback") is None
-        assert all(j.blocking_metric != LAT for _, j in run)
+        assert all(j.blocking_metric not in (LAT, MEDIAN) for _, j in run)
         assert first(run, "promote") is not None and first(run, "promote") <= 1500
-        m = run[-1][1].metric(LAT)
-        assert m.decision == "fail" and m.lower > POLICY.latency_p99_ratio_margin and not m.critical
-        assert m.detail.startswith("informational, not gating: compared with production's recorded latency")
-        assert any(r.startswith(f"{LAT} = ") and "informational" in r for r in run[-1][1].reasons)
+        for name in (LAT, MEDIAN):  # the tail's ratio and the median's alike
+            m = run[-1][1].metric(name)
+            assert m.decision == "fail" and m.lower > m.margin and not m.critical
+            assert m.detail.startswith("informational, not gating: compared with production's recorded latency")
+            assert any(r.startswith(f"{name} = ") and "informational" in r for r in run[-1][1].reasons)
 
 
 def test_opting_in_gates_latency_against_production():
@@ -98,9 +100,11 @@ def test_opting_in_gates_latency_against_production():
     run = shadow_run(lat, replayed=False, policy=JudgePolicy(latency_gates_without_reference=True))
     assert first(run, "promote") is None and first(run, "rollback") is not None
     j = next(j for _, j in run if j.verdict == "rollback")
-    assert j.reasons[0] == f"Rollback: {LAT} confidently worse than margin."
-    # Before the rollback the hold waits for latency, the metric that heads for failure.
-    assert all(j.blocking_metric in (LAT, "min_samples", "error_rate", None) for n, j in run if j.verdict == "hold")
+    assert j.reasons[0].startswith("Rollback: ") and j.reasons[0].endswith(" confidently worse than margin.")
+    assert {n for n in (LAT, MEDIAN) if n in j.reasons[0]}, j.reasons[0]
+    # Before the rollback the hold waits for latency, the metrics that head for failure.
+    assert all(j.blocking_metric in (LAT, MEDIAN, "min_samples", "error_rate", None)
+               for n, j in run if j.verdict == "hold")
 
 
 def test_missing_production_latency_holds_nothing_unless_latency_gates():
@@ -126,7 +130,9 @@ def test_with_a_replayed_baseline_a_2x_slower_candidate_rolls_back_whatever_prod
         at = first(run, "rollback")
         assert at is not None, [j.reasons[0] for _, j in run[-1:]]
         j = dict(run)[at]
-        assert LAT in j.reasons[0] and "paired sign test" in j.metric(LAT).detail
+        # the median's ratio decides first (the density is high there); the tail's is paired too
+        assert MEDIAN in j.reasons[0] and at <= 1000, (at, j.reasons[0])
+        assert "paired sign test" in j.metric(LAT).detail and "paired sign test" in j.metric(MEDIAN).detail
 
 
 def test_with_a_replayed_baseline_production_latency_does_not_block_an_equal_candidate():
@@ -179,7 +185,8 @@ def test_requests_needed_is_never_a_guess_on_an_open_interval_and_holds_up(repla
     it". Now a number is given only from the projection of the order statistics (or the interval's
     own extrapolation once finite), and the metric decides by the first look past 3x of it."""
     policy = JudgePolicy(latency_gates_without_reference=True, label_flip_rate_margin=None,
-                         abs_confidence_delta_margin=None, accuracy_drop_margin=None, min_samples=100)
+                         abs_confidence_delta_margin=None, accuracy_drop_margin=None, min_samples=100,
+                         latency_p50_ratio_margin=None)  # the tail's ratio alone: its estimate is tested
     looked = 0
     for seed in range(3):
         lat = latencies(np.random.default_rng(seed), 4000, 1.0, LIGHT, production_speedup=1.0)
@@ -280,12 +287,31 @@ def test_policy_defaults_table_lists_every_field_with_its_default():
 
 def test_spikes_per_execution_through_the_real_path():
     """x20 spikes hit each run independently (GC pauses, queueing): an A/A candidate is not held on
-    latency for good and never rolled back; a 2x slower one is never promoted. Quick version of the
-    README's rows (bench/calibration.py: 500 runs each); seeded, 6 runs each."""
+    latency for good and never rolled back; a 2x slower one is never promoted, and the median's ratio
+    rolls it back (the p99's alone did in 13 % of runs by 10,000: README). Quick version of the README's
+    rows (bench/calibration.py: 500 runs each); seeded, 6 runs each."""
     from scorers.calibration import calibrate
     aa = calibrate("latency_aa_exec", runs=6, seed=3)
     assert aa.ever("rollback") == 0.0
     assert aa.ever("promote") >= 0.5, aa.ever("promote")  # before the exceedance test: 15.5 % of 200
     slow = calibrate("latency_2x_exec", runs=6, seed=4)
-    assert slow.ever("promote") == 0.0
+    assert slow.ever("promote") == 0.0 and slow.first_within("rollback", 10_000) == 1.0
 
+
+def test_the_median_metric_is_configured_like_the_tail_one():
+    """Its own margin (None switches it off), its own share of the rollback level, the same
+    informational rule; a latency_quantile of 0.5 would judge the median twice under one name."""
+    assert POLICY.latency_metrics() == {LAT: (0.99, 1.5), MEDIAN: (0.5, 1.5)}
+    assert POLICY.rollback_alpha() == pytest.approx(A_R)
+    off = JudgePolicy(latency_p50_ratio_margin=None)
+    assert MEDIAN not in off.margins() and off.rollback_alpha() == pytest.approx(0.05 / 2 / 5)
+    assert list(JudgePolicy(latency_quantile=0.95).latency_metrics()) == ["latency_p95_ratio", MEDIAN]
+    with pytest.raises(ValueError, match="latency_quantile = 0.5 is the median") as refused:
+        JudgePolicy(latency_quantile=0.5)
+    assert "\n" not in str(refused.value)
+    assert list(JudgePolicy(latency_quantile=0.5, latency_p50_ratio_margin=None).latency_metrics()) == [MEDIAN]
+    # gating = [the median] alone: the tail's ratio is reported, its missing latencies hold nothing more
+    lat = latencies(np.random.default_rng(5), 1500, 1.0, LIGHT)
+    j = shadow_run(lat, policy=JudgePolicy(gating=("error_rate", MEDIAN)))[-1][1]
+    assert j.verdict == "promote" and j.metric(MEDIAN).decision == "pass"
+    assert any(r.startswith(f"{LAT} = ") and "reported only" in r for r in j.reasons)

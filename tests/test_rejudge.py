@@ -109,7 +109,7 @@ def test_another_policy_gives_another_timeline_beside_the_recorded_one(run):
 
     loose = run["dir"] / "loose.toml"
     loose.write_text("[policy]\nlabel_flip_rate_margin = 0.99\nabs_confidence_delta_margin = 0.99\n"
-                     "accuracy_drop_margin = 0.99\nlatency_p99_ratio_margin = 100.0\n")  # fmt: skip
+                     "accuracy_drop_margin = 0.99\nlatency_p99_ratio_margin = 100.0\nlatency_p50_ratio_margin = 100.0\n")  # fmt: skip
     report, code = rejudged(run["config"], "digits-v2-broken", "--policy", str(loose))
     assert code == 0 and not report["same_policy"] and report["reproduced"] is None
     assert report["policy"] not in report["recorded_policies"]

@@ -18,7 +18,7 @@ from scorers.clusters import (
 )  # fmt: skip
 from scorers.judge import JudgePolicy, judge
 
-A_R, A_P = 0.005, 0.025  # the judge's per-metric levels at the default policy
+A_R, A_P = 0.005, 0.025  # about the judge's per-metric levels at the default policy (rollback: 0.05 / 2 / 6)
 
 
 # -- the statistic ---------------------------------------------------------------------------------

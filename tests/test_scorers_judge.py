@@ -150,7 +150,7 @@ def test_policy_rejects_unknown_keys_and_round_trips():
     p = JudgePolicy.from_dict({"label_flip_rate_margin": 0.1, "critical": ["error_rate", "label_flip_rate"]})
     assert p.critical == ("error_rate", "label_flip_rate")
     assert JudgePolicy.from_dict(p.to_dict()) == p
-    assert p.rollback_alpha() == pytest.approx(0.05 / 2 / 5)
+    assert p.rollback_alpha() == pytest.approx(0.05 / 2 / 6)  # error, flip, |delta|, two latency ratios, accuracy
 
 
 def test_to_verdict_is_valid_json():

@@ -68,6 +68,13 @@ def test_heavy_tailed_latency_two_times_slower_is_rolled_back_and_aa_is_promoted
     assert same.first_within("promote", 10_000) >= 0.9 and same.ever("rollback") == 0.0
 
 
+def test_two_times_slower_under_per_execution_spikes_is_rolled_back_by_the_median():
+    """x20 spikes drawn per execution: the p99's ratio alone rolled this back within 10,000 requests in
+    13 % of 500 runs (README, no test of it can reach 90 % at its level); the median's ratio does."""
+    slow = calibrate("latency_2x_exec", runs=12, seed=18)
+    assert slow.first_within("rollback", 10_000) >= 0.9 and slow.ever("promote") == 0.0
+
+
 def test_a_key_shared_by_most_traffic_is_named_in_the_verdict():
     """A producer that set one sample_key for everything: the verdict is still decided (the traffic is cut
     into cap-sized clusters) and says how many clusters it rests on and that one key carries it all."""
