@@ -170,7 +170,8 @@ def api(config: Path = typer.Option(..., "--config", "-c", help="TOML config fil
     try:
         sock = bind(settings.api.host, settings.api.port)
         dsn = settings.clickhouse.dsn
-        sink = ClickHouseSink(dsn, settings.clickhouse.database, create=chdb_path(dsn) is None)
+        sink = ClickHouseSink(dsn, settings.clickhouse.database, create=chdb_path(dsn) is None,
+                              analyst_rows_per_s=settings.api.analyst_rows_per_s)
     except (AddressUnavailable, SinkUnavailable) as exc:
         _fail(exc)
     board = VerdictBoard.from_settings(settings)

@@ -157,6 +157,11 @@ class ApiConfig(_Section):
         description="a promote or hold older than this many windows is served as hold (stale); a rollback stands",
     )  # fmt: skip
     refresh_s: float = Field(default=2.0, gt=0, description="standalone API: how often it re-reads the verdicts")
+    analyst_rows_per_s: int = Field(
+        default=1_000_000, ge=0,
+        description="chDB: analyst queries (/v1/query) read at most this many rows a second, so they leave the "
+        "worker's cores to ingestion; a query needing more than 10 s of it is cut at the 10 s cap. 0: no budget",
+    )  # fmt: skip
 
     @field_validator("tokens", mode="before")
     @classmethod

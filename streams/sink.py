@@ -58,13 +58,16 @@ class DataPathInUse(SinkUnavailable):
 
 
 class ClickHouseSink:
-    def __init__(self, dsn: str, database: str = "shadowlens", retention_days: int = 30, create: bool = True):
+    def __init__(self, dsn: str, database: str = "shadowlens", retention_days: int = 30, create: bool = True,
+                 analyst_rows_per_s: int | None = None):  # fmt: skip
         """``create=False``: read-only use (``shadowlens query``, ``api``): a chDB path that does not
-        exist is an error instead of a new empty database, and no DDL runs."""
+        exist is an error instead of a new empty database, and no DDL runs. ``analyst_rows_per_s``:
+        the analysts' read budget ([api] analyst_rows_per_s; None: the default, 0: none)."""
         self.dsn = dsn = resolve_dsn(dsn)
         self.database = database
         self._lock = threading.Lock()
         self._analyst, self._analyst_lock = None, threading.Lock()  # opened on the first analyst query
+        self._analyst_rows_per_s = analyst_rows_per_s
         path = chdb_path(dsn)
         if path is not None and not create and not os.path.isdir(path):
             raise SinkUnavailable(f"no shadowlens data at {path}: run where the worker (or demo) ran, or pass the "
@@ -169,7 +172,8 @@ class ClickHouseSink:
                 chdb = chdb_path(self.dsn) is not None
                 # HTTP: plain table names resolve in the project's database (chDB: the session's USE)
                 client = clickhouse_connect.get_client(dsn=self.dsn, **({} if chdb else {"database": self.database}))
-                self._analyst = AnalystSession(client, self.database, chdb=chdb)
+                budget = {} if self._analyst_rows_per_s is None else {"rows_per_s": self._analyst_rows_per_s}
+                self._analyst = AnalystSession(client, self.database, chdb=chdb, **budget)
             return self._analyst
 
     def latest_verdict(self, model: str, candidate: str) -> Verdict | None:

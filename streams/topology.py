@@ -106,7 +106,8 @@ async def _run(settings: Settings, role: Role, tasks: list[asyncio.Task]) -> Non
 
         ch = settings.clickhouse
         sink = await until_done("clickhouse", health, lambda: asyncio.to_thread(
-            ClickHouseSink, ch.dsn, ch.database, ch.retention_days), give_up=(DataPathInUse,))  # fmt: skip
+            ClickHouseSink, ch.dsn, ch.database, ch.retention_days, analyst_rows_per_s=settings.api.analyst_rows_per_s),
+            give_up=(DataPathInUse,))  # fmt: skip
         core = JudgeCore(settings, sink)
         # The last verdicts survive a restart, with their true age (a stale promote is a hold; a rollback stands).
         await until_done("clickhouse", health, lambda: asyncio.to_thread(core.board.load, sink))

@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from schemas import Verdict
-from streams.api.analyst_sql import MAX_ROWS, QueryRefused, check
+from streams.api.analyst_sql import ANALYST_ROWS_PER_S, MAX_ROWS, QueryRefused, check
+from streams.config import ApiConfig
 from streams.sink import ClickHouseSink
 
 SECRET = "shadowlens-hostile-query-secret-line"
@@ -72,6 +73,8 @@ HOSTILE = [
     ("SELECT 1; SELECT 2", "exactly one statement"),
     ("SELECT * FROM numbers(100) SETTINGS max_result_rows = 0, max_execution_time = 40", "SETTINGS"),
     ("SELECT * FROM (SELECT * FROM numbers(10) SETTINGS max_threads = 64)", "SETTINGS"),
+    ("SELECT count() FROM request_diffs SETTINGS max_execution_speed = 0", "SETTINGS"),  # the read budget
+    ("SELECT count() FROM request_diffs SETTINGS timeout_before_checking_execution_speed = 10", "SETTINGS"),
     ("SELECT count() FROM numbers(1000000000000)", "numbers() needs a literal count"),
     ("SELECT count() FROM numbers(toUInt64(1e12))", "numbers() needs a literal count"),
     ("SELECT * FROM numbers(20000)", "Limit for result exceeded"),  # the engine's cap, not lifted
@@ -169,7 +172,39 @@ def test_refused_queries_leave_the_writer_untouched(sink):
                                   samples=1, window_start=now, window_end=now, updated_at=now)])  # fmt: skip
     assert sink.query("SELECT count() FROM shadowlens.verdicts") == [(2,)]
     # ... and the analyst session itself cannot be talked out of its caps.
-    assert sink.readonly_query("SELECT getSetting('readonly'), getSetting('max_threads')")["rows"] == [[1, 1]]
+    assert sink.readonly_query("SELECT getSetting('readonly'), getSetting('max_threads'), "
+                               "getSetting('max_execution_speed')")["rows"] == [[1, 1, ANALYST_ROWS_PER_S]]  # fmt: skip
+    assert ApiConfig().analyst_rows_per_s == ANALYST_ROWS_PER_S  # [api] analyst_rows_per_s: the same default
+
+
+def test_the_read_budget_is_enforced_by_the_engine_and_cannot_be_lifted(tmp_path):
+    """``[api] analyst_rows_per_s``: the engine sleeps an analyst's read down to the budget
+    (``max_execution_speed``), so a query that needs longer than the 10 s cap at that speed is cut
+    there, in one line naming the cap; the same query answers without a budget, and on the writer's
+    session. ``readonly = 1`` refuses lifting it, even on the session's own client."""
+    budgeted = ClickHouseSink(f"chdb:///{tmp_path / 'chdb'}", analyst_rows_per_s=10_000)
+    try:
+        budgeted.client.command("CREATE TABLE shadowlens.scan_probe (n UInt64) ENGINE = MergeTree ORDER BY n")
+        budgeted.client.command("INSERT INTO shadowlens.scan_probe SELECT number FROM numbers(1000000)")
+        scan = "SELECT count() FROM scan_probe WHERE n % 7 = 1"  # 1,000,000 rows: 100 s at 10,000 rows/s
+        assert budgeted.query(scan.replace("scan_probe", "shadowlens.scan_probe")) == [(142857,)]
+        with pytest.raises(QueryRefused) as cut:
+            budgeted.readonly_query(scan)
+        message = str(cut.value)  # the engine's line, and which caps an analyst ran into
+        assert "Timeout exceeded" in message and "10,000 rows a second, [api] analyst_rows_per_s" in message
+        assert "\n" not in message
+        session = budgeted._analyst_session()
+        for sql in ("SET max_execution_speed = 0", "SET timeout_before_checking_execution_speed = 100"):
+            with pytest.raises(Exception, match="READONLY"):
+                session.client.command(sql)
+        assert budgeted.readonly_query("SELECT getSetting('max_execution_speed')")["rows"] == [[10_000]]
+    finally:
+        budgeted.close()
+    unbudgeted = ClickHouseSink(f"chdb:///{tmp_path / 'chdb'}", create=False, analyst_rows_per_s=0)
+    try:
+        assert unbudgeted.readonly_query("SELECT count() FROM scan_probe WHERE n % 7 = 1")["rows"] == [[142857]]
+    finally:
+        unbudgeted.close()
 
 
 def test_the_tree_check_alone_refuses_what_the_engine_would_also_refuse():

@@ -11,7 +11,12 @@ CREATE SETTINGS PROFILE IF NOT EXISTS shadowlens_analyst_profile SETTINGS
     result_overflow_mode = 'throw' READONLY,
     max_execution_time = 10 READONLY,
     max_memory_usage = 2147483648 READONLY,
-    max_threads = 2 READONLY;
+    max_threads = 2 READONLY,
+    -- A read budget, as the embedded default's ([api] analyst_rows_per_s): a query is slowed down to
+    -- this many rows read a second, so analysts leave the server's cores to the worker's inserts.
+    -- Size it to the server (this is 10x the embedded default, for a server with cores to spare).
+    max_execution_speed = 10000000 READONLY,
+    timeout_before_checking_execution_speed = 0 READONLY;
 
 CREATE USER IF NOT EXISTS shadowlens_analyst
     IDENTIFIED WITH sha256_password BY 'change-me'   -- or: IDENTIFIED WITH sha256_hash BY '<hex>'

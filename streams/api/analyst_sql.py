@@ -21,10 +21,11 @@ Two layers, both the engine's, never string matching over the SQL text:
    backend), and ``readonly`` cannot be lowered again: one analyst query sent with
    ``readonly = 2`` through the worker's own client left every later insert failing
    ``READONLY``. The analyst session here is a second client with its own chDB session: its caps
-   (rows, bytes, seconds, memory, one thread) are set once, then ``readonly = 1`` (not 2: level 1
-   also refuses any ``SETTINGS`` that would lift a cap, and the ``file``/``url`` table
-   functions). Nothing of it reaches the writer's session, and it takes no lock the writer or
-   the verdicts API needs: chDB runs the two sessions' queries concurrently.
+   (rows, bytes, seconds, memory, one thread at nice 19, a read budget in rows a second) are set
+   once, then ``readonly = 1`` (not 2: level 1 also refuses any ``SETTINGS`` that would lift a
+   cap, and the ``file``/``url`` table functions). Nothing of it reaches the writer's session,
+   and it takes no lock the writer or the verdicts API needs: chDB runs the two sessions' queries
+   concurrently.
 
 With an ``http://`` DSN the same checks run, the caps travel with every query as settings
 (HTTP has no session to leak into), and the server-side guarantee is a read-only ClickHouse user
@@ -59,6 +60,24 @@ CAPS: dict[str, Any] = {
     # halved a 2-core worker's drain rate).
     "os_thread_priority": 19,
 }
+
+# The analyst's read budget on a chDB session (it shares the worker's process and cores):
+# ``max_execution_speed`` makes the engine sleep a query that reads faster than this many rows a
+# second, checked from its first block (``timeout_before_checking_execution_speed`` defaults to
+# 10 s: as long as the whole query may run). Nice 19 orders the threads, but a busy nice-19 query
+# still shares the cores (bench_api.py --analyst before the budget: drain 90 % of alone on 2
+# cores); the budget cuts the CPU a scan can take. It meters rows read, not CPU: a query that does much work per row read
+# (the bench's arraySum(range(...)): ~0.3 us a row, so ~30 % of a core at 1M rows/s) still
+# takes up to budget x its per-row cost; a plain scan (~15 ns a row) a few per cent. A query that
+# needs more than budget x 10 s rows is cut at the 10 s cap, one line naming it. [api]
+# analyst_rows_per_s sets it (0: no budget, nice 19 and one thread only).
+ANALYST_ROWS_PER_S = 1_000_000
+
+
+def session_caps(rows_per_s: int = ANALYST_ROWS_PER_S) -> dict[str, Any]:
+    """The caps of an analyst's chDB session: ``CAPS`` and the read budget (``rows_per_s``; 0: none)."""
+    budget = {"max_execution_speed": rows_per_s, "timeout_before_checking_execution_speed": 0} if rows_per_s else {}
+    return {**CAPS, **budget}
 
 ALLOWED_TABLE_FUNCTIONS = frozenset({"numbers", "values"})
 assert ALLOWED_TABLE_FUNCTIONS <= SAFE_TABLE_FUNCTIONS  # chDB's own list of functions that stay in-process
@@ -154,8 +173,8 @@ def check(dump: str, database: str, blocked_functions: frozenset[str] = BLOCKED_
 
 
 _EXPLAIN = "EXPLAIN AST "
-_SETTINGS = ("refused: SETTINGS clauses are not allowed: the caps (rows, bytes, seconds, memory) are fixed; "
-             "narrow the query instead (WHERE, LIMIT, aggregate)")  # fmt: skip
+_SETTINGS = ("refused: SETTINGS clauses are not allowed: the caps (rows, bytes, seconds, memory, read speed) are "
+             "fixed; narrow the query instead (WHERE, LIMIT, aggregate)")  # fmt: skip
 
 
 def _walk(node: _Node, database: str, blocked: frozenset[str]) -> None:
@@ -237,18 +256,22 @@ class AnalystSession:
     ``client``: a clickhouse-connect client used by nothing else (for chDB, ``get_client`` again
     on the same path: a new session on the engine the worker already opened)."""
 
-    def __init__(self, client, database: str, chdb: bool):
+    def __init__(self, client, database: str, chdb: bool, rows_per_s: int = ANALYST_ROWS_PER_S):
         self.client, self.database, self.chdb = client, database, chdb
         self._lock = threading.Lock()  # one chDB session runs one query at a time
         self._settings: dict[str, Any] = {}
+        self._timeout_hint = (f" (analyst queries stop at {MAX_SECONDS} s" + (
+            f" and read at most {rows_per_s:,} rows a second, [api] analyst_rows_per_s" if chdb and rows_per_s else "")
+            + "; narrow the query: WHERE on time or candidate, LIMIT, aggregate)")  # fmt: skip
         if chdb:
-            for name, value in CAPS.items():
+            for name, value in session_caps(rows_per_s).items():
                 self.client.command(f"SET {name} = {value!r}" if isinstance(value, str) else f"SET {name} = {value}")
             self.client.command(f"USE {database}")  # plain names are this project's tables
             self.client.command("SET readonly = 1")
             if self.client.query("SELECT getSetting('readonly')").result_rows != [(1,)]:
                 raise RuntimeError("the analyst session did not become read-only")
-        else:  # HTTP: no session; the caps travel with each query
+        else:  # HTTP: no session; the caps travel with each query (the server's cores are not the worker's:
+            # the read-only user's profile, scripts/clickhouse/analyst_user.sql, is where a server budget goes)
             self._settings = {**CAPS, "readonly": 1}
         try:
             rows = self.client.query("SELECT name, alias_to, categories FROM system.functions",
@@ -271,7 +294,8 @@ class AnalystSession:
                     return {"columns": [], "rows": [], "text": text}
                 result = self.client.query(sql, settings=self._settings or None)
             except Exception as exc:  # noqa: BLE001 - the engine's message, one line
-                raise QueryRefused(engine_message(exc)) from None
+                message = engine_message(exc)
+                raise QueryRefused(message + self._timeout_hint if "TIMEOUT_EXCEEDED" in message else message) from None
         rows = [[v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for v in row]
                 for row in result.result_rows]  # fmt: skip
         return {"columns": list(result.column_names), "rows": rows}
