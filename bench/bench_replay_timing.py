@@ -1,7 +1,8 @@
 """The replay stage against its own ceiling, side by side: how fast one Python consumer drains the
 mirror topic (raw, and decoding every message as the replay stage does), and how fast one
 ``--role replay`` process drains the same topic in each timing mode, with this code and with an
-older commit's (``--old REV``, unpacked with ``git archive``), alternating within each run.
+older commit's (``--old REV``, unpacked with ``git archive``, or ``--old DIR``, a source tree such as
+a copy of the working tree before a change), alternating within each run.
 Prints every run and the medians; none of this is a test.
 
     python bench/bench_replay_timing.py --requests 200000 --runs 3 --old HEAD
@@ -132,15 +133,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--timings", nargs="+", default=["sampled", "per_request", "batched"])
-    parser.add_argument("--old", default="", help="also run this commit's replay (git rev), side by side")
+    parser.add_argument("--old", default="", help="also run this commit's replay (git rev, or a directory holding "
+                        "a source tree, e.g. a copy of the working tree before a change), side by side")
     parser.add_argument("--old-timings", nargs="+", default=["per_request", "batched"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1024],
-                        help="[replay] batch_size of this code's runs (each timing at each); the old code's: 1024")
+                        help="[replay] batch_size of this code's runs (each timing at each)")
+    parser.add_argument("--old-batch-sizes", type=int, nargs="+", default=[1024], help="the same for the old code's runs")
     args = parser.parse_args()
     broker = bootstrap()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         work = Path(tmp)
-        old_root = unpack(args.old, work / "old") if args.old else None
+        old_root = (Path(args.old) if Path(args.old).is_dir() else unpack(args.old, work / "old")) if args.old else None
         models = build_digits_models(work / "models")
         messages = TrafficGenerator(models["baseline"], rate_per_s=1000).messages(args.requests)
         topic = f"bench-timing-{uuid.uuid4().hex[:8]}"
@@ -150,7 +153,7 @@ def main() -> None:
               f"{os.cpu_count()} cores")  # fmt: skip
         cases = [("consumer", "raw"), ("consumer", "decode")]
         cases += [("new", t if b == 1024 else f"{t}@{b}") for b in args.batch_sizes for t in args.timings]
-        cases += [("old", t) for t in args.old_timings] if old_root else []
+        cases += [("old", t if b == 1024 else f"{t}@{b}") for b in args.old_batch_sizes for t in args.old_timings] if old_root else []
         rates: dict[tuple[str, str], list[float]] = {c: [] for c in cases}
         for i in range(args.runs):
             for case in cases:

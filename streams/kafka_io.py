@@ -165,9 +165,9 @@ class Producer:
                 return
             await self._producer.begin_transaction()
             futures = [await self._producer.send(**r) for r in records]
-            await asyncio.gather(*futures)
-            if offsets:
+            if offsets:  # its round trips while the records linger and go out, not after their acks
                 await self._producer.send_offsets_to_transaction(offsets, group_id)
+            await asyncio.gather(*futures)  # every record acknowledged before the commit, as before
             await self._producer.commit_transaction()
         except BaseException:
             broken, self._producer = self._producer, None

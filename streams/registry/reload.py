@@ -1,7 +1,7 @@
 """Hot reload on a replay process: the registry's candidates loaded in the background and swapped
 into ``ReplayCore`` between micro-batches (a double buffer).
 
-Before each micro-batch the replay stage calls ``HotReload.prepare(messages)``:
+Before each micro-batch the replay stage calls ``HotReload.prepare(spans)`` (the batch's offsets per partition):
 
 1. catch up with the registry (``RegistryFollower.sync``); while a record is ``pending`` (its
    offsets are being recorded) wait for them — ``/readyz`` and ``shadowlens_component_up`` say so;
@@ -35,7 +35,7 @@ from streams.config import Settings
 from streams.kafka_io import Health
 from streams.registry.store import config_from_record, local_path, record_from_config, sha256_file
 from streams.registry.follow import COMPONENT, RegistryFollower
-from streams.replay.core import Candidate, Inbound
+from streams.replay.core import Candidate
 
 log = logging.getLogger("shadowlens.registry")
 
@@ -61,8 +61,9 @@ class HotReload:
         self._table: tuple | None = None
         self._waiting, self._since = False, 0.0
 
-    async def prepare(self, messages: list[Inbound]) -> dict[str, list[Candidate]] | None:
-        """The candidate table for this micro-batch when it differs from the last one, else None."""
+    async def prepare(self, spans: dict[int, tuple[int, int]]) -> dict[str, list[Candidate]] | None:
+        """The candidate table for a micro-batch whose offsets are ``spans`` (partition -> first and
+        last offset) when it differs from the last one, else None."""
         await self.follower.sync()
         while pending := [r for r in self.follower.by_pair().values() if r.pending]:
             self._wait(f"{pending[0].key}: waiting for its recorded offsets (a registry command is writing them; if "
@@ -72,7 +73,6 @@ class HotReload:
             await self.follower.sync()
         wanted = self.follower.by_pair()
         self._settle()
-        spans = _spans(messages)
         needed = []
         for key, rec in wanted.items():
             ident = _identity(rec)
@@ -218,14 +218,6 @@ def _identity(rec: CandidateRecord) -> tuple:
 def _attempt(rec: CandidateRecord) -> tuple:
     """A refusal holds for the version until a reset records new start offsets."""
     return (_identity(rec), tuple(sorted(rec.start_offsets.items())))
-
-
-def _spans(messages: list[Inbound]) -> dict[int, tuple[int, int]]:
-    spans: dict[int, tuple[int, int]] = {}
-    for m in messages:
-        lo, hi = spans.get(m.partition, (m.offset, m.offset))
-        spans[m.partition] = (min(lo, m.offset), max(hi, m.offset))
-    return spans
 
 
 def _overlaps(rec: CandidateRecord, spans: dict[int, tuple[int, int]]) -> bool:

@@ -23,6 +23,8 @@ The kind's other metrics travel in ``DiffBatch.metrics`` (the ``metrics`` map of
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import numpy as np
 
 from scorers.kinds.base import KindDiffs
@@ -53,20 +55,35 @@ def fill_kind_columns(cols: dict[str, np.ndarray], diffs: KindDiffs, failure: st
     return {name: np.asarray(v, dtype=np.float64) for name, v in diffs.metrics.items() if name not in METRIC_COLUMNS}
 
 
+_REQUEST_FIELDS = attrgetter("sent_ms", "baseline_latency_ms", "label", "request_id", "baseline_version", "attributes")
+_SOURCE = attrgetter("partition", "offset")
+
+
 def request_columns(group) -> dict:
-    """What the diff rows of every candidate take from the requests themselves."""
-    events = [ev for ev, _ in group]
+    """What the diff rows of every candidate take from the requests themselves: one attribute read
+    per request (``attrgetter`` over the group, in C), then whole columns."""
+    events, msgs = zip(*group)
+    sent, latency, label, request_id, version, attributes = zip(*map(_REQUEST_FIELDS, events))
+    partition, offset = zip(*map(_SOURCE, msgs))
+    request_id = list(request_id)
     return {
-        "sent_ms": np.array([ev.sent_ms for ev in events], dtype=np.int64),
-        "baseline_latency_ms": np.array([ev.baseline_latency_ms for ev in events], dtype=np.float64),
-        "label": np.array([np.nan if ev.label is None else float(ev.label) for ev in events], dtype=np.float64),
-        "source_partition": np.array([msg.partition for _, msg in group], dtype=np.int64),
-        "source_offset": np.array([msg.offset for _, msg in group], dtype=np.int64),
-        "request_id": [ev.request_id for ev in events],
-        "id_hash": id_hashes([ev.request_id for ev in events]),
-        "baseline_version": [ev.baseline_version for ev in events],
-        "attributes": [ev.attributes for ev in events],
+        "sent_ms": np.array(sent, dtype=np.int64),
+        "baseline_latency_ms": np.array(latency, dtype=np.float64),
+        "label": _labels(label),
+        "source_partition": np.array(partition, dtype=np.int64),
+        "source_offset": np.array(offset, dtype=np.int64),
+        "request_id": request_id,
+        "id_hash": id_hashes(request_id),
+        "baseline_version": list(version),
+        "attributes": list(attributes),
     }  # fmt: skip
+
+
+def _labels(labels: tuple) -> np.ndarray:
+    """Labels as float64, NaN where a request has none (None)."""
+    if None not in labels:
+        return np.array(labels, dtype=np.float64)
+    return np.array([np.nan if x is None else float(x) for x in labels], dtype=np.float64)
 
 
 def pair_reference_latency(model_batches) -> None:
@@ -75,8 +92,12 @@ def pair_reference_latency(model_batches) -> None:
     ref = next((b for c, b in model_batches if c.config.noise_reference), None)
     if ref is None or not len(ref):
         return
-    lat = dict(zip(ref.request_id, ref.columns["candidate_latency_ms"].tolist(), strict=True))
+    ref_latency, lat = ref.columns["candidate_latency_ms"], None
     for _, batch in model_batches:
         if batch is not ref and len(batch):
+            if batch.request_id == ref.request_id:  # the same rows in the same order (the usual batch): as is
+                batch.columns["reference_latency_ms"] = np.array(ref_latency, dtype=np.float64)
+                continue
+            lat = lat or dict(zip(ref.request_id, ref_latency.tolist(), strict=True))
             batch.columns["reference_latency_ms"] = np.array([lat.get(r, np.nan) for r in batch.request_id],
                                                              dtype=np.float64)

@@ -35,9 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from schemas import DeadLetter, MirroredRequest
-from schemas.decode import Rejection, decode_for_replay
-from schemas.fast_path import PlainRequest
+from schemas import DeadLetter
 from streams.replay.adapter import InputAdapter
 from streams.replay.blame import (
     UNSCORABLE, CandidateRefused, baseline_check_key, baseline_invalid_reason, baseline_problems, conform_inputs,
@@ -48,6 +46,7 @@ from streams.replay.evidence_keys import evidence_keys
 from streams.replay.letter_log import LetterLog
 from streams.records import DiffBatch, empty_columns
 from streams.replay.columns import fill_kind_columns, pair_reference_latency, request_columns
+from streams.replay.routing import covers, in_range, route
 from streams.replay.runner import Runner, load_runner, timed_rows
 from streams.replay.runner_torch import TorchModelError
 from streams.replay.stacking import baseline_rows, groups_by_signature, stack
@@ -61,7 +60,8 @@ __all__ = ["UNSCORABLE", "Candidate", "Inbound", "LetterLog", "ReplayCore", "Rep
 
 @dataclass
 class Inbound:
-    """One message of the mirror topic as the replay stage sees it."""
+    """One message of the mirror topic as the replay core reads it. The replay stage passes
+    aiokafka's ``ConsumerRecord`` as it is (same attributes): no object per message."""
 
     value: bytes | None
     partition: int = 0
@@ -131,20 +131,8 @@ class ReplayCore:
     def replay(self, messages: Sequence[Inbound]) -> ReplayOutput:
         out = ReplayOutput()
         self._groups, self._shared = set(), {}  # see _per_group
-        by_model: dict[str, list[tuple[PlainRequest | MirroredRequest, Inbound]]] = defaultdict(list)
-        for msg in messages:
-            # Inputs' finiteness is checked below, once per stacked group (cheaper than per message).
-            decoded = decode_for_replay(msg.value)
-            if isinstance(decoded, Rejection):
-                out.dead_letters.append(_letter(msg, decoded.error_type, decoded.reason))
-                continue
-            sent_ms = decoded.sent_ms
-            out.max_sent_ms[msg.partition] = max(sent_ms, out.max_sent_ms.get(msg.partition, 0))
-            if decoded.model not in self.candidates:
-                reason = f"model: no candidate is configured for {decoded.model!r}; add one under [[candidates]]"
-                out.dead_letters.append(_letter(msg, "unknown_model", reason))
-                continue
-            by_model[decoded.model].append((decoded, msg))
+        by_model, letters, out.max_sent_ms = route(messages, self.candidates.__contains__, _letter)
+        out.dead_letters.extend(letters)
         scored_ms = int(time.time() * 1000)
         for model, items in by_model.items():
             groups, model_letters = [], []
@@ -164,18 +152,19 @@ class ReplayCore:
             # The producer's bad inputs (NaN, several rows) are unscorable for every candidate of the model.
             unscorable = [letter for letter in model_letters if letter.error_type in UNSCORABLE]
             sent = {(msg.partition, msg.offset): ev.sent_ms for ev, msg in items} if unscorable else {}
-            valid = [item for group, _, _ in groups for item in group]
-            out.requests += len(valid)
+            out.requests += sum(len(group) for group, _, _ in groups)
+            model_covers = covers(items)  # every message of the model, dead letters included
             model_batches = []
             for cand in self.candidates[model]:
-                c_groups, c_items, c_unscorable = groups, items, unscorable
+                c_groups, c_unscorable, c_covers = groups, unscorable, model_covers
                 if cand.start or cand.stop is not None:  # a registry candidate: only its offsets
-                    c_groups, c_items, c_unscorable = _in_range(cand, groups, items, unscorable)
+                    c_groups, c_items, c_unscorable = in_range(cand, groups, items, unscorable)
                     if not c_items:
                         continue
+                    c_covers = covers(c_items)
                 batch, letters = self._replay_candidate(cand, c_groups, scored_ms)
                 batch.routed = sum(len(g) for g, _, _ in c_groups) + len(c_unscorable)
-                batch.covers = _covers(c_items)  # every message of the model, dead letters included
+                batch.covers = dict(c_covers)
                 _count_unscorable(batch, c_unscorable, sent)
                 model_batches.append((cand, batch))
                 out.dead_letters.extend(letters)
@@ -285,12 +274,11 @@ class ReplayCore:
 
     def _score(self, cand: Candidate, group, feeds: dict[str, np.ndarray], keys: np.ndarray, scored_ms: int):
         cfg = cand.config
-        events = [ev for ev, _ in group]
         outputs, latencies = self._run_timed(cand, group, feeds)
-        cand_rows = np.asarray(outputs, dtype=np.float64).reshape(len(events), -1)
+        cand_rows = np.asarray(outputs, dtype=np.float64).reshape(len(group), -1)
         width = cand_rows.shape[1]
         base_rows, problems = self._per_group(group, ("baseline", cfg.baseline_output, width),
-                                              lambda: baseline_rows(events, cfg, width))  # fmt: skip
+                                              lambda: baseline_rows([ev for ev, _ in group], cfg, width))  # fmt: skip
         invalid = self._per_group(group, ("valid", cfg.baseline_output, width, *baseline_check_key(cfg)), lambda: (
             baseline_problems(base_rows, cfg, problems)))  # fmt: skip
         letters = [_letter(group[i][1], "baseline_mismatch", f"{reason}; the producer must send it, or fix "
@@ -299,7 +287,7 @@ class ReplayCore:
         letters += [_letter(group[i][1], "baseline_invalid", baseline_invalid_reason(reason, cfg), candidate=cand)
                     for i, reason in invalid.items()]  # fmt: skip
         if letters:
-            keep = [i for i in range(len(events)) if i not in problems and i not in invalid]
+            keep = [i for i in range(len(group)) if i not in problems and i not in invalid]
             group, base_rows, cand_rows, keys = [group[i] for i in keep], base_rows[keep], cand_rows[keep], keys[keep]
             latencies = np.asarray(latencies, dtype=np.float64)[keep]
         return self._columns(cand, group, keys, scored_ms, base_rows, cand_rows, latencies), letters
@@ -349,24 +337,9 @@ class ReplayCore:
         # takes subsets into new lists; attribute maps are only read).
         return DiffBatch(
             cfg.model, cfg.name, scored_ms, cols, req["request_id"], req["baseline_version"],
-            [str(e) for e in diffs.error.tolist()], req["attributes"], getattr(kind, "top_k", 3),
+            list(map(str, diffs.error.tolist())), req["attributes"], getattr(kind, "top_k", 3),
             kind=kind.name, metrics=metrics,
         )  # fmt: skip
-
-
-def _in_range(cand: Candidate, groups, items, unscorable):
-    """The groups, messages and unscorable letters of a micro-batch within the candidate's offsets.
-    A filtered group is a new list, so ``_per_group`` computes its shared columns afresh."""
-    out = []
-    for group, stacked, keys in groups:
-        keep = [i for i, (_, msg) in enumerate(group) if cand.scores(msg.partition, msg.offset)]
-        if len(keep) == len(group):
-            out.append((group, stacked, keys))
-        elif keep:
-            out.append(([group[i] for i in keep], {k: v[keep] for k, v in stacked.items()}, keys[keep]))
-    kept_items = [(ev, msg) for ev, msg in items if cand.scores(msg.partition, msg.offset)]
-    kept_letters = [letter for letter in unscorable if cand.scores(letter.partition, letter.offset)]
-    return out, kept_items, kept_letters
 
 
 def _count_unscorable(batch: DiffBatch, letters: list[DeadLetter], sent: dict[tuple[int, int], int]) -> None:
@@ -403,14 +376,6 @@ def _concat(cfg: CandidateConfig, scored_ms: int, parts: list[DiffBatch]) -> Dif
     if parts:
         return DiffBatch.concat(parts)
     return DiffBatch(cfg.model, cfg.name, scored_ms, empty_columns(0), [], [], [], [], kind=cfg.kind)
-
-
-def _covers(items) -> dict[int, int]:
-    """Highest mirror offset per partition among the messages routed to a candidate."""
-    out: dict[int, int] = {}
-    for _, msg in items:
-        out[msg.partition] = max(msg.offset, out.get(msg.partition, -1))
-    return out
 
 
 def _describe(exc: BaseException) -> str:

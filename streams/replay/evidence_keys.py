@@ -29,8 +29,11 @@ def evidence_keys(group, stacked: dict[str, np.ndarray]) -> np.ndarray:
     """(n, 2) uint64: each request's ``input_hash`` and ``sample_hash`` (see streams/records.py)."""
     keys = np.empty((len(group), 2), dtype=np.uint64)
     keys[:, 0] = input_hashes(stacked, len(group))
-    keys[:, 1] = np.frombuffer(b"".join([_sample_digest(getattr(ev, "sample_key", None)) for ev, _ in group]),
-                               dtype="<u8")
+    sample_keys = [getattr(ev, "sample_key", None) for ev, _ in group]
+    if any(sample_keys):
+        keys[:, 1] = np.frombuffer(b"".join(map(_sample_digest, sample_keys)), dtype="<u8")
+    else:  # the usual traffic: no request carries a sample key
+        keys[:, 1] = 0
     return keys
 
 
@@ -53,12 +56,13 @@ def input_hashes(stacked: dict[str, np.ndarray], n: int) -> np.ndarray:
     head = json.dumps(sig, separators=(",", ":")).encode()
     base = hashlib.blake2b(struct.pack("<I", len(head)) + head, digest_size=8, person=_INPUT_PERSON)
     rows = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
-    raw, width, new = rows.tobytes(), rows.shape[1], base.copy
-    digests = []
+    raw, width, new = memoryview(rows.tobytes()), rows.shape[1], base.copy
+    digests: list[bytes] = []
+    append = digests.append
     for lo in range(0, n * width, width) if width else [0] * n:
         h = new()
-        h.update(raw[lo : lo + width])
-        digests.append(h.digest())
+        h.update(raw[lo : lo + width])  # a view: no copy of the row
+        append(h.digest())
     out = np.frombuffer(b"".join(digests), dtype="<u8").astype(np.uint64)
     out[out == 0] = 1  # 0 is "unknown"
     return out

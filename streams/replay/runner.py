@@ -226,9 +226,9 @@ class OnnxRunner(Runner):
 
 def load_runner(path, runtime: str | None = None, providers: Sequence[str] | None = None) -> Runner:
     """The runner for a model file: ``runtime`` ``"onnx"`` or ``"torch"``, None: from the suffix
-    (``streams.config.infer_runtime``). ImportError (one line, the fix) when torch is not installed;
+    (``streams.candidate_config.infer_runtime``). ImportError (one line, the fix) when torch is not installed;
     ``streams.replay.runner_torch.TorchModelError`` (a ValueError) for a file torch does not load."""
-    from streams.config import infer_runtime
+    from streams.candidate_config import infer_runtime
 
     runtime = runtime or infer_runtime(path)
     if runtime == "torch":

@@ -4,10 +4,11 @@ Any number of processes, one consumer group on the mirror topic:
     getmany -> ReplayCore.replay -> diff batches to the diffs topic (key = pair) and dead letters
     to the dead-letter topic, all acknowledged -> commit the mirror offsets -> every
     ``progress_interval_s``, a Progress record to every diffs partition.
-    Two micro-batches overlap: batch k+1 is replayed (on the core's own thread) while batch k's
-    transaction is sent and committed (on the event loop). Transactions still begin and end in
-    order, one at a time, and a progress report waits for the transaction before it, so what a
-    reader sees and what a crash leaves are as without the overlap.
+    Micro-batches overlap: batch k+1 is replayed (on the core's own thread) while batch k's
+    transaction is sent and committed and batch k+2 is fetched (on the event loop). Transactions
+    still begin and end in order, one at a time, and a progress report waits for every fetched
+    batch's transaction, so what a reader sees and what a crash leaves are as without the overlap
+    (a crash redoes up to three batches: fetched, replaying, committing).
 
 Each write is retried until it succeeds (``until_done``): while the broker is away the stage stops
 reading (nothing piles up in memory), ``/readyz`` says what it waits for, and the uncommitted offsets
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -31,10 +33,11 @@ from streams import kafka_io
 from streams.config import Settings
 from streams.kafka_io import TYPE_DIFFS, TYPE_PROGRESS, Health, until_done
 from streams.records import TYPE_HEADER, PartitionProgress, Progress
-from streams.replay.core import Inbound, ReplayCore, ReplayOutput
+from streams.replay.core import ReplayCore, ReplayOutput
 
 log = logging.getLogger("shadowlens.stages")
 KAFKA = "kafka (replay stage)"  # health component
+SWITCH_INTERVAL_S = 0.0005  # see run: how soon the event loop gets the GIL back from the core's thread
 _MOVED = (CommitFailedError, IllegalStateError)  # the partition went to another process: it redoes the batch
 
 
@@ -66,32 +69,58 @@ class ReplayStage:
         # the event loop meanwhile sends the previous batch's transaction (candidates' calls and
         # numpy release the GIL; the loop's I/O needs little of it).
         core_thread = ThreadPoolExecutor(1, thread_name_prefix="replay-core")
+        # While the core's thread runs Python, the event loop gets the GIL back after each socket
+        # call or wake-up only when the core yields it: after the switch interval, 5 ms by default.
+        # A transaction is several round trips in a row, so each batch's hand-over waited ~5 ms a
+        # step; 0.5 ms makes that wait small (process-wide; a switch costs microseconds).
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         loop = asyncio.get_running_loop()
         sending: asyncio.Task | None = None  # the previous batch's transaction
+        replaying: tuple | None = None  # (future, offsets to commit) of the batch on the core's thread
+
+        def timed_replay(messages: list) -> tuple[ReplayOutput, float]:
+            started = time.perf_counter()
+            return self.core.replay(messages), time.perf_counter() - started
+
+        async def hand_over_replayed() -> None:
+            """The batch on the core's thread, once replayed, to its transaction (after the one before)."""
+            nonlocal sending, replaying
+            future, commit = replaying
+            replaying = None
+            out, seconds = await future
+            self.last_message_wall = time.time()
+            if self.metrics is not None:
+                self.metrics.batch_seconds.observe(seconds)
+            if sending is not None:  # one transaction at a time, in order
+                await sending
+            sending = asyncio.create_task(self._hand_over(consumer, producer, commit, out))
+
         try:
             # Inside the try: a worker stopped while the consumer starts still closes it.
             await until_done(KAFKA, self.health, consumer.start)
             while True:
-                fetched = await consumer.getmany(
-                    timeout_ms=int(self.settings.replay.batch_within_s * 1000), max_records=self.settings.replay.batch_size
-                )  # fmt: skip
-                messages = [Inbound(m.value, tp.partition, m.offset, tp.topic, m.key)
-                            for tp, msgs in fetched.items() for m in msgs]  # fmt: skip
+                # Fetched (and the registry's table prepared) while the batch before is replayed: then
+                # only what the consumer holds already, so that batch's hand-over never waits for traffic.
+                wait_s = 0 if replaying is not None else self.settings.replay.batch_within_s
+                fetched = await consumer.getmany(timeout_ms=int(wait_s * 1000), max_records=self.settings.replay.batch_size)
+                # aiokafka's records as they come: they carry what an ``Inbound`` does (value,
+                # partition, offset, topic, key), so no object per message is made here.
+                messages = [m for msgs in fetched.values() for m in msgs]
+                table = None
+                if messages and self.reload is not None:  # the registry's table for this batch (may wait for a load)
+                    table = await self.reload.prepare(_spans(fetched))
+                if replaying is not None:
+                    await hand_over_replayed()
                 if messages:
-                    if self.reload is not None:  # the registry's table for this batch (may wait for a load)
-                        table = await self.reload.prepare(messages)
-                        if table is not None:  # swapped between batches, on the core's thread
-                            await loop.run_in_executor(core_thread, self.core.swap, table)
-                    started = time.perf_counter()
-                    out = await loop.run_in_executor(core_thread, self.core.replay, messages)
-                    self.last_message_wall = time.time()
-                    if self.metrics is not None:
-                        self.metrics.batch_seconds.observe(time.perf_counter() - started)
-                    if sending is not None:  # one transaction at a time, in order
-                        await sending
-                    sending = asyncio.create_task(self._hand_over(consumer, producer, messages, out))
+                    if table is not None:  # swapped between batches, on the core's thread
+                        await loop.run_in_executor(core_thread, self.core.swap, table)
+                    replaying = (loop.run_in_executor(core_thread, timed_replay, messages), _next_offsets(fetched))
                 if time.monotonic() - last_report >= k.progress_interval_s:
-                    if sending is not None:  # a report covers only what was acknowledged before it
+                    # A report covers only what was acknowledged before it: every fetched batch first
+                    # (the consumer's position, reported for a partition without a batch yet, is past them).
+                    if replaying is not None:
+                        await hand_over_replayed()
+                    if sending is not None:
                         await sending
                         sending = None
                     await self._report(consumer, producer, diffs_partitions, mirror_partitions)
@@ -102,6 +131,7 @@ class ReplayStage:
                         self.reload.idle()
         finally:
             try:
+                # A batch still on the core's thread is dropped: uncommitted, redelivered.
                 if sending is not None and not sending.done():
                     sending.cancel()  # stopped mid-transaction: unacknowledged, uncommitted, redelivered
                     await asyncio.gather(sending, return_exceptions=True)
@@ -110,15 +140,15 @@ class ReplayStage:
                 core_thread.shutdown(wait=False, cancel_futures=True)
                 await producer.stop()
 
-    async def _hand_over(self, consumer, producer, messages: list[Inbound], out: ReplayOutput) -> None:
-        """One replayed micro-batch's transaction: its diffs, dead letters and mirror offsets."""
+    async def _hand_over(self, consumer, producer, commit: dict, out: ReplayOutput) -> None:
+        """One replayed micro-batch's transaction: its diffs, dead letters and mirror offsets
+        (``commit``: the offsets after the batch, ``_next_offsets``)."""
         k = self.settings.kafka
         records = [dict(topic=k.diffs_topic, key=b.key, value=b.encode(), headers=[(TYPE_HEADER, TYPE_DIFFS)])
                    for b in out.batches]  # fmt: skip
         for letter in out.dead_letters:
             key = f"{letter.topic}/{letter.partition}/{letter.offset}".encode()
             records.append(dict(topic=k.dead_letter_topic, key=key, value=letter.model_dump_json().encode()))
-        commit = _next_offsets(messages)
         # Exactly once: the offsets go in the records' transaction (for the group, not by the consumer).
         await self._send(producer, records, offsets=commit if k.exactly_once else None, group_id=k.group_id)
         # Dead letters are logged by the replay core, summarised per (candidate, reason) a minute
@@ -185,15 +215,16 @@ class ReplayStage:
             self.reachable_since = time.time()
 
 
-def _next_offsets(messages: list[Inbound]) -> dict[TopicPartition, OffsetAndMetadata]:
-    """The offsets to commit once these messages are written: one past the last of each partition."""
-    last: dict[TopicPartition, int] = {}
-    for m in messages:
-        tp = TopicPartition(m.topic, m.partition)
-        last[tp] = max(last.get(tp, -1), m.offset)
-    return {tp: OffsetAndMetadata(off + 1, "") for tp, off in last.items()}
+def _spans(fetched: dict) -> dict[int, tuple[int, int]]:
+    """Per mirror partition, the first and the last offset of a fetch (a partition's records come in
+    offset order): what the registry checks a batch against, without a loop over its messages."""
+    return {tp.partition: (msgs[0].offset, msgs[-1].offset) for tp, msgs in fetched.items() if msgs}
 
 
+def _next_offsets(fetched: dict) -> dict[TopicPartition, OffsetAndMetadata]:
+    """The offsets to commit once a fetch's messages are written: one past the last of each
+    partition (aiokafka gives each partition's records in offset order)."""
+    return {tp: OffsetAndMetadata(msgs[-1].offset + 1, "") for tp, msgs in fetched.items() if msgs}
 
 
 class _ForgetProgress(ConsumerRebalanceListener):
