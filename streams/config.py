@@ -16,21 +16,19 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from schemas import describe_validation_error
-from streams.replay.adapter import AdapterConfig
+from streams.candidate_config import CandidateConfig, Section
 
 
 class ConfigError(ValueError):
     """The configuration file is missing, unreadable or invalid; the message names the field."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
-class KafkaConfig(_Section):
+class KafkaConfig(Section):
     bootstrap: str = "127.0.0.1:19092"
     topic: str = "shadowlens.mirror"
     dead_letter_topic: str = "shadowlens.mirror.dlq"
@@ -74,7 +72,7 @@ class KafkaConfig(_Section):
         return f"{self.judge_group}-pair-state"
 
 
-class ClickHouseConfig(_Section):
+class ClickHouseConfig(Section):
     dsn: str = Field(default="chdb:///./shadowlens-data/chdb", description="chdb:///path or http://host:8123")
     database: str = "shadowlens"
     retention_days: int = Field(default=30, ge=1, description="request_diffs rows older than this are dropped (TTL)")
@@ -91,7 +89,7 @@ class ClickHouseConfig(_Section):
         return value
 
 
-class WindowConfig(_Section):
+class WindowConfig(Section):
     size_s: float = Field(default=60.0, gt=0, description="tumbling window length, event time")
     grace_s: float = Field(default=5.0, ge=0, description="how late an event may be before its window closes")
     idle_close_s: float = Field(default=10.0, gt=0, description="close open windows after this long without events")
@@ -106,7 +104,7 @@ class WindowConfig(_Section):
     )
 
 
-class ReplayConfig(_Section):
+class ReplayConfig(Section):
     # 1,024: each micro-batch is one Kafka transaction (its diffs, dead letters and offsets) and one
     # judge record per candidate; with 256 the transactions' round trips and per-batch costs held
     # one replay + one judge process near 7,000-8,700 requests/s end to end, with 1,024 at
@@ -138,7 +136,7 @@ class ReplayConfig(_Section):
     )  # fmt: skip
 
 
-class ApiConfig(_Section):
+class ApiConfig(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -201,7 +199,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class MetricsConfig(_Section):
+class MetricsConfig(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=9464, ge=0, le=65535,
@@ -211,127 +209,7 @@ class MetricsConfig(_Section):
                                      description="warn when nothing arrived on the mirror topic for this long")
 
 
-class CandidateConfig(_Section):
-    name: str = Field(min_length=1, description="candidate id, e.g. 'digits-v2'")
-    model: str = Field(min_length=1, description="the logical model (MirroredRequest.model) it shadows")
-    path: Path = Field(description="model file: ONNX (.onnx), TorchScript (.pt, .pth, .ts) or torch.export (.pt2)")
-    runtime: Literal["onnx", "torch"] | None = Field(
-        default=None,
-        description="runs the model: 'onnx' (onnxruntime) or 'torch' (TorchScript / torch.export, the torch "
-        "extra); empty: from the file's suffix (.pt, .pth, .pt2, .ts, .torchscript: torch; else onnx)",
-    )
-    output: str = Field(default="probabilities", description="candidate output compared with the baseline's")
-    baseline_output: str = Field(default="probabilities", description="name in MirroredRequest.baseline_output")
-    from_logits: bool = False
-    kind: str = Field(
-        default="classification",
-        description="what the model answers (scorers.kinds): classification, regression, multilabel, ranking or "
-        "embedding; it decides how the candidate's answer is compared with the baseline's",
-    )
-    kind_params: dict[str, Any] = Field(
-        default_factory=dict,
-        description="the kind's parameters, e.g. { abs_tolerance = 0.5 } for regression (README, Output kinds); "
-        "from_logits may be given here or above, not both differently",
-    )
-    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
-    cast: Literal["no", "safe", "same_kind"] = Field(
-        default="same_kind",
-        description="inputs whose dtype the model does not take, after the adapter: numpy's casting rule for "
-        "casting them to the model's dtype ('no': never; 'safe': value-preserving only; 'same_kind': also "
-        "float64 -> float32, int64 -> int32, int -> float). Other dtypes are input_dtype dead letters "
-        "(streams/replay/blame.py)",
-    )
-    policy: dict[str, Any] = Field(default_factory=dict, description="scorers.judge.JudgePolicy fields")
-    noise_reference: bool = Field(
-        default=False, description="this 'candidate' is the baseline model replayed: its diffs measure the noise floor"
-    )
-    _kind: Any = PrivateAttr(default=None)  # scorers.kinds.OutputKind, built by _kind_params_fit
-
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, value: Path) -> Path:
-        if not value.is_file():
-            raise ValueError(f"{value}: no such model file; build it or fix the path")
-        return value
-
-    @model_validator(mode="after")
-    def _runtime_from_suffix(self) -> CandidateConfig:
-        if self.runtime is None:
-            self.runtime = infer_runtime(self.path)
-        return self
-
-    @field_validator("kind")
-    @classmethod
-    def _known_kind(cls, value: str) -> str:
-        from scorers.kinds import KIND_NAMES
-
-        if value not in KIND_NAMES:
-            raise ValueError(f"{value!r} is not an output kind; use one of {', '.join(KIND_NAMES)}")
-        return value
-
-    @model_validator(mode="after")
-    def _kind_params_fit(self) -> CandidateConfig:
-        """``from_logits`` has two spellings, the field or ``kind_params.from_logits``: when both say it
-        they must agree (neither wins silently); a kind without logits refuses it. Builds the kind once."""
-        from scorers.kinds import make_kind
-
-        where = "kind_params.from_logits"
-        if "from_logits" in self.kind_params:
-            given = self.kind_params["from_logits"]
-            if not isinstance(given, bool):
-                raise ValueError(f"{where}: {given!r} is not true or false")
-            if "from_logits" in self.model_fields_set and given != self.from_logits:
-                raise ValueError(f"from_logits = {str(self.from_logits).lower()} but {where} = {str(given).lower()}; "
-                                 "set it in one place")
-            self.from_logits = given
-        if self.from_logits and self.kind not in FROM_LOGITS_KINDS:
-            raise ValueError(f"from_logits: kind {self.kind!r} has no logits (only {', '.join(FROM_LOGITS_KINDS)} "
-                             "do); remove from_logits")
-        try:
-            self._kind = make_kind(self.kind, self.kind_arguments())
-        except ValueError as exc:
-            raise ValueError(f"kind_params ({self.kind}): {exc}") from exc
-        return self
-
-    def kind_arguments(self) -> dict[str, Any]:
-        """``kind_params``, and ``from_logits`` for the kinds that read it."""
-        params = dict(self.kind_params)
-        if self.kind in FROM_LOGITS_KINDS:
-            params["from_logits"] = self.from_logits
-        return params
-
-    def output_kind(self):
-        """The candidate's output kind (``scorers.kinds.OutputKind``), built once at validation."""
-        return self._kind
-
-    @field_validator("policy")
-    @classmethod
-    def _policy_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from scorers.judge import JudgePolicy
-
-        try:
-            JudgePolicy.from_dict(value)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{exc}; see scorers.judge.JudgePolicy for the fields") from exc
-        return value
-
-    def judge_policy(self):
-        from scorers.judge import JudgePolicy
-
-        return JudgePolicy.from_dict(self.policy)
-
-
-# Kinds whose answers may be logits (``from_logits``): softmax per row, or a sigmoid per label.
-FROM_LOGITS_KINDS = ("classification", "multilabel")
-TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".ts", ".torchscript")
-
-
-def infer_runtime(path: str | Path) -> Literal["onnx", "torch"]:
-    """A candidate's runtime from its file's suffix: torch for TorchScript and torch.export files, else onnx."""
-    return "torch" if Path(path).suffix.lower() in TORCH_SUFFIXES else "onnx"
-
-
-class Settings(_Section):
+class Settings(Section):
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     clickhouse: ClickHouseConfig = Field(default_factory=ClickHouseConfig)
     windows: WindowConfig = Field(default_factory=WindowConfig)

@@ -276,7 +276,7 @@ async def add(settings: Settings, model: str, candidate: str, fields: dict[str, 
         fields["path"] = str(path.resolve())
         fields.setdefault("sha256", sha256_file(path))
         if "runtime" not in fields:
-            from streams.config import infer_runtime
+            from streams.candidate_config import infer_runtime
 
             fields["runtime"] = infer_runtime(path)
     if "sha256" in fields:
