@@ -29,7 +29,6 @@ classification) loads with none.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,12 +37,12 @@ import numpy as np
 from scorers import divergence as dv
 from scorers.clusters import MAX_SLICE_ATTRIBUTES, MAX_SLICE_VALUES, OTHER, Closed, ClusterStats, capped_slot, singletons
 from scorers.diffs import ClassificationDiffs
+from scorers.examples import TOP_EXAMPLES, example_score, merge_examples, select_examples  # noqa: F401 - TOP_EXAMPLES re-exported
 from scorers.histograms import ConfidenceHistogram, LabelPairTable
 from scorers.metric_sums import MetricSums
 from scorers.sketch import LatencySketch
 from scorers.state_migration import clusters_from_first_seen
 
-TOP_EXAMPLES = 10
 MAX_ERROR_REASONS = 32
 MAX_CLASSES = 1024
 _SUMS = ("abs_confidence_delta", "confidence_delta", "sq_confidence_delta", "l1", "linf", "hellinger",
@@ -73,12 +72,6 @@ class SliceStats:
     @classmethod
     def from_list(cls, v: list) -> SliceStats:
         return cls(*v[:5])  # v3 state had two more: its first-seen counts (see from_dict)
-
-
-def _example_score(d: ClassificationDiffs) -> np.ndarray:
-    # Errors first, then label flips, then by L1 distance: what an analyst wants to pull first.
-    score = np.where(d.label_flip, 2.0, 0.0) + np.nan_to_num(d.l1, nan=0.0)
-    return np.where(d.ok, score, 5.0)
 
 
 class PairAccumulator:
@@ -162,7 +155,8 @@ class PairAccumulator:
             self._update_labels(diffs, np.asarray(labels, dtype=np.float64).reshape(-1))
         if attributes is not None:
             self._update_slices(diffs, attributes)
-        self._update_examples(_example_score(diffs), request_ids, diffs.error)
+        batch_examples = select_examples(example_score(diffs), request_ids, diffs.error)
+        self.top_examples = merge_examples(self.top_examples, batch_examples)
         if not clustered:
             self.clusters.add(singletons(ok, diffs.label_flip, diffs.confidence_delta, attributes))
         if metrics:
@@ -239,30 +233,6 @@ class PairAccumulator:
     def _slice(self, key: str, value: str) -> SliceStats:
         return capped_slot(self.slices, key, value, SliceStats)
 
-    def _update_examples(self, scores: np.ndarray, request_ids: Sequence[str], errors: np.ndarray) -> None:
-        # Pre-select with the same total order the merge uses, (score desc, id asc), so merging never
-        # keeps a different set than one update on the concatenation would. Rows with no diff at all
-        # (score 0) are never examples: there is nothing to look at.
-        live = np.flatnonzero(scores > 0)
-        if live.size == 0:
-            return
-        if live.size > TOP_EXAMPLES:
-            thr = np.partition(scores[live], live.size - TOP_EXAMPLES)[live.size - TOP_EXAMPLES]
-            above = live[scores[live] > thr]
-            tied = live[scores[live] == thr]
-            keep = TOP_EXAMPLES - above.size
-            tied = heapq.nsmallest(keep, tied.tolist(), key=lambda i: str(request_ids[i]))
-            live = np.concatenate([above, np.asarray(tied, dtype=np.int64)])
-        self._merge_examples([(float(scores[i]), str(request_ids[i]), str(errors[i])) for i in live])
-
-    def _merge_examples(self, more: list[tuple[float, str, str]]) -> None:
-        # Deterministic order (score desc, id asc) so merge order never changes the kept set.
-        merged = {rid: (s, rid, e) for s, rid, e in self.top_examples}
-        for s, rid, e in more:
-            if rid not in merged or merged[rid][0] < s:
-                merged[rid] = (s, rid, e)
-        self.top_examples = sorted(merged.values(), key=lambda t: (-t[0], t[1]))[:TOP_EXAMPLES]
-
     # -- merging --------------------------------------------------------------------------
     def merge(self, other: PairAccumulator) -> None:
         self.requests += other.requests
@@ -286,7 +256,7 @@ class PairAccumulator:
         for key, table in other.slices.items():
             for value, st in table.items():
                 self._slice(key, value).add(st)
-        self._merge_examples(other.top_examples)
+        self.top_examples = merge_examples(self.top_examples, other.top_examples)
         self.baseline_confidence.merge(other.baseline_confidence)
         self.candidate_confidence.merge(other.candidate_confidence)
         self.label_pairs.merge(other.label_pairs)
