@@ -405,3 +405,15 @@ def free_port_pair() -> int:
             except OSError:
                 continue
     raise RuntimeError("no free port pair")
+
+
+def stored_rows(data_dir: Path, *sql: str) -> list[list[tuple]]:
+    """Each query's rows from a worker's embedded ClickHouse (chDB at ``data_dir``), read once the
+    worker has let go of the path (chDB allows one process per data path)."""
+    from streams.sink import ClickHouseSink
+
+    sink = ClickHouseSink(f"chdb:///{data_dir}", create=False)
+    try:
+        return [sink.query(q) for q in sql]
+    finally:
+        sink.close()

@@ -18,9 +18,8 @@ import httpx
 import pytest
 
 from streams.demo import TrafficGenerator
-from harness import WorkerProcess, free_port, produce, window_aligned_start, write_worker_config
+from harness import WorkerProcess, free_port, produce, stored_rows, window_aligned_start, write_worker_config
 from streams.models import build_digits_models
-from streams.sink import ClickHouseSink
 
 pytestmark = pytest.mark.kafka
 
@@ -89,17 +88,17 @@ def test_rollback_shows_in_the_registry_and_its_history_is_in_clickhouse(kafka_b
     finally:
         worker.stop()
 
-    sink = ClickHouseSink(f"chdb:///{tmp_path / 'chdb'}", create=False)
-    try:
-        rows = sink.query("SELECT source, state, version, by, reason, stop_offsets FROM shadowlens.candidate_events "
-                          "FINAL WHERE candidate = 'digits-v3' AND source = 'record' ORDER BY at")
-        verdicts = sink.query("SELECT pair, state FROM shadowlens.candidate_events FINAL "
-                              "WHERE candidate = 'digits-v2-broken' AND source = 'verdict'")
+    rows, verdicts, twice = stored_rows(
+        tmp_path / "chdb",
+        "SELECT source, state, version, by, reason, stop_offsets FROM shadowlens.candidate_events "
+        "FINAL WHERE candidate = 'digits-v3' AND source = 'record' ORDER BY at",
+        "SELECT pair, state FROM shadowlens.candidate_events FINAL "
+        "WHERE candidate = 'digits-v2-broken' AND source = 'verdict'",
         # Each record once, however often the judge looked at the topic (replays of it add nothing).
-        twice = sink.query("SELECT count() FROM (SELECT model, candidate, version, at, source, state, count() AS n "
-                           "FROM shadowlens.candidate_events GROUP BY ALL HAVING n > 1)")[0][0]
-    finally:
-        sink.close()
+        "SELECT count() FROM (SELECT model, candidate, version, at, source, state, count() AS n "
+        "FROM shadowlens.candidate_events GROUP BY ALL HAVING n > 1)",
+    )
+    twice = twice[0][0]
     assert [(r[0], r[1], r[2]) for r in rows] == [("record", "registered", 1), ("record", "retired", 1)]
     assert rows[1][4] == "not needed" and rows[0][5] == "null" and json.loads(rows[1][5])  # stopped at offsets
     assert ("digits-v2-broken", "rolled_back") in verdicts

@@ -17,10 +17,9 @@ import pytest
 
 from scorers.judge import JudgePolicy
 from streams.demo import DEMO_POLICY, TrafficGenerator
-from harness import WorkerProcess, free_port, produce, window_aligned_start, write_worker_config
+from harness import WorkerProcess, free_port, produce, stored_rows, window_aligned_start, write_worker_config
 from streams.judge.history import VerdictChange, policy_hash
 from streams.models import build_digits_models
-from streams.sink import ClickHouseSink
 
 pytestmark = pytest.mark.kafka
 
@@ -85,13 +84,13 @@ def test_history_lists_each_verdict_change_from_the_api_and_the_view(kafka_boots
         worker.stop()
 
     # The view in ClickHouse holds the same changes (chDB: read once the worker let go of the path).
-    sink = ClickHouseSink(f"chdb:///{tmp_path / 'chdb'}", create=False)
-    try:
-        rows = sink.query("SELECT from_verdict, to_verdict, samples, decided_by, policy_hash, changed_at "
-                          "FROM shadowlens.verdict_changes WHERE candidate = 'digits-v2-broken' ORDER BY changed_at")
-        total = sink.query("SELECT count() FROM shadowlens.verdicts WHERE candidate = 'digits-v2-broken'")[0][0]
-    finally:
-        sink.close()
+    rows, total = stored_rows(
+        tmp_path / "chdb",
+        "SELECT from_verdict, to_verdict, samples, decided_by, policy_hash, changed_at "
+        "FROM shadowlens.verdict_changes WHERE candidate = 'digits-v2-broken' ORDER BY changed_at",
+        "SELECT count() FROM shadowlens.verdicts WHERE candidate = 'digits-v2-broken'",
+    )
+    total = total[0][0]
     assert [(r[0], r[1], r[2], r[3], r[4]) for r in rows[:2]] == [
         (None, "hold", hold.samples, "min_span", expected_hash),
         ("hold", "rollback", rollback.samples, rollback.decided_by, expected_hash),
@@ -104,10 +103,7 @@ def test_history_lists_each_verdict_change_from_the_api_and_the_view(kafka_boots
     dashboard = json.loads((Path(__file__).resolve().parents[1] / "deploy/grafana/shadowlens.json").read_text())
     sql = next(t["rawSql"] for p in dashboard["panels"] for t in p.get("targets", []) if "verdict_changes" in
                t.get("rawSql", ""))  # fmt: skip
-    sink = ClickHouseSink(f"chdb:///{tmp_path / 'chdb'}", create=False)
-    try:
-        panel = sink.query(sql.replace("$__timeFilter(changed_at)", "changed_at > now() - INTERVAL 6 HOUR"))
-    finally:
-        sink.close()
+    (panel,) = stored_rows(tmp_path / "chdb",
+                           sql.replace("$__timeFilter(changed_at)", "changed_at > now() - INTERVAL 6 HOUR"))
     assert [(r[3], r[4]) for r in panel if r[2] == "digits-v2-broken"] == [("rollback", "hold"), ("hold", "rollback"),
                                                                             (None, "hold")]  # fmt: skip
