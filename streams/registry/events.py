@@ -79,8 +79,13 @@ class CandidateEvents:
         self.seen: set[tuple] | None = None  # identities in the table; read once, then kept up to date
 
     def update(self) -> None:
-        rows = [record_row(r) for r in list(self.follower.specs.values()) if not r.pending]  # pending: half-written
-        rows += [status_row(s) for s in list(self.follower.statuses.values())]
+        # Every record read since the last look (the journal), and the latest of each key (what was read
+        # before this judge first looked); the identities below keep each row once.
+        journal = self.follower.journal
+        read = [journal.popleft() for _ in range(len(journal))]
+        read += list(self.follower.specs.values()) + list(self.follower.statuses.values())
+        rows = [record_row(r) if isinstance(r, CandidateRecord) else status_row(r)
+                for r in read if not (isinstance(r, CandidateRecord) and r.pending)]  # pending: half-written
         if self.seen is None:
             self.seen = {(m, c, v, _ms(at), src, st) for m, c, v, at, src, st in self.sink.query(
                 f"SELECT model, candidate, version, at, source, state FROM {self.sink.database}.candidate_events")}

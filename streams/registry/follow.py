@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -23,12 +24,18 @@ from streams.registry.store import apply, config_from_record, decode
 log = logging.getLogger("shadowlens.registry")
 COMPONENT = "candidate registry"
 
+JOURNAL_MAX = 10_000  # registry records kept for the history table between two judge looks
+
 
 class RegistryFollower:
     def __init__(self, settings: Settings, health: Health):
         self.settings, self.health = settings, health
         self.specs: dict[str, CandidateRecord] = {}
         self.statuses: dict = {}
+        # Every record read, in order (the latest per key is in specs / statuses): what the registry's
+        # history in ClickHouse is written from, so a record superseded before the judge looked (an
+        # add and a retire in quick succession) is not lost from it. Bounded: replay processes never read it.
+        self.journal: deque = deque(maxlen=JOURNAL_MAX)
         self.position = 0
         self._moved = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -63,7 +70,10 @@ class RegistryFollower:
             try:
                 fetched = await self.consumer.getmany(self.tp, timeout_ms=200)
                 for m in fetched.get(self.tp, []):
-                    apply(self.specs, self.statuses, decode(m.key, m.value))
+                    item = decode(m.key, m.value)
+                    apply(self.specs, self.statuses, item)
+                    if item is not None and item[1] is not None:
+                        self.journal.append(item[1])
                 self.position = await self.consumer.position(self.tp)
             except asyncio.CancelledError:
                 raise
