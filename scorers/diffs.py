@@ -48,6 +48,9 @@ class ClassificationDiffs:
     topk_overlap: np.ndarray  # share of the baseline's top-k classes also in the candidate's top-k
     error: np.ndarray  # (n,) object array of str
     top_k: int = 3
+    # True when every row was found usable by the whole-batch checks (``_usable``): no row is an
+    # error. False says nothing (a concatenation or a subset, or some row may be an error).
+    all_ok: bool = False
 
     @property
     def ok(self) -> np.ndarray:
@@ -148,6 +151,23 @@ def _reasons(x: np.ndarray, who: str, masks: dict[str, np.ndarray], out: np.ndar
         free[rows] = False
 
 
+def _usable(x: np.ndarray, from_logits: bool) -> bool:
+    """Whether every row passes ``_row_masks``, from a few whole-batch reductions (the usual batch:
+    a replayed micro-batch has no bad row). A row's sum is finite only when each of its values is
+    (NaN and Inf propagate; finite values that overflow the sum only send the batch to the
+    row-by-row checks), and then a row is a distribution iff its smallest value and its sum are
+    within the tolerances."""
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return False
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow or Inf - Inf is an answer here
+        sums = x.sum(axis=1)
+    if not np.isfinite(sums).all():
+        return False
+    if from_logits:
+        return True
+    return bool(x.min() >= -PROB_NEGATIVE_TOLERANCE and np.abs(sums - 1.0).max() <= PROB_SUM_TOLERANCE)
+
+
 def _row_problems(x: np.ndarray, who: str, from_logits: bool) -> np.ndarray:
     """Reason per row ("" when usable)."""
     out = np.full(x.shape[0], "", dtype=object)
@@ -160,6 +180,10 @@ def _score_dense(b: np.ndarray, c: np.ndarray, from_logits: bool, top_k: int) ->
     boolean-index copies, which dominate at 1M rows) and then blanked on error rows."""
     m, k = b.shape
     out = ClassificationDiffs.empty(m, top_k)
+    if _usable(b, from_logits) and _usable(c, from_logits):  # no row is an error: no masks to build or apply
+        _fill_metrics(out, b, c, from_logits, top_k)
+        out.all_ok = True
+        return out
     mb, mc = _row_masks(b, from_logits), _row_masks(c, from_logits)
     bad_b = np.logical_or.reduce(list(mb.values())) if mb else np.zeros(m, bool)
     bad_c = np.logical_or.reduce(list(mc.values())) if mc else np.zeros(m, bool)
@@ -172,6 +196,19 @@ def _score_dense(b: np.ndarray, c: np.ndarray, from_logits: bool, top_k: int) ->
             rows = ~bad_b & np.isfinite(b).all(axis=1)
             out.baseline_label[rows] = b[rows].argmax(axis=1)
         return out
+    _fill_metrics(out, b, c, from_logits, top_k)
+    if bad.any():
+        for f in ("confidence_delta", "l1", "linf", "hellinger", "topk_overlap"):
+            getattr(out, f)[bad] = np.nan
+        out.candidate_label[bad] = -1
+        out.label_flip[bad] = False
+        out.baseline_label[bad_b] = -1
+    return out
+
+
+def _fill_metrics(out: ClassificationDiffs, b: np.ndarray, c: np.ndarray, from_logits: bool, top_k: int) -> None:
+    """Every row's labels and metrics (error rows are blanked by the caller)."""
+    m, k = b.shape
     with np.errstate(all="ignore"):
         if from_logits:
             bo, co = _softmax(b), _softmax(c)
@@ -200,13 +237,6 @@ def _score_dense(b: np.ndarray, c: np.ndarray, from_logits: bool, top_k: int) ->
                 out.topk_overlap = np.bitwise_count(sb & sc) / kk
             else:
                 out.topk_overlap = (tb[:, :, None] == tc[:, None, :]).any(axis=2).sum(axis=1) / kk
-    if bad.any():
-        for f in ("confidence_delta", "l1", "linf", "hellinger", "topk_overlap"):
-            getattr(out, f)[bad] = np.nan
-        out.candidate_label[bad] = -1
-        out.label_flip[bad] = False
-        out.baseline_label[bad_b] = -1
-    return out
 
 
 def classification_diffs(baseline_probs, candidate_probs, *, from_logits: bool = False,

@@ -109,6 +109,44 @@ def test_properties(b, data):
     np.testing.assert_allclose(np.concatenate([p.l1 for p in parts]), d.l1)
 
 
+
+@settings(max_examples=60, deadline=None)
+@given(probs, st.data(), st.booleans(), st.integers(1, 4))
+def test_whole_batch_checks_agree_with_row_checks(b, data, from_logits, top_k):
+    """A batch whose rows are all usable is scored without per-row masks (``all_ok``); with one bad
+    row added it takes the row-by-row path. The usable rows come out identical either way, through
+    the classification kind too (its summaries and labels)."""
+    from scorers.kinds.classification import ClassificationKind
+
+    c = data.draw(hnp.arrays(np.float64, b.shape, elements=st.floats(0.01, 1.0)))
+    c = c / c.sum(1, keepdims=True)
+    if from_logits:
+        b, c = np.log(b), np.log(c)
+    fast = classification_diffs(b, c, from_logits=from_logits, top_k=top_k)
+    assert fast.all_ok and fast.ok.all()
+    bad = np.vstack([c, np.full((1, c.shape[1]), np.nan)])
+    slow = classification_diffs(np.vstack([b, b[:1]]), bad, from_logits=from_logits, top_k=top_k)
+    assert not slow.all_ok and slow.error.tolist() == [""] * len(b) + ["candidate output has NaN"]
+    for name in ("baseline_label", "candidate_label", "label_flip", "confidence_delta", "l1", "linf", "hellinger",
+                 "topk_overlap", "error"):
+        np.testing.assert_array_equal(getattr(slow, name)[: len(b)], getattr(fast, name), err_msg=name)
+    kind = ClassificationKind(from_logits=from_logits, top_k=top_k)
+    kf, ks = kind.diffs(b, c), kind.diffs(np.vstack([b, b[:1]]), bad)
+    for name in ("disagree", "severity", "baseline_summary", "candidate_summary", "baseline_label", "candidate_label"):
+        np.testing.assert_array_equal(getattr(ks, name)[: len(b)], getattr(kf, name), err_msg=name)
+    assert np.isnan(ks.candidate_summary[-1]) and ks.baseline_label[-1] == kf.baseline_label[0]
+
+
+def test_whole_batch_checks_send_any_bad_row_to_row_checks():
+    """Each kind of bad row, alone in a batch of good ones, is found (never ``all_ok``)."""
+    good = np.tile([0.5, 0.3, 0.2], (4, 1))
+    for row, reason in (([np.nan, 0.5, 0.5], "NaN"), ([np.inf, -np.inf, 1.0], "Inf"), ([1e308, 1e308, -1e308], "sum"),
+                        ([0.6, 0.6, -0.2], "negative"), ([0.5, 0.3, 0.1], "sum to 0.9")):  # fmt: skip
+        c = good.copy()
+        c[2] = row
+        d = classification_diffs(good, c)
+        assert not d.all_ok and d.error[2] != "" and (d.error[[0, 1, 3]] == "").all(), (row, reason, d.error)
+
 def test_regression_diffs():
     b = np.array([[1.0, 0.0], [2.0, -4.0], [1.0, 1.0]])
     c = np.array([[1.5, 0.0], [2.0, -2.0], [np.nan, 1.0]])

@@ -79,13 +79,14 @@ class ClassificationKind:
         if len(b) != len(c):
             raise ValueError(f"baseline has {len(b)} rows, candidate {len(c)}: pair rows first")
         d = classification_diffs(b, c, from_logits=self.from_logits, top_k=self.top_k)
-        bad_b = np.zeros(len(b), bool)
-        bad_b[list(self.baseline_problems(b))] = True
         b_summary, b_label = self._top(b)
-        # The baseline's own top class, also on candidate-error rows (scorers.diffs clears it on some).
-        b_summary[bad_b], b_label[bad_b] = np.nan, -1
         c_summary = self._top(c)[0]
-        c_summary[~d.ok] = np.nan
+        if not d.all_ok:  # some row may be an error (d.all_ok: the batch checks found none)
+            bad_b = np.zeros(len(b), bool)
+            bad_b[list(self.baseline_problems(b))] = True
+            # The baseline's own top class, also on candidate-error rows (scorers.diffs clears it on some).
+            b_summary[bad_b], b_label[bad_b] = np.nan, -1
+            c_summary[~d.ok] = np.nan
         return KindDiffs(
             disagree=d.label_flip, severity=np.minimum(np.abs(d.confidence_delta), 1.0),
             baseline_summary=b_summary, candidate_summary=c_summary, baseline_label=b_label,
