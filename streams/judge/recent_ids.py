@@ -28,7 +28,11 @@ go back to the lookup (late data is rare), never to a wrong answer.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from hashlib import md5
+try:  # CPython's own MD5: for ids of tens of bytes about twice as fast as OpenSSL's (per-call overhead)
+    from _md5 import md5
+except ImportError:  # an interpreter built without it
+    from hashlib import md5
+from operator import methodcaller
 
 import numpy as np
 
@@ -41,8 +45,13 @@ def id_hashes(request_ids: Sequence[str]) -> np.ndarray:
     """64-bit hashes of request ids: the first 8 bytes of their MD5, read little-endian, which is
     what ClickHouse computes as ``reinterpretAsUInt64(MD5(request_id))``, so the ids already
     stored load as hashes (numbers, no strings) when a judge takes a pair over."""
-    digests = b"".join(md5(rid.encode("utf-8", "surrogatepass")).digest()[:8] for rid in request_ids)
-    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+    # Whole digests joined, then every other 8 bytes (the first half of each): maps of C callables,
+    # no Python frame per id (the replay stage hashes every request).
+    digests = b"".join(map(_DIGEST, map(md5, map(_UTF8, request_ids))))
+    return np.frombuffer(digests, dtype="<u8")[::2].astype(np.uint64)
+
+
+_UTF8, _DIGEST = methodcaller("encode", "utf-8", "surrogatepass"), methodcaller("digest")
 
 
 class RecentIds:

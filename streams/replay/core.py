@@ -32,6 +32,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
 
 import numpy as np
 
@@ -52,6 +53,7 @@ from streams.replay.runner_torch import TorchModelError
 from streams.replay.stacking import baseline_rows, groups_by_signature, stack
 
 log = logging.getLogger("shadowlens.replay")
+_EVENT, _INPUTS = itemgetter(0), attrgetter("inputs")
 # UNSCORABLE (streams/replay/blame.py, which states the blame rules): dead letters that are the payload's
 # or the config's fault, counted per pair so the verdict can say why it cannot decide, never as
 # candidate errors.
@@ -352,8 +354,9 @@ def _count_unscorable(batch: DiffBatch, letters: list[DeadLetter], sent: dict[tu
 def _stack_finite(group):
     """Stack a group's inputs along axis 0 (one row per request); requests with NaN/infinite
     float inputs become dead letters and leave the group. Returns (stacked, kept, letters)."""
-    events = [ev for ev, _ in group]
-    stacked = {name: stack([ev.inputs[name] for ev in events]) for name in events[0].inputs}
+    events = list(map(_EVENT, group))
+    # in C (maps of itemgetters): no Python per request
+    stacked = {name: stack(list(map(itemgetter(name), map(_INPUTS, events)))) for name in events[0].inputs}
     letters, bad = [], np.zeros(len(events), dtype=bool)
     for name, array in stacked.items():
         if array.shape[0] != len(events):  # a request carrying several rows: its own group, refused
