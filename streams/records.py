@@ -146,11 +146,15 @@ class DiffBatch:
             sum(p.routed for p in parts), kind=first.kind, metrics=_concat_metrics(parts),
         )  # fmt: skip
 
-    def encode(self) -> bytes:
+    def encode(self, shared: dict | None = None) -> bytes:
+        """The batch's bytes. ``shared``: a dict kept over the encoding of one micro-batch's batches,
+        whose candidates share their request lists (streams/replay/core.py): each list is then
+        written as JSON once and reused (``msgspec.Raw``: the same bytes)."""
         header = {
             "model": self.model, "candidate": self.candidate, "scored_ms": self.scored_ms, "n": len(self),
-            "top_k": self.top_k, "request_id": self.request_id, "baseline_version": self.baseline_version,
-            "error": self.error, "attributes": self.attributes, "routed": self.routed,
+            "top_k": self.top_k, "request_id": _json_once(self.request_id, shared),
+            "baseline_version": _json_once(self.baseline_version, shared),
+            "error": self.error, "attributes": _json_once(self.attributes, shared), "routed": self.routed,
             "covers": {str(p): o for p, o in self.covers.items()}, "unscorable": self.unscorable,
             "unscorable_ms": self.unscorable_ms, "cast": self.cast,
             "columns": [[name, dt] for name, dt in NUMERIC.items()],
@@ -204,6 +208,17 @@ class DiffBatch:
             {str(k): int(v) for k, v in header.get("cast", {}).items()},
             str(header.get("kind", "classification")), metrics,
         )  # fmt: skip
+
+
+def _json_once(values: list, shared: dict | None):
+    """``values`` as it is (no ``shared``), or its JSON, encoded once per list object. The cache
+    holds the list itself, so its id cannot be reused by another list while the cache lives."""
+    if shared is None:
+        return values
+    hit = shared.get(id(values))
+    if hit is None:
+        hit = shared[id(values)] = (values, msgspec.Raw(msgspec.json.encode(values)))
+    return hit[1]
 
 
 def _concat_metrics(parts: list[DiffBatch]) -> dict[str, np.ndarray]:

@@ -186,6 +186,21 @@ def _batch(n: int = 3) -> DiffBatch:
                      [{"country": "de"}] * n, routed=n, covers={0: n - 1})  # fmt: skip
 
 
+
+def test_diff_batches_sharing_request_lists_encode_to_the_same_bytes():
+    """The replay stage encodes a micro-batch's batches with one ``shared`` cache: the candidates'
+    batches share their request lists, written once; the bytes are those of a plain encode."""
+    first = _batch()
+    second = DiffBatch("digits", "v3", 124, dict(first.columns), first.request_id, first.baseline_version,
+                       ["boom", "", ""], first.attributes, routed=3, covers={0: 2})  # fmt: skip
+    other = _batch()  # equal lists, other objects
+    other.request_id[0] = "changed"
+    shared: dict = {}
+    raws = [b.encode(shared) for b in (first, second, other)]
+    assert raws == [first.encode(), second.encode(), other.encode()]
+    assert len(shared) == 6  # first's three lists (second reuses them), other's three
+    assert DiffBatch.decode(raws[2]).request_id == ["changed", "r1", "r2"]
+
 def test_diff_batch_round_trips_the_keys():
     batch = _batch()
     back = DiffBatch.decode(batch.encode())

@@ -144,7 +144,8 @@ class ReplayStage:
         """One replayed micro-batch's transaction: its diffs, dead letters and mirror offsets
         (``commit``: the offsets after the batch, ``_next_offsets``)."""
         k = self.settings.kafka
-        records = [dict(topic=k.diffs_topic, key=b.key, value=b.encode(), headers=[(TYPE_HEADER, TYPE_DIFFS)])
+        shared: dict = {}  # the candidates' batches share their request lists: each is written once
+        records = [dict(topic=k.diffs_topic, key=b.key, value=b.encode(shared), headers=[(TYPE_HEADER, TYPE_DIFFS)])
                    for b in out.batches]  # fmt: skip
         for letter in out.dead_letters:
             key = f"{letter.topic}/{letter.partition}/{letter.offset}".encode()
