@@ -2,8 +2,11 @@
 mirror topic (raw, and decoding every message as the replay stage does), and how fast one
 ``--role replay`` process drains the same topic in each timing mode, with this code and with an
 older commit's (``--old REV``, unpacked with ``git archive``, or ``--old DIR``, a source tree such as
-a copy of the working tree before a change), alternating within each run.
-Prints every run and the medians; none of this is a test.
+a copy of the working tree before a change). Each run measures the ceilings, then every replay case
+in an order that turns by one each run (no case always runs first), then the ceiling with decode
+once more; a replay case's ratio in that run is its rate over the mean of the run's two decode
+ceilings, so a machine that speeds up or slows down between runs moves both sides of a ratio.
+Prints every run, the medians of the rates and the median of the per-run ratios; none of this is a test.
 
     python bench/bench_replay_timing.py --requests 200000 --runs 3 --old HEAD
 
@@ -151,28 +154,41 @@ def main() -> None:
         produce(broker, topic, messages)
         print(f"{args.requests:,} requests on {topic} ({MIRROR_PARTITIONS} partitions); broker {broker}; "
               f"{os.cpu_count()} cores")  # fmt: skip
-        cases = [("consumer", "raw"), ("consumer", "decode")]
-        cases += [("new", t if b == 1024 else f"{t}@{b}") for b in args.batch_sizes for t in args.timings]
-        cases += [("old", t if b == 1024 else f"{t}@{b}") for b in args.old_batch_sizes for t in args.old_timings] if old_root else []
-        rates: dict[tuple[str, str], list[float]] = {c: [] for c in cases}
+        ceilings = [("consumer", "raw"), ("consumer", "decode")]
+        replays = [("new", t if b == 1024 else f"{t}@{b}") for b in args.batch_sizes for t in args.timings]
+        replays += [("old", t if b == 1024 else f"{t}@{b}") for b in args.old_batch_sizes for t in args.old_timings] if old_root else []
+        rates: dict[tuple[str, str], list[float]] = {c: [] for c in ceilings + replays}
+        ratios: dict[tuple[str, str], list[float]] = {c: [] for c in replays}
         for i in range(args.runs):
-            for case in cases:
+            turned = replays[i % len(replays):] + replays[: i % len(replays)]
+            run: dict[tuple[str, str], float] = {}
+            decode_ceilings = []
+            for case in [*ceilings, *turned, ("consumer", "decode")]:
                 who, what = case
                 if who == "consumer":
                     rate = ceiling(broker, topic, args.requests, what == "decode", 1024)
+                    if what == "decode":
+                        decode_ceilings.append(rate)
                 else:
                     root = ROOT if who == "new" else old_root
                     timing, _, size = what.partition("@")
                     rate = replay_rate(root, broker, models, topic, work, timing, f"{who}-{timing}-{size or 1024}-{i}",
                                        int(size or 1024))  # fmt: skip
+                    run[case] = rate
                 rates[case].append(rate)
                 print(f"  run {i + 1} {who:8} {what:12} {rate:>12,.0f} requests/s", flush=True)
+            for case, rate in run.items():
+                ratios[case].append(rate / statistics.mean(decode_ceilings))
         decode_ceiling = statistics.median(rates[("consumer", "decode")])
-        print(f"\nmedians of {args.runs} runs (runs in brackets); ratio to the consumer + decode ceiling")
-        for (who, what), series in rates.items():
+        print(f"\nmedians of {args.runs} runs (runs in brackets); x ceiling: the median of the per-run ratios to "
+              "that run's consumer + decode ceiling (for the ceilings: median over median)")  # fmt: skip
+        for case, series in rates.items():
+            who, what = case
             med = statistics.median(series)
             runs = " / ".join(f"{r:,.0f}" for r in series)
-            print(f"{who:8} {what:12} {med:>12,.0f} ({runs})  {med / decode_ceiling:.2f}x")
+            ratio = statistics.median(ratios[case]) if case in ratios else med / decode_ceiling
+            per_run = f"  per run {' / '.join(f'{r:.3f}' for r in ratios[case])}" if case in ratios else ""
+            print(f"{who:8} {what:12} {med:>12,.0f} ({runs})  {ratio:.2f}x{per_run}")
 
 
 if __name__ == "__main__":
