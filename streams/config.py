@@ -111,7 +111,7 @@ class ReplayConfig(Section):
     # 12,000-13,400 (bench/bench_stages.py, README). In bytes a batch is bounded by what the
     # consumer holds fetched (streams.kafka_io: 16 MiB a partition, 64 MiB a fetch), so big
     # tensors make smaller batches whatever this says; lower it if a candidate's memory is short.
-    batch_size: int = Field(default=1024, ge=1, description="micro-batch size (requests)")
+    batch_size: int = Field(default=2048, ge=1, description="micro-batch size (requests)")
     batch_within_s: float = Field(default=0.5, gt=0, description="flush a partial micro-batch after this long")
     timing: Literal["sampled", "per_request", "batched"] = Field(
         default="sampled",

@@ -37,7 +37,7 @@ from streams.replay.core import ReplayCore, ReplayOutput
 
 log = logging.getLogger("shadowlens.stages")
 KAFKA = "kafka (replay stage)"  # health component
-SWITCH_INTERVAL_S = 0.0005  # see run: how soon the event loop gets the GIL back from the core's thread
+SWITCH_INTERVAL_S = 0.0001  # see run: how soon the event loop gets the GIL back from the core's thread
 _MOVED = (CommitFailedError, IllegalStateError)  # the partition went to another process: it redoes the batch
 
 
@@ -72,7 +72,9 @@ class ReplayStage:
         # While the core's thread runs Python, the event loop gets the GIL back after each socket
         # call or wake-up only when the core yields it: after the switch interval, 5 ms by default.
         # A transaction is several round trips in a row, so each batch's hand-over waited ~5 ms a
-        # step; 0.5 ms makes that wait small (process-wide; a switch costs microseconds).
+        # step; 0.1 ms makes that wait small (process-wide; a switch is asked for only while the
+        # loop waits for the GIL, and costs microseconds). 0.1 ms against 0.5: faster in 6 of 6
+        # paired runs of bench/bench_replay_timing.py (README, "Replay timing").
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         loop = asyncio.get_running_loop()
         sending: asyncio.Task | None = None  # the previous batch's transaction
