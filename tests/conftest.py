@@ -13,6 +13,12 @@ Kafka (see docs/kafka.md):
   loop.
 
 Tests that use them should carry ``@pytest.mark.kafka``.
+
+Models:
+
+* ``models`` (module) -- the digits baseline and its candidates, built locally
+  (``streams.models.build_digits_models``) into a directory of the module's
+  own, so a test that rewrites a model file never reaches another module.
 """
 
 from __future__ import annotations
@@ -108,3 +114,10 @@ def new_topic(kafka_bootstrap):
         return name
 
     return make
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    from streams.models import build_digits_models
+
+    return build_digits_models(tmp_path_factory.mktemp("models"))

@@ -24,17 +24,11 @@ import pytest
 
 from schemas import Verdict
 from harness import WorkerProcess, free_port, write_worker_config
-from streams.models import build_digits_models
 from streams.sink import ClickHouseSink
 
 TOKEN = "auth-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CLI = [sys.executable, "-m", "streams.cli"]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    return build_digits_models(tmp_path_factory.mktemp("models"))
 
 
 def seed(chdb: Path, candidate: str, verdict: str) -> None:

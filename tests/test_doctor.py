@@ -28,15 +28,9 @@ from schemas import MirroredRequest
 from schemas.tensors import Tensor
 from streams.demo import TrafficGenerator
 from harness import WorkerProcess, free_port, free_port_pair, group_progress, produce, write_worker_config
-from streams.models import build_digits_models
 
 pytestmark = pytest.mark.kafka
 CLI = [sys.executable, "-m", "streams.cli"]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    return build_digits_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

@@ -30,18 +30,12 @@ from harness import (
     OwnBroker, Workers, consume_all, create_topic, free_port, produce, window_aligned_start, window_totals,
     write_worker_config,
 )  # fmt: skip
-from streams.models import build_digits_models
 from streams.sink import ClickHouseSink
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 VALID = 2000
 CANDIDATES = ("digits-v2", "digits-v2-degraded")
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    return build_digits_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import pytest
 from streams.config import load_settings
 from harness import free_port, free_port_pair, produce, write_worker_config
 from streams.kafka_io import ensure_topics
-from streams.models import build_digits_models
 from streams.registry.store import read_all, seed
 
 pytestmark = [pytest.mark.kafka]
@@ -31,11 +30,6 @@ def one_error(done: subprocess.CompletedProcess) -> str:
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return build_digits_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture()

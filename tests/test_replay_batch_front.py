@@ -6,7 +6,6 @@ Real messages (the demo's traffic and hand-made poison), real models, the real d
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,15 +15,9 @@ from schemas.decode import Rejection, decode_for_replay
 from schemas.fast_path import parse_plain_request
 from streams.config import load_settings
 from streams.demo import V1_TO_V2_ADAPTER, TrafficGenerator
-from streams.models import build_digits_models
 from streams.replay.core import Inbound, ReplayCore, _letter
 from streams.replay.routing import covers, route
 from streams.replay.stacking import groups_by_signature
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    return build_digits_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import pytest
 from streams.replay.blame import CandidateRefused
 from streams.config import CandidateConfig, load_settings
 from streams.demo import V1_TO_V2_ADAPTER, TrafficGenerator
-from streams.models import build_digits_models
 from streams.replay.core import Candidate, Inbound, ReplayCore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,11 +35,6 @@ def _cuda() -> bool:
 @pytest.fixture(scope="module")
 def torch():
     return pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    return build_digits_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,18 +14,12 @@ import pytest
 from streams.config import ConfigError, ReplayConfig, load_settings
 from streams.demo import V1_TO_V2_ADAPTER, TrafficGenerator
 from harness import window_aligned_start
-from streams.models import build_digits_models
 from streams.judge.recent_ids import id_hashes
 from streams.replay.core import Inbound, ReplayCore
 from streams.replay.runner import OnnxRunner, sampled_by_hash, timed_rows
 
 COLUMNS = ("baseline_label", "candidate_label", "label_flip", "confidence_delta", "l1", "linf", "hellinger",
            "topk_overlap", "candidate_confidence")  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    return build_digits_models(tmp_path_factory.mktemp("models"))
 
 
 def core(models, timing="sampled", window_s=1.0, **replay) -> ReplayCore:

@@ -25,18 +25,12 @@ import pytest
 from schemas import Verdict
 from streams.api.board import VerdictBoard
 from harness import WorkerProcess, free_port, write_worker_config
-from streams.models import build_digits_models
 from streams.judge.retire import retirement
 from streams.sink import ClickHouseSink
 
 TOKEN = "sticky-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CLI = [sys.executable, "-m", "streams.cli"]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    return build_digits_models(tmp_path_factory.mktemp("models"))
 
 
 def stored(candidate: str, verdict: str, age_s: float = 0.0, model: str = "digits") -> Verdict:

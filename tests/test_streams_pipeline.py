@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,18 +14,12 @@ from streams.replay.adapter import AdapterConfig, AdapterError, InputAdapter
 from streams.api.app import create_app
 from streams.config import ConfigError, load_settings
 from streams.demo import TrafficGenerator, demo_settings
-from streams.models import build_digits_models
 from harness import window_aligned_start
 from streams.judge.core import JudgeCore
 from streams.pipeline import Pipeline
 from streams.replay.core import Inbound
 from streams.replay.runner import OnnxRunner, choose_providers
 from streams.sink import ClickHouseSink
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    return build_digits_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
