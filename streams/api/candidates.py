@@ -1,5 +1,5 @@
 """The candidate registry over the verdicts API (``/v1/candidates``): the same commands as
-``shadowlens candidates`` (streams/registry/store.py), for tools that speak HTTP.
+``shadowlens candidates`` (streams/registry/commands.py), for tools that speak HTTP.
 
 Reads are data reads like /v1/verdicts (behind a token when the API has tokens); every write
 always needs a token, as retiring a verdict does (403 while the API has no tokens). The handlers
@@ -42,7 +42,8 @@ class RegistryRetire(BaseModel):
 
 def add_routes(v1: APIRouter, settings, token_required) -> None:
     from streams.config import ConfigError
-    from streams.registry.store import RegistryError, add, describe, read_all, reset, retire, run
+    from streams.registry.commands import add, reset, retire
+    from streams.registry.store import RegistryError, describe, read_all, run
 
     write = [Depends(token_required("changing the candidate registry"))]
     errors = {403: {"description": "this API has no [api] tokens: writes are off"},

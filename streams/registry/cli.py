@@ -1,7 +1,7 @@
 """``shadowlens candidates add|list|show|retire|reset``: the candidate registry from a shell.
 
 The commands talk to Kafka only (the registry topic and the mirror topic's end offsets), so they
-run anywhere the broker is reachable; streams/registry/store.py says what each one writes.
+run anywhere the broker is reachable; streams/registry/commands.py says what each one writes.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def add(
 ) -> None:
     """Register a candidate (scored from the mirror's end offsets now), or change one: options left out
     keep the registered values; a new artifact or I/O spec is a new version, a new policy a new policy version."""
-    from streams.registry.store import add as add_
+    from streams.registry.commands import add as add_
     from streams.judge.retire import who
 
     fields = dict(path=path, sha256=sha256, runtime=runtime, kind=kind, kind_params=_json("--kind-params", kind_params),
@@ -112,7 +112,7 @@ def show(model: str = MODEL, candidate: str = CANDIDATE, config: Path = CONFIG) 
 def retire(model: str = MODEL, candidate: str = CANDIDATE, config: Path = CONFIG,
            reason: str = typer.Option("retired by an operator", help="why")) -> None:  # fmt: skip
     """Stop replaying it from the mirror's end offsets now; its verdict becomes final, its data stays."""
-    from streams.registry.store import retire as retire_
+    from streams.registry.commands import retire as retire_
     from streams.judge.retire import who
 
     _, rec = _do(config, lambda s: retire_(s, model, candidate, reason, who()))
@@ -122,7 +122,7 @@ def retire(model: str = MODEL, candidate: str = CANDIDATE, config: Path = CONFIG
 @app.command("reset")
 def reset(model: str = MODEL, candidate: str = CANDIDATE, config: Path = CONFIG) -> None:
     """Back to registered from now on: refused (same version), retired (a new version), or pending offsets."""
-    from streams.registry.store import reset as reset_
+    from streams.registry.commands import reset as reset_
     from streams.judge.retire import who
 
     _, rec = _do(config, lambda s: reset_(s, model, candidate, who()))

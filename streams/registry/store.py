@@ -1,8 +1,9 @@
 """The candidate registry: a compacted Kafka topic is the source of truth for what is replayed.
 
-Records and keys: schemas/registry.py. This module reads and writes the topic and implements the
-operators' commands (``shadowlens candidates add|list|show|retire|reset``, the same over the API);
-streams/registry/follow.py follows it inside the worker and hot-reloads the replay processes.
+Records and keys: schemas/registry.py. This module reads and writes the topic;
+streams/registry/commands.py holds the operators' commands (``shadowlens candidates
+add|retire|reset``, the same over the API) and streams/registry/follow.py follows the topic inside
+the worker and hot-reloads the replay processes.
 
 Start and stop positions are recorded in two writes, so that every replay process decides the same
 way for every mirror message (no request lost, none scored twice):
@@ -27,7 +28,6 @@ import asyncio
 import hashlib
 import json
 import logging
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +213,7 @@ async def mirror_end_offsets(settings: Settings) -> dict[int, int]:
         await consumer.stop()
 
 
-async def _recorded(settings: Settings, pending: list[tuple[str, CandidateRecord]], start: list[str],
+async def recorded(settings: Settings, pending: list[tuple[str, CandidateRecord]], start: list[str],
                     stop: list[str]) -> dict[str, CandidateRecord]:  # fmt: skip
     """The module docstring's three steps: ``pending`` written, the mirror's end offsets read, then
     the same records with those offsets as start (keys in ``start``) or stop (keys in ``stop``)."""
@@ -247,122 +247,6 @@ async def seed(settings: Settings) -> int:
     log.info("seeded the candidate registry %s with the config's %d candidates", settings.kafka.candidates_topic,
              len(settings.candidates))  # fmt: skip
     return len(settings.candidates)
-
-
-# -- operators' commands ----------------------------------------------------------------------
-def _validated(rec: CandidateRecord) -> CandidateRecord:
-    try:
-        config_from_record(rec)
-    except ConfigError as exc:
-        raise RegistryError(f"{exc}") from exc
-    return rec
-
-
-async def add(settings: Settings, model: str, candidate: str, fields: dict[str, Any], by: str) -> CandidateRecord:
-    """Register a candidate, or change one: fields left out keep the registered values. A change of
-    what replay depends on (artifact, SHA-256, runtime, kind, adapter, cast, outputs) is a new
-    version scored from now on (the old version stops at the same offsets); a policy change alone is
-    a new policy version and leaves the offsets as they are."""
-    fields = {k: v for k, v in fields.items() if v is not None}
-    key = f"{model}/{candidate}"
-    specs, _ = await read_all(settings)
-    old = specs.get(key)
-    if old is None and "path" not in fields:
-        raise RegistryError(f"{key} is not registered: give --path (the artifact) to add it")
-    if "path" in fields:
-        path = local_path(str(fields["path"]))
-        if not path.is_file():
-            raise RegistryError(f"{path}: no such artifact file; build it or fix --path")
-        fields["path"] = str(path.resolve())
-        fields.setdefault("sha256", sha256_file(path))
-        if "runtime" not in fields:
-            from streams.candidate_config import infer_runtime
-
-            fields["runtime"] = infer_runtime(path)
-    if "sha256" in fields:
-        fields["sha256"] = str(fields["sha256"]).lower()
-    now = datetime.now(UTC)
-    base = {} if old is None else old.model_dump(exclude={"updated_at", "updated_by", "reason", "pending"})
-    try:
-        new = CandidateRecord.model_validate({**base, "model": model, "candidate": candidate, **fields,
-                                              "updated_at": now, "updated_by": by})  # fmt: skip
-    except ValidationError as exc:
-        raise RegistryError(f"{key}: {describe_validation_error(exc)}") from exc
-    _validated(new)
-    if old is None:
-        new = new.model_copy(update={"state": "registered", "version": 1, "stop_offsets": None})
-        return (await _recorded(settings, [(key, new)], start=[key], stop=[]))[key]
-    if old.pending:
-        raise RegistryError(f"{key} has pending offsets (an earlier command stopped half-way): run "
-                            f"`shadowlens candidates reset --model {model} --candidate {candidate}` first")  # fmt: skip
-    if new.replay_spec() == old.replay_spec() and old.state not in ("retired", "refused"):
-        if new.policy == old.policy:
-            return old
-        changed = new.model_copy(update={"policy_version": old.policy_version + 1, "state": old.state})
-        await write(settings, [(key, changed)])
-        return changed
-    return await _new_version(settings, old, new)
-
-
-async def _new_version(settings: Settings, old: CandidateRecord, new: CandidateRecord) -> CandidateRecord:
-    """``new`` as version old+1 from now on; the old version kept under ``<key>@v<N>``, stopped at
-    the same offsets (if it was still scored)."""
-    key = old.key
-    nxt = new.model_copy(update={"version": old.version + 1, "state": "registered", "stop_offsets": None,
-                                 "start_offsets": {}, "reason": ""})  # fmt: skip
-    old_key = f"{key}@v{old.version}"
-    kept = old if old.state == "retired" else old.model_copy(update={
-        "state": "retired", "reason": f"superseded by version {nxt.version}", "updated_at": nxt.updated_at,
-        "updated_by": nxt.updated_by})  # fmt: skip
-    # Still scored: it stops where the new one starts; already stopped: kept as it is, under its own key.
-    done = await _recorded(settings, [(old_key, kept), (key, nxt)], start=[key],
-                           stop=[old_key] if old.stop_offsets is None else [])  # fmt: skip
-    return done[key]
-
-
-async def retire(settings: Settings, model: str, candidate: str, reason: str, by: str) -> CandidateRecord:
-    """Stop replaying the candidate from the mirror's end offsets now on; its data stays, and the
-    judge that owns the pair makes its verdict final (streams/judge/retire.py's retirement)."""
-    key = f"{model}/{candidate}"
-    specs, _ = await read_all(settings)
-    old = specs.get(key)
-    if old is None:
-        raise RegistryError(f"{key} is not registered; `shadowlens candidates list` shows what is")
-    if old.state == "retired" and not old.pending:
-        return old
-    rec = old.model_copy(update={"state": "retired", "reason": reason or "retired by an operator",
-                                 "updated_at": datetime.now(UTC), "updated_by": by})  # fmt: skip
-    if old.stop_offsets is not None:
-        await write(settings, [(key, rec)])
-        return rec
-    return (await _recorded(settings, [(key, rec)], start=[], stop=[key]))[key]
-
-
-async def reset(settings: Settings, model: str, candidate: str, by: str) -> CandidateRecord:
-    """Back to registered, scored from now on: a refused candidate keeps its version (it was never
-    scored); a retired one becomes a new version (its old evidence is never mixed with the new);
-    a pending one (a command stopped between its two writes) gets its offsets now."""
-    key = f"{model}/{candidate}"
-    specs, statuses = await read_all(settings)
-    old = specs.get(key)
-    if old is None:
-        raise RegistryError(f"{key} is not registered; `shadowlens candidates list` shows what is")
-    if old.pending:
-        which = "stop" if old.state == "retired" else "start"
-        return (await _recorded(settings, [(key, old)], start=[key] if which == "start" else [],
-                                stop=[key] if which == "stop" else []))[key]  # fmt: skip
-    now = datetime.now(UTC)
-    if old.state == "retired":
-        return await _new_version(settings, old, old.model_copy(update={"updated_at": now, "updated_by": by}))
-    status = statuses.get(key)
-    if old.state != "refused" and not (status and status.version == old.version and status.state == "refused"):
-        raise RegistryError(f"{key} is {effective_state(old, status)}: reset clears a refused or retired candidate")
-    rec = old.model_copy(update={"state": "registered", "reason": "", "stop_offsets": None, "updated_at": now,
-                                 "updated_by": by})  # fmt: skip
-    await write(settings, [(f"{key}{STATUS_SUFFIX}", CandidateStatus(model=model, candidate=candidate,
-                                                                     version=old.version, state="loading",
-                                                                     reason="reset by " + by))])  # fmt: skip
-    return (await _recorded(settings, [(key, rec)], start=[key], stop=[]))[key]
 
 
 def effective_state(rec: CandidateRecord, status: CandidateStatus | None,
