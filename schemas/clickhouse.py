@@ -142,6 +142,12 @@ ORDER BY (model, candidate, version, at, source, state)""",
     ]
 
 
+def sql_literal(text: str) -> str:
+    """A ClickHouse string literal: backslash and quote escaped (str.replace runs in C). For values
+    in statements built as text (the analyst session takes no parameters); never for identifiers."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def _ident(name: str) -> str:
     if not name.replace("_", "").isalnum():
         raise ValueError(f"database: {name!r} must be letters, digits and underscores")

@@ -26,6 +26,7 @@ from clickhouse_connect.driver import options as _insert_options
 import numpy as np
 
 from schemas import RequestDiff, Verdict, WindowStats, ddl_statements
+from schemas.clickhouse import sql_literal
 
 DIFF_COLUMNS = [
     "model", "candidate", "request_id", "baseline_version", "sent_at", "scored_at", "baseline_label",
@@ -229,22 +230,22 @@ class ClickHouseSink:
         with self._lock:
             rows = self.client.query_np(
                 f"SELECT reinterpretAsUInt64(MD5(request_id)) AS h, toUnixTimestamp64Milli(sent_at) AS s "
-                f"FROM {self.database}.request_diffs WHERE model = {_literal(model)} "
-                f"AND candidate = {_literal(candidate)} AND sent_at >= fromUnixTimestamp64Milli({int(since_ms)}, 'UTC')"
+                f"FROM {self.database}.request_diffs WHERE model = {sql_literal(model)} "
+                f"AND candidate = {sql_literal(candidate)} AND sent_at >= fromUnixTimestamp64Milli({int(since_ms)}, 'UTC')"
             )  # fmt: skip
         if not len(rows):
             return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
         return np.ascontiguousarray(rows["h"], dtype=np.uint64), np.ascontiguousarray(rows["s"], dtype=np.int64)
 
     def _scored_positions(self, pairs, request_ids, since_ms, until_ms):
-        models = ", ".join(_literal(m) for m in sorted({m for m, _ in pairs}))
-        candidates = ", ".join(_literal(c) for c in sorted({c for _, c in pairs}))
+        models = ", ".join(sql_literal(m) for m in sorted({m for m, _ in pairs}))
+        candidates = ", ".join(sql_literal(c) for c in sorted({c for _, c in pairs}))
         # Literals built here, not bound: clickhouse-connect escapes bound strings one character at
         # a time in Python, which cost more than the query for a few thousand ids.
         rows = self.query(
             f"SELECT model, candidate, request_id, source_partition, source_offset FROM {self.database}.request_diffs "
             f"WHERE model IN ({models}) AND candidate IN ({candidates}) "
-            f"AND request_id IN (SELECT arrayJoin(JSONExtract({_literal(json.dumps(request_ids))}, 'Array(String)'))) "
+            f"AND request_id IN (SELECT arrayJoin(JSONExtract({sql_literal(json.dumps(request_ids))}, 'Array(String)'))) "
             f"AND sent_at >= fromUnixTimestamp64Milli({int(since_ms)}, 'UTC') "
             f"AND sent_at <= fromUnixTimestamp64Milli({int(until_ms)}, 'UTC')"
         )  # fmt: skip
@@ -276,11 +277,6 @@ def _metric_maps(batch) -> list[dict[str, float]]:
     if not names:
         return [{} for _ in range(len(batch))]
     return [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
-
-
-def _literal(text: str) -> str:
-    """A ClickHouse string literal (backslash and quote escaped; str.replace runs in C)."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 class _Held:

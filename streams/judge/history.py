@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from schemas.clickhouse import sql_literal
 from streams.judge.windows import pair_key
 
 EVIDENCE_VERSION = 1
@@ -87,8 +88,8 @@ class VerdictChange(BaseModel):
 def history_sql(model: str, candidate: str, limit: int) -> str:
     """The pair's changes, newest first. Plain table name: an analyst session resolves it in the
     project's database (streams/api/analyst_sql.py), both embedded and on a server."""
-    return (f"SELECT {', '.join(HISTORY_COLUMNS)} FROM verdict_changes WHERE model = {_literal(model)} "
-            f"AND candidate = {_literal(candidate)} ORDER BY changed_at DESC, look DESC LIMIT {int(limit)}")
+    return (f"SELECT {', '.join(HISTORY_COLUMNS)} FROM verdict_changes WHERE model = {sql_literal(model)} "
+            f"AND candidate = {sql_literal(candidate)} ORDER BY changed_at DESC, look DESC LIMIT {int(limit)}")
 
 
 def read_history(sink: Any, model: str, candidate: str, limit: int = 100) -> list[VerdictChange]:
@@ -96,7 +97,3 @@ def read_history(sink: Any, model: str, candidate: str, limit: int = 100) -> lis
     forwards to the worker (streams/api/process.py), so the history needs no pipe of its own."""
     answer = sink.readonly_query(history_sql(model, candidate, limit))
     return [VerdictChange.model_validate(dict(zip(answer["columns"], row, strict=True))) for row in answer["rows"]]
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
