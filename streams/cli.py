@@ -29,56 +29,9 @@ def demo(
     requests: int = typer.Option(6000, min=100, help="mirrored requests to generate"),
 ) -> None:
     """Build real models, mirror held-out traffic, replay it into chDB and print the verdicts."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
+    from streams.demo_output import print_demo
 
-    from streams.demo import run_demo
-
-    console = Console()
-    console.print(f"[bold]shadowlens demo[/]: {requests} mirrored digits requests (classification) and "
-                  f"{requests // 2} diabetes requests (regression), 3 candidates each, chDB at {data_dir}")
-    pipeline, figures = run_demo(data_dir, requests=requests)
-    noise_refs = {c.name for c in pipeline.settings.candidates if c.noise_reference}
-    verdicts = pipeline.board.verdicts()
-    kinds = {c.model: c.kind for c in pipeline.settings.candidates}
-    for model in kinds:  # one table per model (and so per output kind), in the config's order
-        # Fits 80 columns: estimate, mark, margin (">" confidently worse, "≤" confidently within, "?" not
-        # yet decided); sample counts and the first reason are printed below the tables.
-        of_model = [v for v in verdicts if v.model == model]
-        table = Table(title=f"Verdicts of model {model}, {kinds[model]} (latest per candidate)",
-                      box=box.SIMPLE_HEAD, pad_edge=False)
-        lat_name = next((m.name for v in of_model for m in v.metrics
-                         if m.name.startswith("latency_p") and m.name.endswith("_ratio")), None)
-        lat_header = lat_name.removeprefix("latency_").replace("_", " ") if lat_name else ""
-        gated = ["flip rate", "|Δ conf|"] if kinds[model] == "classification" else ["disagree", "severity"]
-        cols = ["candidate", "verdict", *gated, *([lat_header] if lat_name else []), "errors"]
-        for col in cols:
-            table.add_column(col, no_wrap=True)
-        for v in of_model:
-            metrics = {m.name: m for m in v.metrics}
-            name = v.candidate + (" *" if v.candidate in noise_refs else "")
-            cells = [name, _colour(v.verdict), _fmt(metrics.get("label_flip_rate")),
-                     _fmt(metrics.get("abs_confidence_delta"))]
-            if lat_name:
-                cells.append(_fmt(metrics.get(lat_name), 2))
-            table.add_row(*cells, _fmt(metrics.get("error_rate"), pct=True))
-        console.print(table)
-    if noise_refs:
-        console.print("* noise reference: the baseline replayed; its diffs are the noise floor")
-    for v in verdicts:
-        console.print(f"[bold]{v.candidate}[/] ({v.samples} requests): {v.reasons[0] if v.reasons else ''}")
-    counts = pipeline.sink.diff_counts()
-    console.print(f"{sum(counts.values())} diff rows, {figures['dead_letters']} dead letters, "
-                  f"wall time {figures['wall_s']:.1f} s")  # fmt: skip
-    dsn = pipeline.settings.clickhouse.dsn
-    console.print(f"Data: {dsn} (database '{pipeline.settings.clickhouse.database}': request_diffs, window_stats, "
-                  f"verdicts). Query it:")
-    # soft_wrap: the terminal wraps the command, rich inserts no newline, so it pastes whole
-    console.print(f"shadowlens query --dsn '{dsn}' \"SELECT candidate, avg(label_flip) FROM "
-                  f"shadowlens.request_diffs FINAL GROUP BY candidate\"", soft_wrap=True, highlight=False,
-                  markup=False)
-    pipeline.sink.close()
+    print_demo(data_dir, requests)
 
 
 @app.command()
@@ -289,6 +242,33 @@ def rejudge(
 
 
 @app.command()
+def report(
+    model: str = typer.Option(..., "--model", help="the pair's model"),
+    candidate: str = typer.Option(..., "--candidate", help="the pair's candidate"),
+    config: Path = typer.Option(Path("shadowlens.toml"), "--config", "-c", help="the worker's TOML config"),
+    out: Path = typer.Option(None, "--out", "-o", help="HTML file to write (default: <model>--<candidate>.html)"),
+    token: str = typer.Option(None, envvar="SHADOWLENS_API_TOKEN", help="bearer token of the worker's API, "
+                              "when the report comes through it"),
+) -> None:
+    """Write a shareable HTML report of a pair's verdict: the verdict a gate reads now, why, its metrics
+    against their margins, windows, history, example requests. One self-contained file, no script. With
+    chDB while a worker holds the data path, it comes from that worker's API (GET /v1/report/...)."""
+    from streams.report.make import ReportFailed, make_report
+
+    settings = _settings(config)
+    try:
+        page = make_report(settings, model, candidate, token)
+    except ReportFailed as exc:
+        _fail(exc)
+    out = out or Path(f"{model}--{candidate}.html".replace("/", "_"))
+    try:
+        out.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        _fail(f"cannot write the report to {out} ({exc.strerror}); pass --out with a writable path")
+    typer.echo(str(out))
+
+
+@app.command()
 def init(
     models: list[Path] = typer.Argument(..., help="ONNX files of the candidates"),
     model: str = typer.Option(..., "--model", help="the logical model name the producers send (MirroredRequest.model)"),
@@ -355,20 +335,6 @@ def _settings(path: Path):
     except ConfigError as exc:
         typer.secho(f"config error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
-
-
-def _fmt(metric, digits: int = 3, pct: bool = False) -> str:
-    """'estimate mark margin': '>' confidently worse, '≤' confidently within, '?' undecided."""
-    if metric is None or metric.estimate is None:
-        return "-"
-    mark = {"fail": ">", "pass": "≤"}.get(metric.decision, "?")
-    if pct:
-        return f"{metric.estimate:.1%}{mark}{metric.margin:.0%}"
-    return f"{metric.estimate:.{digits}f}{mark}{metric.margin:g}"
-
-
-def _colour(verdict: str) -> str:
-    return {"promote": "[green]promote[/]", "rollback": "[red]rollback[/]"}.get(verdict, "[yellow]hold[/]")
 
 
 def _version(value: bool) -> None:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi import Path as PathParam
 from fastapi.security import HTTPBearer
@@ -38,6 +39,7 @@ from pydantic import BaseModel, Field
 from schemas import MAX_NAME_CHARS, Verdict, WindowSummary
 from streams.api.board import VerdictBoard
 from streams.judge.history import VerdictChange, read_history
+from streams.report import CSP, report_html
 
 MAX_WINDOWS = 1000
 Name = Annotated[str, PathParam(min_length=1, max_length=MAX_NAME_CHARS)]
@@ -213,6 +215,24 @@ def create_app(
         except Exception as exc:  # noqa: BLE001 - the database or the worker cannot answer now
             line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise HTTPException(status_code=503, detail=f"verdict history unavailable: {line}") from None
+
+    @v1.get("/report/{model}/{candidate}", response_class=HTMLResponse, tags=["verdicts"],
+            responses={200: {"content": {"text/html": {}}}, 404: {"description": "neither configured nor ever scored"},
+                       503: {"description": "no database attached to this API"}})  # fmt: skip
+    def get_report(model: Name, candidate: Name) -> HTMLResponse:
+        """A shareable HTML page (streams/report): the verdict exactly as the gate endpoints serve it now,
+        why, what it is about, its metrics against their margins, windows, verdict history, example
+        requests and the candidate's registry records. Self-contained: no script, nothing loaded from
+        elsewhere (its Content-Security-Policy says so). A data read: behind a token when the API has tokens."""
+        verdict = board.verdict(model, candidate)
+        if verdict is None:
+            raise HTTPException(status_code=404, detail=f"unknown pair {model}/{candidate}: not configured in "
+                                "[[candidates]] and never scored")  # fmt: skip
+        if sink is None:
+            raise HTTPException(status_code=503, detail="no database attached to this API")
+        page = report_html(verdict, sink, "the shadowlens verdicts API")
+        return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+                                           "Cache-Control": "no-store"})  # fmt: skip
 
     @v1.post("/verdicts/{model}/{candidate}/retire", response_model=Verdict, tags=["verdicts"],
              dependencies=[Depends(token_required("retiring a verdict"))],

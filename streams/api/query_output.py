@@ -24,6 +24,19 @@ class QueryFailed(Exception):
         self.code = code
 
 
+def worker_api_url(dsn: str, locked: BaseException) -> str:
+    """The API address of the process holding the chDB path of ``dsn`` (its ``<path>.api.json``);
+    QueryFailed when it serves none."""
+    from streams.sink import chdb_path, resolve_dsn
+
+    sidecar = f"{chdb_path(resolve_dsn(dsn)).rstrip('/')}.api.json"
+    try:
+        with open(sidecar) as f:
+            return json.load(f)["url"]
+    except (OSError, ValueError, KeyError):
+        raise QueryFailed(f"{locked}; that process serves no API to query through (no {sidecar})") from None
+
+
 def through_worker(dsn: str, sql: str, token: str | None, locked: BaseException) -> tuple[list[str], list] | str:
     """(columns, rows) from the API of the process holding the chDB path, or ClickHouse's text for a
     query with a FORMAT clause. Raises QueryFailed."""
@@ -34,13 +47,7 @@ def through_worker(dsn: str, sql: str, token: str | None, locked: BaseException)
                           "shadowlens)") from None  # fmt: skip
     from streams.sink import chdb_path, resolve_dsn
 
-    path = chdb_path(resolve_dsn(dsn))
-    sidecar = f"{path.rstrip('/')}.api.json"
-    try:
-        with open(sidecar) as f:
-            url = json.load(f)["url"]
-    except (OSError, ValueError, KeyError):
-        raise QueryFailed(f"{locked}; that process serves no API to query through (no {sidecar})") from None
+    url, path = worker_api_url(dsn, locked), chdb_path(resolve_dsn(dsn))
     token = token or (os.environ.get("SHADOWLENS_API_TOKENS", "").split(",")[0] or None)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
