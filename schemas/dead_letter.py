@@ -38,6 +38,7 @@ DeadLetterErrorType = Literal[
     "baseline_mismatch",  # baseline_output lacks the configured output, or its shape differs from the candidate's
     "baseline_invalid",  # the configured baseline output is no probability vector (NaN/inf, negative, sum != 1)
     "replay_failed",  # the candidate failed on this request alone (``candidate`` names it)
+    "unpaired",  # zero-code ingest: a call's request event without its response (or the reverse) in time
     "other",  # anything unexpected; the reason names the exception
 ]
 DEAD_LETTER_ERROR_TYPES: tuple[str, ...] = get_args(DeadLetterErrorType)

@@ -242,6 +242,27 @@ def rejudge(
 
 
 @app.command()
+def ingest(
+    config: Path = typer.Option(Path("shadowlens.toml"), "--config", "-c", help="the TOML config ([ingest], "
+                                "[[ingest.kserve]], [kafka])"),
+    loglevel: str = typer.Option("info", help="debug | info | warning"),
+) -> None:
+    """Zero-code ingest: take KServe's payload logger (point logger.url here) and write each logged call to the
+    mirror topic as mirrored requests; no code in the served model (README, Zero-code ingest)."""
+    from streams.api.app import AddressUnavailable
+    from streams.ingest.service import run_ingest
+
+    settings = _settings(config)
+    try:
+        run_ingest(settings, loglevel)
+    except AddressUnavailable as exc:
+        _fail(exc)
+    except ConfigError as exc:
+        typer.secho(f"config error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command()
 def report(
     model: str = typer.Option(..., "--model", help="the pair's model"),
     candidate: str = typer.Option(..., "--candidate", help="the pair's candidate"),

@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from schemas import describe_validation_error
 from streams.candidate_config import CandidateConfig, Section
+from streams.ingest.config import IngestConfig
 
 
 class ConfigError(ValueError):
@@ -216,6 +217,7 @@ class Settings(Section):
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
     candidates: list[CandidateConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -212,12 +212,14 @@ def consumer(settings: Settings, topic: str, group_id: str, max_records: int, li
     return c
 
 
-async def ensure_topics(settings: Settings) -> dict[str, int]:
+async def ensure_topics(settings: Settings, extra: list[tuple[str, int]] = ()) -> dict[str, int]:
     """Create the mirror, dead-letter, diffs, changelog and candidate registry topics when missing.
 
     A topic that appears after a consumer subscribed is noticed only at the next metadata refresh
     (minutes), so they are created up front. The changelog is compacted with an explicit
-    ``max.message.bytes`` (state values are kept well below it). Returns each topic's partition count.
+    ``max.message.bytes`` (state values are kept well below it). ``extra``: (name, partitions) of
+    further topics a process needs (``shadowlens ingest``: its halves topic). Returns each topic's
+    partition count.
     """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -234,6 +236,7 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
                 "cleanup.policy": "compact", "max.message.bytes": str(CHANGELOG_MAX_MESSAGE_BYTES)}),
             # The candidate registry (streams/registry/store.py): one partition, so one order for every reader.
             NewTopic(k.candidates_topic, 1, 1, topic_configs={"cleanup.policy": "compact"}),
+            *(NewTopic(name, partitions, 1) for name, partitions in extra),
         ]  # fmt: skip
         missing = [t for t in wanted if t.name not in existing]
         if missing:
