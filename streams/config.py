@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from schemas import describe_validation_error
 from streams.candidate_config import CandidateConfig, Section
+from streams.config_tokens import long_tokens, split_tokens
 from streams.ingest.config import IngestConfig
 
 
@@ -162,20 +163,8 @@ class ApiConfig(Section):
         "worker's cores to ingestion; a query needing more than 10 s of it is cut at the 10 s cap. 0: no budget",
     )  # fmt: skip
 
-    @field_validator("tokens", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):  # from the environment: comma-separated
-            value = [t.strip() for t in value.split(",") if t.strip()]
-        return value
-
-    @field_validator("tokens")
-    @classmethod
-    def _long_enough(cls, value: list[str]) -> list[str]:
-        for i, token in enumerate(value):
-            if len(token) < 16:
-                raise ValueError(f"token {i} has {len(token)} characters; use at least 16 (e.g. openssl rand -hex 24)")
-        return value
+    _split = field_validator("tokens", mode="before")(split_tokens)
+    _long_enough = field_validator("tokens")(long_tokens)
 
     def exposure_problem(self) -> str | None:
         """Why this API must not start listening, or None: verdicts and windows served without a token

@@ -287,7 +287,7 @@ path = "{Path(__file__).resolve()}"
         "": "[[ingest.kserve]] is empty",
         '[ingest]\nhost = "0.0.0.0"\n[[ingest.kserve]]\ninference_service = "s"\nmodel = "digits"\n':
             "reachable from other machines and [ingest] tokens is empty",
-        '[ingest]\ntokens = ["short"]\n': "token 0: use at least 16",
+        '[ingest]\ntokens = ["short"]\n': "token 0 has 5 characters; use at least 16",
     }  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHADOWLENS_")}
     for i, (section, message) in enumerate(cases.items()):

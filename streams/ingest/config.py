@@ -7,6 +7,7 @@ from pydantic import Field, field_validator, model_validator
 
 from schemas import MAX_NAME_CHARS, SUPPORTED_DTYPES
 from streams.candidate_config import Section
+from streams.config_tokens import path_safe_tokens, split_tokens
 
 
 class KServeRoute(Section):
@@ -74,18 +75,5 @@ class IngestConfig(Section):
             raise ValueError("kserve: an inference_service appears twice; each InferenceService maps to one model")
         return self
 
-    @field_validator("tokens", mode="before")
-    @classmethod
-    def _split(cls, value):
-        if isinstance(value, str):  # from the environment: comma-separated
-            value = [t.strip() for t in value.split(",") if t.strip()]
-        return value
-
-    @field_validator("tokens")
-    @classmethod
-    def _long_enough(cls, value: list[str]) -> list[str]:
-        for i, token in enumerate(value):
-            if len(token) < 16 or not token.replace("-", "").replace("_", "").isalnum():
-                raise ValueError(f"token {i}: use at least 16 letters, digits, '-' or '_' (it rides in a URL path; "
-                                 "e.g. openssl rand -hex 24)")  # fmt: skip
-        return value
+    _split = field_validator("tokens", mode="before")(split_tokens)
+    _path_safe = field_validator("tokens")(path_safe_tokens)
