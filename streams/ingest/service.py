@@ -53,6 +53,15 @@ def check(settings: Settings) -> None:
                           "(inference_service, model; input and output names for the V1 protocol)")  # fmt: skip
     if (problem := settings.ingest.exposure_problem()) is not None:
         raise ConfigError(problem)
+    for route in settings.ingest.kserve:  # V2 calls name their own tensors: only the V1 names can be wrong here
+        compared = {c.baseline_output for c in settings.candidates if c.model == route.model}
+        if not compared:
+            log.warning("[[ingest.kserve]] %s: no candidate of model %r in [[candidates]]; its calls are mirrored "
+                        "and wait for one (shadowlens candidates add)", route.inference_service, route.model)
+        elif route.output not in compared:
+            log.warning("[[ingest.kserve]] %s: V1 calls' predictions become output %r, but the candidates of model %r "
+                        "compare baseline_output %s: set output = %r if this InferenceService speaks V1",
+                        route.inference_service, route.output, route.model, sorted(compared), min(compared))
 
 
 def create_app(settings: Settings, send_half, send_dead_letter):
