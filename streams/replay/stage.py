@@ -22,7 +22,6 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aiokafka import TopicPartition
@@ -39,7 +38,6 @@ from streams.replay.core import ReplayCore, ReplayOutput
 log = logging.getLogger("shadowlens.stages")
 KAFKA = "kafka (replay stage)"  # health component
 SWITCH_INTERVAL_S = 0.0001  # see run: how soon the event loop gets the GIL back from the core's thread
-SETTLE_S = 15.0  # how long a rebalance waits for the batch in flight to be committed (_ForgetProgress)
 _MOVED = (CommitFailedError, IllegalStateError)  # the partition went to another process: it redoes the batch
 
 
@@ -58,9 +56,8 @@ class ReplayStage:
 
     async def run(self) -> None:
         k = self.settings.kafka
-        listener = _ForgetProgress(self.progress)
         consumer = kafka_io.consumer(self.settings, k.topic, k.group_id, self.settings.replay.batch_size,
-                                     listener=listener)  # fmt: skip
+                                     listener=_ForgetProgress(self.progress))  # fmt: skip
         # Exactly once: one transaction per batch carries its diffs, its dead letters and its mirror
         # offsets, so a process killed mid-batch leaves nothing a read_committed reader sees.
         txn_id = f"{k.group_id}-{self.replica}" if k.exactly_once else None
@@ -100,16 +97,6 @@ class ReplayStage:
                 await sending
             sending = asyncio.create_task(self._hand_over(consumer, producer, commit, out))
 
-        async def settle() -> None:
-            """Until the batch on the core's thread is handed over and every transaction sent: the run loop
-            hands it over at its next turn (it fetches without waiting while a batch is replayed)."""
-            while replaying is not None or (sending is not None and not sending.done()):
-                if replaying is None:
-                    await asyncio.wait([sending])  # its failure is the run loop's to raise
-                else:
-                    await asyncio.sleep(0.005)
-
-        listener.settle = settle
         try:
             # Inside the try: a worker stopped while the consumer starts still closes it.
             await until_done(KAFKA, self.health, consumer.start)
@@ -249,24 +236,12 @@ def _next_offsets(fetched: dict) -> dict[TopicPartition, OffsetAndMetadata]:
 
 
 class _ForgetProgress(ConsumerRebalanceListener):
-    """Before mirror partitions move away, the batch in flight is committed (``settle``), so their new
-    owner starts past it: aiokafka's transactional offset commit carries no group generation, so a
-    batch committed after the new owner read the offsets was replayed twice (a second dead letter
-    under the same key; test_scale_out caught it about one run in ten). The rebalance waits for it,
-    at most ``SETTLE_S``. A partition that moves away is then reported by its new owner."""
+    """A mirror partition that moves away is reported by its new owner, from its committed offset."""
 
     def __init__(self, progress: dict[int, PartitionProgress]):
         self.progress = progress
-        self.settle: Callable[[], Awaitable[None]] | None = None
 
     async def on_partitions_revoked(self, revoked) -> None:
-        if self.settle is not None and revoked:
-            try:
-                await asyncio.wait_for(self.settle(), SETTLE_S)
-            except TimeoutError:
-                log.warning("a replay batch was still in flight %g s into a rebalance; its partitions' new owner "
-                            "may replay it too (the judge drops its diffs as duplicates; a dead letter may be "
-                            "written twice)", SETTLE_S)  # fmt: skip
         for tp in revoked:
             self.progress.pop(tp.partition, None)
 
