@@ -185,12 +185,7 @@ class ReplayStage:
         for tp in consumer.assignment():
             old = self.progress.get(tp.partition)
             try:
-                # Every fetched record is acknowledged by now (run() hands them over first), so what
-                # the consumer has read is done: its position, past a transaction's commit marker
-                # too, which the batches' offsets never reach (a transactional producer's partition
-                # would otherwise never read as at its end, and idle windows never close).
-                position = await consumer.position(tp)
-                position = max(position, old.position) if old else position
+                position = old.position if old else await consumer.position(tp)
                 highwater = consumer.highwater(tp)
             except (AssertionError, IllegalStateError):  # revoked meanwhile: its new owner reports it
                 continue
